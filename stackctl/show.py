@@ -1,0 +1,52 @@
+"""Human-readable views of plans (shared by `plan` and `up`'s change preview)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from .plan import HostPlan
+
+MASK = "********"
+
+
+def format_host_plan(plan: HostPlan, with_files: bool = True) -> str:
+    host = plan.host
+    where = "local: this machine" if host.is_local else f"ssh: {host.address}"
+    lines = [f"=== host {host.name} ({where}); roles: {', '.join(host.roles)}; deploy dir {plan.deploy_dir}"]
+    if plan.venv:
+        lines.append(f"venv {plan.venv}: {' '.join(plan.packages)}")
+    else:
+        lines.append(f"no install: programs run with {plan.python}")
+    if plan.model and plan.model.action != "none":
+        source = {"upload": f"uploaded from {plan.model.local_source}", "present": "already on the host", "download": "downloaded from the Hugging Face Hub"}[plan.model.action]
+        lines.append(f"model {plan.model.name}: {plan.model.remote_path} ({source})")
+    for secret in plan.secrets:
+        lines.append(f"secret {secret.purpose}: {secret.path} (mode 0600) <- ${secret.env_var} = {MASK}")
+    for program in plan.programs:
+        lines.append(f"program {program.name}: {program.description}")
+        lines.append(f"  command: {shlex.join(program.command)}")
+        for key, value in program.environment.items():
+            lines.append(f"  env {key}={value}")
+    if with_files:
+        for spec in plan.files:
+            lines.append(f"--- {spec.path} (mode {spec.mode:04o})")
+            lines.append(spec.content.rstrip("\n"))
+    return "\n".join(lines)
+
+
+def write_plan_tree(plans: list[HostPlan], out_dir: Path) -> list[Path]:
+    """Write each host's files under OUT/<host>/<absolute path>, plus OUT/<host>/PLAN.txt."""
+    written = []
+    for plan in plans:
+        root = out_dir / plan.host.name
+        for spec in plan.files:
+            target = root / spec.path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(spec.content)
+            written.append(target)
+        summary = root / "PLAN.txt"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(format_host_plan(plan, with_files=False) + "\n")
+        written.append(summary)
+    return written

@@ -1,0 +1,53 @@
+"""The project's shared, deterministic and cheap tokenizer.
+
+One token is one maximal run of non-whitespace characters (``str.split()``). The simulator
+counts and caches tokens with it and the benchmark sizes its prompts with it, so a prompt
+built with ``N`` words is exactly ``N`` tokens to the simulator. It is deliberately not a
+BPE tokenizer: nothing here may download a vocabulary, and the timing model only needs
+token counts and stable token identities for prefix caching.
+
+Chat requests are rendered to one prompt string by :func:`render_chat`, the stand-in for a
+model's chat template; the router's prefix index and the simulator both use it so that a
+conversation that grows round by round keeps a stable, growing prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+ROLE_MARK = "<|{role}|>"
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text into tokens (whitespace-separated words)."""
+    return text.split()
+
+
+def count_tokens(text: str) -> int:
+    """Number of tokens in ``text``."""
+    return len(text.split())
+
+
+def _content_text(content) -> str:
+    """Text of an OpenAI message ``content`` (a string or a list of content parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if isinstance(part, Mapping) and part.get("type") == "text":
+            parts.append(str(part.get("text", "")))
+    return " ".join(parts)
+
+
+def render_chat(messages: Iterable[Mapping]) -> str:
+    """Render OpenAI chat messages to one prompt, like a chat template would.
+
+    Each message becomes ``<|role|> content`` on its own line, and the prompt ends with
+    ``<|assistant|>`` (the generation prompt). Rendering message k never changes the text of
+    messages before k, so a conversation's prompts share ever-longer prefixes.
+    """
+    lines = [f"{ROLE_MARK.format(role=m.get('role', 'user'))} {_content_text(m.get('content'))}" for m in messages]
+    lines.append(ROLE_MARK.format(role="assistant"))
+    return "\n".join(lines)

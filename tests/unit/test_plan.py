@@ -1,0 +1,114 @@
+"""The plan: pure, deterministic, and exactly what the reference inventory should render."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stackctl.cli import main
+from stackctl.inventory import load_inventory
+from stackctl.plan import plan_cluster
+from stackctl.show import write_plan_tree
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "golden" / "a100-8"
+A100 = REPO / "inventory" / "a100-8.yaml"
+
+
+def render_tree(out: Path) -> dict[str, str]:
+    write_plan_tree(plan_cluster(load_inventory(A100)), out)
+    return {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_golden_a100_8(tmp_path):
+    """Set STACKCTL_UPDATE_GOLDEN=1 to rewrite the golden tree after an intended change."""
+    rendered = render_tree(tmp_path)
+    if os.environ.get("STACKCTL_UPDATE_GOLDEN"):
+        for rel, text in rendered.items():
+            (GOLDEN / rel).parent.mkdir(parents=True, exist_ok=True)
+            (GOLDEN / rel).write_text(text)
+    golden = {str(p.relative_to(GOLDEN)): p.read_text() for p in sorted(GOLDEN.rglob("*")) if p.is_file()}
+    assert sorted(rendered) == sorted(golden)
+    for rel in golden:
+        assert rendered[rel] == golden[rel], f"{rel} differs from the golden file"
+
+
+def test_plan_is_deterministic(tmp_path):
+    assert render_tree(tmp_path / "a") == render_tree(tmp_path / "b")
+
+
+def test_engine_program_command_and_env():
+    plans = {p.host.name: p for p in plan_cluster(load_inventory(A100))}
+    engine = plans["gpu01"].programs[0]
+    argv = list(engine.command)
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--kv-transfer-config") + 1] == '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
+    assert "--enable-prefix-caching" in argv
+    assert engine.environment["CUDA_VISIBLE_DEVICES"] == "0"
+    assert engine.environment["PYTHONHASHSEED"] == "0"
+    assert engine.environment["LMCACHE_CONFIG_FILE"].endswith("engine-0.lmcache.yaml")
+    lmcache = next(f for f in plans["gpu01"].files if f.path.endswith("lmcache.yaml"))
+    assert yaml.safe_load(lmcache.content) == {"chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 120.0}
+
+
+def test_supervisor_program_parses_back_to_the_same_argv():
+    """supervisord splits command= with shlex and expands %: the JSON flag must survive."""
+    plans = {p.host.name: p for p in plan_cluster(load_inventory(A100))}
+    spec = next(f for f in plans["gpu01"].files if f.path.endswith("engine-0.conf"))
+    parser = configparser.RawConfigParser()
+    parser.read_string(spec.content)
+    command = parser.get("program:engine-0", "command").replace("%%", "%")
+    assert shlex.split(command) == list(plans["gpu01"].programs[0].command)
+
+
+def test_naive_profile_drops_lmcache():
+    plans = {p.host.name: p for p in plan_cluster(load_inventory(A100, "naive"))}
+    argv = plans["gpu01"].programs[0].command
+    assert "--kv-transfer-config" not in argv
+    assert not any(f.path.endswith("lmcache.yaml") for f in plans["gpu01"].files)
+    assert "lmcache==0.5.6" not in plans["gpu01"].packages
+    router = yaml.safe_load(next(f for f in plans["head"].files if f.path.endswith("router.yaml")).content)
+    assert router["policy"] == "round_robin"
+    assert [e["name"] for e in router["engines"]] == [f"gpu0{i}-0" for i in range(1, 9)]
+
+
+def test_lmcache_server_mode(tmp_path):
+    text = A100.read_text().replace("chunk_size: 256}", "chunk_size: 256, mode: server}")
+    path = tmp_path / "inv.yaml"
+    path.write_text(text)
+    plans = {p.host.name: p for p in plan_cluster(load_inventory(path))}
+    names = [p.name for p in plans["gpu01"].programs]
+    assert names == ["engine-0", "lmcache-server"]
+    lmcache = yaml.safe_load(next(f for f in plans["gpu01"].files if f.path.endswith("lmcache.yaml")).content)
+    assert lmcache["remote_url"] == "lm://127.0.0.1:65432" and lmcache["local_cpu"] is False
+
+
+def test_secrets_are_masked_in_plan_output(capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue")
+    assert main(["plan", str(A100)]) == 0
+    out = capsys.readouterr().out
+    assert "hf_supersecretvalue" not in out
+    assert "$HF_TOKEN = ********" in out
+
+
+def test_plan_output_dir(tmp_path, capsys):
+    assert main(["plan", str(A100), "--host", "gpu01", "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "gpu01" / "opt/stackctl/supervisor/conf.d/engine-0.conf").is_file()
+    assert (tmp_path / "gpu01" / "PLAN.txt").is_file()
+    assert not (tmp_path / "head").exists()
+
+
+def test_local_demo_plan_uses_simulator():
+    cluster = load_inventory(REPO / "inventory" / "local.yaml")
+    plans = plan_cluster(cluster)
+    engines = [p for plan in plans for p in plan.programs if p.kind == "engine"]
+    assert len(engines) == 8
+    assert all(p.command[1:3] == ("-m", "stackctl.sim") for p in engines)
+    assert len({p.port for p in engines}) == 8
+    router = next(p for plan in plans for p in plan.programs if p.kind == "router")
+    assert router.port == 8180
