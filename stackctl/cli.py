@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -70,6 +71,126 @@ def plan(inventory: Path, profile: str | None, hosts: str | None, output: Path |
         click.echo(f"\nwrote {len(written)} files under {output}/")
 
 
+HOSTS = click.option("--hosts", default=None, help="Only these hosts (comma-separated names).")
+ACCEPT_KEYS = click.option("--accept-new-host-keys", is_flag=True, help="Record unknown SSH host keys on first use (changed keys are always refused).")
+
+
+def _confirm(yes: bool):
+    def ask(question: str) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise StackctlError("changes need confirmation: run again with --yes (stdin is not a terminal).", exit_code=1)
+        return click.confirm(question, default=False)
+
+    return ask
+
+
+@cli.command()
+@INVENTORY
+@PROFILE
+@HOSTS
+@click.option("--rolling", is_flag=True, help="Apply engine hosts one at a time, each healthy before the next, so the router keeps serving.")
+@click.option("--yes", "-y", is_flag=True, help="Apply without asking.")
+@ACCEPT_KEYS
+@click.option("--wheelhouse", type=click.Path(file_okay=False, path_type=Path), default=None, help="Install packages offline from this directory of wheels (uploaded to each host).")
+def up(inventory, profile, hosts, rolling, yes, accept_new_host_keys, wheelhouse):
+    """Deploy the stack: facts, show the changes, apply them, verify."""
+    from .deploy import UpOptions, up as run_up
+    from .progress import Progress
+    from .render import render_up_summary
+
+    cluster = load_inventory(inventory, profile)
+    names = _split_hosts(hosts)
+    _check_hosts(cluster, names)
+    options = UpOptions(hosts=names, rolling=rolling, yes=yes, accept_new_host_keys=accept_new_host_keys, wheelhouse=wheelhouse)
+    result = run_up(cluster, options, Progress(), _confirm(yes))
+    render_up_summary(result)
+    if not result.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@INVENTORY
+@PROFILE
+@HOSTS
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@ACCEPT_KEYS
+def status(inventory, profile, hosts, as_json, accept_new_host_keys):
+    """Every host, program, engine and the router, with live engine metrics.
+
+    Exit code 0: healthy; 1: degraded; 2: a host is unreachable.
+    """
+    from .render import render_status
+    from .status import cluster_status, exit_code
+
+    cluster = load_inventory(inventory, profile)
+    names = _split_hosts(hosts)
+    _check_hosts(cluster, names)
+    result = cluster_status(cluster, names, accept_new_host_keys)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render_status(result)
+    sys.exit(exit_code(result))
+
+
+@cli.command()
+@INVENTORY
+@PROFILE
+@HOSTS
+@click.option("--purge", is_flag=True, help="Also delete each host's deploy dir (venv, configs, logs, secrets).")
+@ACCEPT_KEYS
+def down(inventory, profile, hosts, purge, accept_new_host_keys):
+    """Stop every program and supervisord on the hosts."""
+    from .ops import down as run_down
+
+    cluster = load_inventory(inventory, profile)
+    names = _split_hosts(hosts)
+    _check_hosts(cluster, names)
+    _report_hosts(run_down(cluster, names, purge, accept_new_host_keys), "stopped" + (" and purged" if purge else ""))
+
+
+@cli.command()
+@INVENTORY
+@click.argument("host")
+@click.argument("program", required=False)
+@click.option("-n", "lines", default=50, show_default=True, help="Lines to show.")
+@click.option("-f", "follow", is_flag=True, help="Keep following the log.")
+@ACCEPT_KEYS
+def logs(inventory, host, program, lines, follow, accept_new_host_keys):
+    """Show a program's log on a host (all its programs when PROGRAM is omitted)."""
+    from .ops import logs as run_logs
+
+    cluster = load_inventory(inventory)
+    _check_hosts(cluster, [host])
+    run_logs(cluster, host, program, lines, follow, accept_new_host_keys)
+
+
+@cli.command()
+@INVENTORY
+@click.argument("hosts", required=False)
+@PROFILE
+@click.option("--program", default=None, help="Only this program (e.g. engine-0, router).")
+@ACCEPT_KEYS
+def restart(inventory, hosts, profile, program, accept_new_host_keys):
+    """Restart programs on the hosts (all hosts when HOSTS is omitted)."""
+    from .ops import restart as run_restart
+
+    cluster = load_inventory(inventory, profile)
+    names = _split_hosts(hosts)
+    _check_hosts(cluster, names)
+    _report_hosts(run_restart(cluster, names, program, accept_new_host_keys), "restarted")
+
+
+def _report_hosts(errors: dict, done: str) -> None:
+    failed = {h: e for h, e in errors.items() if e}
+    for host, error in errors.items():
+        click.echo(f"{host}: {done}" if not error else f"{host}: FAILED: {error}", err=bool(error))
+    if failed:
+        sys.exit(1)
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def sim(ctx: click.Context) -> None:
@@ -104,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted.", err=True)
         return 130
+    except SystemExit as exc:  # commands that end with a specific exit code
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 

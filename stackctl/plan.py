@@ -275,7 +275,7 @@ def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
         ProgramSpec(
             name="router",
             kind="router",
-            description=f"KV-aware router ({router['policy']}) on port {router['port']}",
+            description=f"router on port {router['port']} (its policy and engines are in {config_path}, reloaded on SIGHUP)",
             command=(plan.python, "-m", "stackctl.router", "--config", config_path),
             environment={"PYTHONHASHSEED": PYTHONHASHSEED},
             port=router["port"],

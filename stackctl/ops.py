@@ -1,0 +1,91 @@
+"""`down`, `logs` and `restart`: small operations on running hosts, in parallel where it helps."""
+
+from __future__ import annotations
+
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+
+from .connect import connect, q
+from .errors import StackctlError
+from .facts import bootstrap_interpreter, run_probe
+from .inventory import Cluster
+from .plan import HostPlan, plan_cluster
+
+MARKER = "rendered by stackctl"
+
+
+def _each_host(plans: list[HostPlan], fn) -> dict[str, str | None]:
+    """Run ``fn(plan)`` on every host; host -> None on success or the error message."""
+
+    def guarded(plan):
+        try:
+            fn(plan)
+            return plan.host.name, None
+        except StackctlError as exc:
+            return plan.host.name, str(exc)
+
+    with ThreadPoolExecutor(max_workers=min(32, len(plans) or 1)) as pool:
+        return dict(pool.map(guarded, plans))
+
+
+def down(cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host_keys: bool = False) -> dict[str, str | None]:
+    """Stop every program and supervisord; with ``purge`` also remove the deploy dir."""
+
+    def stop(plan: HostPlan) -> None:
+        conn = connect(plan.host, accept_new_host_keys=accept_new_host_keys)
+        try:
+            facts = run_probe(conn, bootstrap_interpreter(plan, cluster.python), {
+                "action": "facts", "deploy_dir": plan.deploy_dir, "python": plan.python,
+                "supervisor_conf": plan.supervisor_conf, "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",
+            })
+            pid = facts["supervisor"]["pid"]
+            if facts["supervisor"]["running"]:
+                conn.run(shlex.join(plan.supervisorctl("stop", "all")), check=False, timeout=300)
+                conn.run(shlex.join(plan.supervisorctl("shutdown")), check=False, timeout=120)
+                # supervisord exits once its children are gone; wait for it so nothing is left running
+                conn.run(f"for i in $(seq 1 120); do kill -0 {int(pid)} 2>/dev/null || exit 0; sleep 0.5; done; exit 1", timeout=90)
+            if purge:
+                conf = plan.supervisor_conf
+                check = conn.run(f"test ! -e {q(plan.deploy_dir)} || grep -qs {q(MARKER)} {q(conf)}", check=False)
+                if not check.ok:
+                    raise StackctlError(f"{plan.host.name}: refusing to purge {plan.deploy_dir}: it does not look like a stackctl deploy dir ({conf} is missing or not ours).")
+                conn.run(f"rm -rf -- {q(plan.deploy_dir)}", timeout=600)
+        finally:
+            conn.close()
+
+    return _each_host(plan_cluster(cluster, hosts), stop)
+
+
+def restart(cluster: Cluster, hosts: list[str] | None, program: str | None, accept_new_host_keys: bool = False) -> dict[str, str | None]:
+    plans = plan_cluster(cluster, hosts)
+    if program:
+        known = {p.name for plan in plans for p in plan.programs}
+        if program not in known:
+            raise StackctlError(f"no program named '{program}' on the chosen hosts; programs: {', '.join(sorted(known))}.", exit_code=2)
+
+    def restart_one(plan: HostPlan) -> None:
+        names = [p.name for p in plan.programs if program in (None, p.name)]
+        if not names:
+            return
+        conn = connect(plan.host, accept_new_host_keys=accept_new_host_keys)
+        try:
+            conn.run(shlex.join(plan.supervisorctl("restart", *names)), timeout=600)
+        finally:
+            conn.close()
+
+    return _each_host(plans, restart_one)
+
+
+def logs(cluster: Cluster, host: str, program: str | None, lines: int, follow: bool, accept_new_host_keys: bool = False) -> None:
+    """Print (or follow) a program's log on one host; all its programs when none is named."""
+    plan = plan_cluster(cluster, [host])[0]
+    names = [p.name for p in plan.programs]
+    if program and program not in names + ["supervisord"]:
+        raise StackctlError(f"host {host} has no program '{program}'; it runs: {', '.join(names + ['supervisord'])}.", exit_code=2)
+    files = [f"{plan.dirs['logs']}/{name}.log" for name in ([program] if program else names)]
+    conn = connect(plan.host, accept_new_host_keys=accept_new_host_keys)
+    try:
+        flag = "-F" if follow else ""
+        conn.run(f"tail -n {int(lines)} {flag} {' '.join(q(f) for f in files)}", check=False, stream=True)
+    finally:
+        conn.close()

@@ -1,0 +1,131 @@
+"""Prometheus metrics in the router's own registry, at near-zero cost per request.
+
+prometheus-client's labelled metrics cost a lock, a label lookup and several calls per
+update; with six updates per request that was measured at ~15 us per request, a visible
+share of the router's budget. So the request path only bumps plain Python numbers (dicts of
+counters, bucket arrays for histograms) and a custom collector turns them into Prometheus
+families at scrape time, together with what the engine objects already hold (in-flight,
+health, prefix index size). The event loop is single-threaded, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _Histogram:
+    """Per-bucket counts (not cumulative) and the sum, cumulated at scrape time."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self):
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (le is inclusive)
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def buckets(self):
+        out, total = [], 0
+        for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self.counts):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
+
+
+class RouterMetrics:
+    def __init__(self, pool_ref, policy_name_ref):
+        self._pool_ref = pool_ref
+        self._policy = policy_name_ref
+        self.requests: defaultdict[tuple, int] = defaultdict(int)  # (engine, status, policy)
+        self.decisions: defaultdict[tuple, int] = defaultdict(int)  # (engine, policy)
+        self.predicted_cached: defaultdict[str, float] = defaultdict(float)
+        self.prompt_tokens: defaultdict[str, float] = defaultdict(float)
+        self.retries: defaultdict[tuple, int] = defaultdict(int)  # (engine, reason)
+        self.health_changes: defaultdict[tuple, int] = defaultdict(int)  # (engine, to)
+        self.ttft: defaultdict[str, _Histogram] = defaultdict(_Histogram)
+        self.latency: defaultdict[str, _Histogram] = defaultdict(_Histogram)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    # -- request path -------------------------------------------------------------------
+    def routed(self, engine: str, predicted_tokens: float, prompt_tokens: float) -> None:
+        self.decisions[(engine, self._policy())] += 1
+        if prompt_tokens:
+            self.predicted_cached[engine] += predicted_tokens
+            self.prompt_tokens[engine] += prompt_tokens
+
+    def finished(self, engine: str, status: int, ttft: float | None, latency: float) -> None:
+        self.requests[(engine, status, self._policy())] += 1
+        if ttft is not None:
+            self.ttft[engine].observe(ttft)
+        self.latency[engine].observe(latency)
+
+    def retried(self, engine: str, reason: str) -> None:
+        self.retries[(engine, reason.split(" ", 1)[0])] += 1
+
+    def health_changed(self, engine: str, healthy: bool) -> None:
+        self.health_changes[(engine, "healthy" if healthy else "ejected")] += 1
+
+    # -- scrape -------------------------------------------------------------------------
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self):
+        def counter(name, doc, labels, values):
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, value in values.items():
+                key = key if isinstance(key, tuple) else (key,)
+                family.add_metric([str(k) for k in key], value)
+            return family
+
+        yield counter("router_requests", "Requests by engine, HTTP status and policy "
+                      "(engine 'none': rejected by the router)",
+                      ["engine", "status", "policy"], self.requests)
+        yield counter("router_routing_decisions", "Routing decisions by engine and policy",
+                      ["engine", "policy"], self.decisions)
+        yield counter("router_predicted_cached_tokens",
+                      "Prompt tokens predicted to be in the chosen engine's KV cache",
+                      ["engine"], self.predicted_cached)
+        yield counter("router_prompt_tokens_estimate", "Estimated prompt tokens routed",
+                      ["engine"], self.prompt_tokens)
+        yield counter("router_retries", "Attempts retried on another engine, by reason",
+                      ["engine", "reason"], self.retries)
+        yield counter("router_engine_health_changes", "Ejections and re-admissions",
+                      ["engine", "to"], self.health_changes)
+        for name, doc, hists in (
+                ("router_ttft_seconds",
+                 "Router-observed time from request received to first byte sent", self.ttft),
+                ("router_request_latency_seconds",
+                 "Router-observed time from request received to last byte sent", self.latency)):
+            family = HistogramMetricFamily(name, doc, labels=["engine"])
+            for engine, hist in hists.items():
+                family.add_metric([engine], hist.buckets(), hist.sum)
+            yield family
+        pool = self._pool_ref()
+        inflight = GaugeMetricFamily("router_inflight_requests", "Requests in flight",
+                                     labels=["engine"])
+        healthy = GaugeMetricFamily("router_engine_healthy", "1 when the engine is admitted",
+                                    labels=["engine", "model"])
+        indexed = GaugeMetricFamily("router_prefix_index_chunks",
+                                    "Prompt chunks the router predicts the engine holds",
+                                    labels=["engine"])
+        if pool is not None:
+            for engine in pool.engines.values():
+                inflight.add_metric([engine.name], engine.inflight)
+                healthy.add_metric([engine.name, engine.model], 1.0 if engine.healthy else 0.0)
+                size = len(engine.prefix_index) if engine.prefix_index is not None else 0
+                indexed.add_metric([engine.name], size)
+        yield inflight
+        yield healthy
+        yield indexed

@@ -1,0 +1,73 @@
+"""Entry point: ``python -m stackctl.sim [vLLM flags] [--hardware --model-profile --time-scale]``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import prometheus_client
+from aiohttp import web
+
+from stackctl.sim import profiles
+from stackctl.sim.config import SimConfig, parse_args
+from stackctl.sim.server import create_app
+
+log = logging.getLogger("stackctl.sim")
+
+
+async def serve(config: SimConfig) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port, backlog=1024).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "serving %s on http://%s:%d (%s on %s, tp=%d): %d GPU blocks of %d tokens (%d tokens), CPU tier %s, "
+            "time scale %g",
+            config.served_model_name, config.host, config.port, config.model_profile.name, config.hardware.name,
+            config.tensor_parallel_size, config.num_gpu_blocks, config.block_size,
+            config.num_gpu_blocks * config.block_size,
+            f"{profiles.cpu_kv_capacity_tokens(config.model_profile, config.lmcache.max_local_cpu_size, config.lmcache.chunk_size)} tokens"
+            if config.lmcache else "off",
+            config.time_scale,
+        )  # fmt: skip
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the simulator; returns the process exit code (2 for bad flags)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and the reason
+        return exc.code if isinstance(exc.code, int) else 2
+    _install_uvloop()
+    prometheus_client.disable_created_metrics()  # vLLM's /metrics has no *_created series
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"stackctl sim: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

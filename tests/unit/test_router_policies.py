@@ -1,0 +1,176 @@
+"""Routing policies, on plain engine objects (no network)."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+from stackctl.router.config import POLICY_OPTION_DEFAULTS, EngineConfig
+from stackctl.router.engines import Engine
+from stackctl.router.policies import (KvAwarePolicy, LeastLoadedPolicy, RoundRobinPolicy,
+                                      RouteRequest, SessionPolicy, make_policy, prompt_text)
+from stackctl.tokenizer import render_chat
+
+
+def engines(n=4, capacity=None):
+    return [Engine(EngineConfig(f"e{i}", f"http://127.0.0.1:{9000 + i}", "m", capacity))
+            for i in range(n)]
+
+
+def chat(*contents, user=None):
+    messages = [{"role": "system", "content": "You are helpful. " * 40}]
+    messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": c}
+                 for i, c in enumerate(contents)]
+    body = {"model": "m", "messages": messages}
+    if user:
+        body["user"] = user
+    return RouteRequest(body, {})
+
+
+def words(seed, n=200):
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(10_000)}" for _ in range(n))
+
+
+def test_every_policy_is_built_from_its_config_name_and_defaults():
+    for name, defaults in POLICY_OPTION_DEFAULTS.items():
+        assert make_policy(name, defaults).name == name
+
+
+def test_prompt_text_renders_chat_and_reads_completions():
+    messages = [{"role": "user", "content": "hi"}]
+    assert prompt_text({"messages": messages}) == render_chat(messages)
+    assert prompt_text({"prompt": "abc"}) == "abc"
+    assert prompt_text({"prompt": ["first", "second"]}) == "first"
+    assert prompt_text({"prompt": [1, 2, 3]}) == "1 2 3"
+    assert prompt_text({}) == ""
+
+
+def test_round_robin_cycles():
+    es = engines(3)
+    policy = RoundRobinPolicy()
+    picks = [policy.choose(es, chat("x")).name for _ in range(6)]
+    assert collections.Counter(picks) == {"e0": 2, "e1": 2, "e2": 2}
+    assert picks[:3] != [picks[0]] * 3
+
+
+def test_least_loaded_picks_fewest_inflight_and_spreads_ties():
+    es = engines(3)
+    es[0].inflight, es[1].inflight, es[2].inflight = 5, 1, 3
+    assert LeastLoadedPolicy().choose(es, chat("x")) is es[1]
+    for e in es:
+        e.inflight = 0
+    policy = LeastLoadedPolicy()
+    assert {policy.choose(es, chat("x")).name for _ in range(3)} == {"e0", "e1", "e2"}
+
+
+def test_session_is_sticky_consistent_and_bounded():
+    es = engines(4)
+    policy = SessionPolicy(header="x-session-id", load_factor=1.25)
+    by_header = RouteRequest({"model": "m"}, {"x-session-id": "alice"})
+    home = policy.choose(es, by_header)
+    assert all(policy.choose(es, by_header) is home for _ in range(5))
+    # the body's user field is a key too
+    home_u = policy.choose(es, RouteRequest({"model": "m", "user": "bob"}, {}))
+    assert policy.choose(es, RouteRequest({"model": "m", "user": "bob"}, {})) is home_u
+    # consistent: removing another engine does not move the session
+    others = [e for e in es if e is not home]
+    assert policy.choose([home] + others[1:], by_header) is home
+    # bounded: an overloaded home sends the session elsewhere
+    home.inflight = 10
+    assert policy.choose(es, by_header) is not home
+    # spread: many sessions use every engine
+    for e in es:
+        e.inflight = 0
+    spread = collections.Counter(
+        policy.choose(es, RouteRequest({"model": "m"}, {"x-session-id": f"s{i}"})).name
+        for i in range(400))
+    assert len(spread) == 4 and min(spread.values()) > 50
+
+
+def test_kv_aware_follows_a_growing_conversation():
+    es = engines(4)
+    policy = KvAwarePolicy()
+    turns = [words(i) for i in range(5)]
+    first = policy.choose(es, chat(turns[0]))
+    for k in range(2, 6):
+        req = chat(*turns[:k])
+        assert policy.choose(es, req) is first
+        assert req.predicted_cached_tokens > 0
+
+
+def test_kv_aware_prefers_cache_over_small_load_differences_only():
+    es = engines(2)
+    policy = KvAwarePolicy(beta=0.5, load_factor=2.0)
+    convo = [words(1, 400), words(2, 100)]  # the first turn is ~80% of the second prompt
+    home = policy.choose(es, chat(convo[0]))
+    other = es[1] if home is es[0] else es[0]
+    home.inflight, other.inflight = 5, 2  # penalty 0.5 * 3 / 4.5 = 0.33 < 0.83 cached
+    assert policy.choose(es, chat(*convo)) is home  # cache wins over a small imbalance
+    assert policy.choose(es, chat(*convo)) is home
+    policy.beta = 2.0  # load weighs more: a clear imbalance now beats the cached prefix
+    home.inflight, other.inflight = 6, 0
+    assert policy.choose(es, chat(*convo)) is other
+
+
+def test_kv_aware_skips_engines_above_the_load_cap_whatever_their_cache():
+    es = engines(2)
+    policy = KvAwarePolicy(beta=0.0, load_factor=2.0)  # beta 0: only the cap balances
+    prompt = {"model": "m", "prompt": words(3, 400)}
+    home = policy.choose(es, RouteRequest(prompt, {}))
+    other = es[1] if home is es[0] else es[0]
+    home.inflight, other.inflight = 5, 0  # cap = 2 * 2.5 + 1 = 6: home still allowed
+    assert policy.choose(es, RouteRequest(prompt, {})) is home
+    es.append(Engine(EngineConfig("e9", "http://127.0.0.1:1", "m")))
+    home.inflight, other.inflight = 20, 0  # cap = 2 * 6.7 + 1 = 14.3: home skipped
+    assert policy.choose(es, RouteRequest(prompt, {})) is not home
+
+
+def test_kv_aware_spreads_a_hot_shared_prefix():
+    """All requests share a long system prompt: load spreads them over several engines."""
+    es = engines(4)
+    policy = KvAwarePolicy()
+    counts = collections.Counter()
+    inflight: list = []
+    for i in range(400):
+        engine = policy.choose(es, chat(words(i, 30)))
+        engine.inflight += 1
+        inflight.append(engine)
+        counts[engine.name] += 1
+        if len(inflight) > 16:  # closed loop of 16 requests: the oldest finishes
+            inflight.pop(0).inflight -= 1
+    assert len(counts) >= 3
+    assert max(counts.values()) <= 2 * 400 / 4
+
+
+def test_kv_aware_new_conversations_spread_when_idle():
+    es = engines(4)
+    policy = KvAwarePolicy()
+    firsts = collections.Counter(policy.choose(es, RouteRequest(
+        {"model": "m", "prompt": words(100 + i)}, {})).name for i in range(40))
+    assert len(firsts) == 4 and max(firsts.values()) <= 20
+
+
+def test_kv_aware_index_is_bounded_by_capacity():
+    es = engines(1, capacity=1000)  # 1000 tokens * 4 chars / 256 = 15 chunks
+    policy = KvAwarePolicy(chunk_chars=256, chars_per_token=4.0)
+    for i in range(20):
+        policy.choose(es, RouteRequest({"model": "m", "prompt": words(i, 400)}, {}))
+    assert len(es[0].prefix_index) == 15
+    es[0].learned_capacity_tokens = 2000  # learned capacity only applies without config
+    policy.choose(es, RouteRequest({"model": "m", "prompt": words(0, 400)}, {}))
+    assert es[0].prefix_index.capacity_chunks == 15
+    es[0].configured_capacity_tokens = None
+    policy.choose(es, RouteRequest({"model": "m", "prompt": words(0, 400)}, {}))
+    assert es[0].prefix_index.capacity_chunks == 31
+
+
+def test_ejection_forgets_the_cache_estimate():
+    es = engines(2)
+    policy = KvAwarePolicy()
+    req = chat(words(7, 400))
+    home = policy.choose(es, req)
+    home.forget_cache()
+    req2 = chat(words(7, 400))
+    policy.choose(es, req2)
+    assert req2.predicted_cached_tokens == 0
