@@ -185,6 +185,7 @@ class Stats:
         self.caches: dict[bytes, collections.OrderedDict] = collections.defaultdict(
             collections.OrderedDict)
         self.recording = False
+        self.per_engine: collections.Counter = collections.Counter()
 
     def observe_prefix(self, engine: bytes, group: int) -> None:
         cache = self.caches[engine]
@@ -196,6 +197,7 @@ class Stats:
         if self.recording:
             self.lookups += 1
             self.hits += hit
+            self.per_engine[engine] += 1
 
 
 MARK = b'"system_fingerprint": "'
@@ -294,6 +296,8 @@ async def run_target(target, args, bodies, directory):
                 "cpu_ms_per_req": cpu * 1000 / n if proc and n else None,
                 "peak_rss_mb": peak_rss_mb(proc.pid) if proc else None,
                 "prefix_hit": stats.hits / stats.lookups if stats.lookups else float("nan"),
+                "max_share": (max(stats.per_engine.values()) * len(ENGINE_PORTS) / n
+                              if n else float("nan")),
             })
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
@@ -311,8 +315,8 @@ def table(rows) -> str:
     direct = {r["concurrency"]: r for r in rows if r["target"] == "direct"}
     lines = ["| target | conc | req/s | vs direct | TTFT p50 ms (+added) | TTFT p99 ms | "
              "latency p50 ms (+added) | latency p99 ms | router CPU ms/req | peak RSS MB | "
-             "prefix hit | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "prefix hit | max engine share | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = direct.get(r["concurrency"])
         rel = f"{r['rps'] / d['rps']:.2f}" if d else "-"
@@ -324,7 +328,7 @@ def table(rows) -> str:
             f"| {r['target']} | {r['concurrency']} | {r['rps']:.0f} | {rel} | "
             f"{r['ttft_p50'] * 1000:.2f}{add_t} | {r['ttft_p99'] * 1000:.2f} | "
             f"{r['lat_p50'] * 1000:.2f}{add_l} | {r['lat_p99'] * 1000:.2f} | {cpu} | {rss} | "
-            f"{r['prefix_hit']:.2f} | {r['errors']} |")
+            f"{r['prefix_hit']:.2f} | {r['max_share']:.2f} | {r['errors']} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from .connect import Connector, q
 from .errors import DeployError
 from .facts import Facts, package_name, run_probe
 from .inventory import Cluster
-from .plan import HostPlan, ProgramSpec
+from .plan import HostPlan, ProgramSpec, SecretSpec
 
 GIB = 1024**3
 MEMORY_MARGIN_GIB = 8  # beyond LMCache's CPU offload: vLLM's own host memory and the OS
@@ -63,6 +63,14 @@ def _requirement_satisfied(requirement: str, installed: str | None, stackctl_mar
     return True
 
 
+def secret_content(cluster: Cluster, secret: SecretSpec, value: str) -> str:
+    """What a secret file holds: the variable's value, except the router's API keys, which the
+    inventory gives comma-separated and the router reads one key a line."""
+    if secret.env_var == cluster.router.get("api_keys_env") and Path(secret.path).name == "router_api_keys":
+        return "".join(f"{key.strip()}\n" for key in value.split(",") if key.strip())
+    return value
+
+
 def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[str, str], stackctl_wheel_sha: str | None) -> HostDiff:
     """What must change on this host to match the plan (pure: no I/O)."""
     diff = HostDiff(plan, facts)
@@ -80,9 +88,9 @@ def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[s
         how = f"upload from {plan.model.local_source}" if plan.model.action == "upload" else "download from the Hugging Face Hub"
         diff.changes.append(Change("model", plan.model.remote_path, how))
     for secret in plan.secrets:
-        if facts.raw["secrets"].get(secret.path) != sha256(secrets.get(secret.env_var, "")):
+        if facts.raw["secrets"].get(secret.path) != sha256(secret_content(cluster, secret, secrets.get(secret.env_var, ""))):
             diff.changes.append(Change("secret", secret.path, f"{secret.purpose} from ${secret.env_var} (mode 0600, value not shown)"))
-    changed_files = set()
+    changed_files = {c.target for c in diff.changes if c.kind == "secret"}
     for spec in plan.files:
         have = facts.files.get(spec.path) or {}
         if have.get("sha256") != sha256(spec.content) or have.get("mode") != spec.mode:
@@ -116,10 +124,12 @@ def _program_changes(plan: HostPlan, facts: Facts, diff: HostDiff, changed_files
 
 
 def _program_inputs(plan: HostPlan, program: ProgramSpec) -> list[str]:
-    """Files a program reads at start (besides its supervisor section)."""
+    """Files a program reads at start (besides its supervisor section); the router also
+    re-reads its API keys file on SIGHUP."""
+    keys = [s.path for s in plan.secrets if program.kind == "router" and Path(s.path).name == "router_api_keys"]
     return [arg for arg in program.command if arg.startswith(plan.dirs["config"])] + [
         v for v in program.environment.values() if str(v).startswith(plan.dirs["config"])
-    ]
+    ] + keys
 
 
 def _check_host(cluster: Cluster, plan: HostPlan, facts: Facts, diff: HostDiff) -> None:
@@ -214,7 +224,7 @@ class Applier:
             if change.kind == "secret":
                 self._do("secrets")
                 secret = next(s for s in plan.secrets if s.path == change.target)
-                self.conn.put_bytes(self.secrets[secret.env_var].encode(), secret.path, 0o600)
+                self.conn.put_bytes(secret_content(self.cluster, secret, self.secrets[secret.env_var]).encode(), secret.path, 0o600)
         self._do("configs")
         files = {f.path: f for f in plan.files}
         for change in diff.changes:
@@ -250,13 +260,15 @@ class Applier:
             index_args = ("--no-index " if self.offline else "") + f"--find-links {q(plan.dirs['wheels'])}"
             self._do("packages")
         stackctl_wheel = next((w for w in self.wheels if w.name.startswith("stackctl-")), None)
-        if any(package_name(r) == "stackctl" for r in plan.packages):
+        needs_stackctl = any(package_name(r) == "stackctl" for r in plan.packages)
+        if needs_stackctl:
             if stackctl_wheel is None:
                 raise DeployError("no stackctl wheel to install: pass --wheelhouse DIR with a stackctl-*.whl in it, or run stackctl from a source checkout so it can build one.")
             requirements.append(f"{plan.dirs['wheels']}/{stackctl_wheel.name}")
         self.run(f"{pip} install -q --disable-pip-version-check {index_args} {' '.join(q(r) for r in requirements)}", timeout=3600)
-        if stackctl_wheel is not None:
-            self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + stackctl_wheel.name)}", timeout=600)
+        if needs_stackctl:
+            if not self.diff.has("venv"):  # a rebuilt wheel of the same version: pip skipped it above
+                self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + stackctl_wheel.name)}", timeout=600)
             marker = hashlib.sha256(stackctl_wheel.read_bytes()).hexdigest()
             self.conn.put_bytes(marker.encode(), f"{plan.dirs['wheels']}/installed.txt")
 

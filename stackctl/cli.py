@@ -191,6 +191,50 @@ def _report_hosts(errors: dict, done: str) -> None:
         sys.exit(1)
 
 
+def _floats(value: str | None) -> list[float] | None:
+    if not value:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise StackctlError(f"--qps {value}: give numbers separated by commas, e.g. --qps 0.5,1,2.", exit_code=2)
+
+
+@cli.command()
+@INVENTORY
+@click.option("--compare", default="naive,optimized", show_default=True, help="Profiles to measure, in order (the first is the baseline of the ratios).")
+@click.option("--scenario", "scenario_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Workload scenario YAML (default: the reference workload).")
+@click.option("--qps", default=None, help="QPS points, comma-separated (default: the scenario's).")
+@click.option("--users", type=int, default=None, help="Concurrent users (default: the scenario's).")
+@click.option("--duration", "duration_s", type=float, default=None, help="Seconds measured per QPS point.")
+@click.option("--warmup", "warmup_s", type=float, default=None, help="Warm-up seconds before the points.")
+@click.option("--availability", "availability_s", type=float, default=None, help="Instead of the sweep: probe the router once a second for this many seconds under load.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"), show_default=True, help="Where the CSV, JSON, markdown table and plots go.")
+@click.option("--yes", "-y", is_flag=True, help="Deploy each profile without asking.")
+@ACCEPT_KEYS
+@click.option("--wheelhouse", type=click.Path(file_okay=False, path_type=Path), default=None, help="As for `up`.")
+def bench(inventory, compare, scenario_path, qps, users, duration_s, warmup_s, availability_s, out_dir, yes, accept_new_host_keys, wheelhouse):
+    """Naive-versus-optimized multi-round QA benchmark: deploy each profile, sweep QPS, report."""
+    from .benchcmd import BenchOptions, run_bench
+    from .deploy import UpOptions
+
+    profiles = [p.strip() for p in compare.split(",") if p.strip()]
+    if not profiles:
+        raise StackctlError("--compare needs at least one profile name.", exit_code=2)
+    options = BenchOptions(
+        inventory=inventory, profiles=profiles, out_dir=out_dir, scenario_path=scenario_path, qps=_floats(qps),
+        users=users, duration_s=duration_s, warmup_s=warmup_s, availability_s=availability_s,
+        up_options=UpOptions(yes=yes, accept_new_host_keys=accept_new_host_keys, wheelhouse=wheelhouse),
+    )
+    paths = run_bench(options, _confirm(yes), click.echo)
+    summary = paths.get("summary_md") or next((p for p in paths.values() if str(p).endswith(".md")), None)
+    if summary:
+        click.echo(Path(summary).read_text())
+    click.echo("results:")
+    for path in paths.values():
+        click.echo(f"  {path}")
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def sim(ctx: click.Context) -> None:

@@ -99,12 +99,12 @@ class Deployment:
             router_hosts = [p for p in todo if p.host.name == self.cluster.router["host"]]
             with self.progress:
                 apply_one = lambda p: self._apply(p, secrets, wheels)  # noqa: E731
-                if self.options.rolling:
+                if self.options.rolling:  # engines one by one, then the router (config reload)
                     for plan in engine_hosts:
                         apply_one(plan)
-                else:
-                    self._parallel(engine_hosts, apply_one)
-                self._parallel(router_hosts, apply_one)
+                    self._parallel(router_hosts, apply_one)
+                else:  # the router health-checks its engines: no need to wait for them first
+                    self._parallel(engine_hosts + router_hosts, apply_one)
                 if self.options.verify:
                     self._verify(plans)
         finally:

@@ -46,10 +46,12 @@ def down(cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host
                 conn.run(f"for i in $(seq 1 120); do kill -0 {int(pid)} 2>/dev/null || exit 0; sleep 0.5; done; exit 1", timeout=90)
             if purge:
                 conf = plan.supervisor_conf
-                check = conn.run(f"test ! -e {q(plan.deploy_dir)} || grep -qs {q(MARKER)} {q(conf)}", check=False)
+                target = q(plan.deploy_dir)  # absent or empty (purged before) is fine too
+                check = conn.run(f"test ! -e {target} || test -z \"$(ls -A {target})\" || grep -qs {q(MARKER)} {q(conf)}", check=False)
                 if not check.ok:
                     raise StackctlError(f"{plan.host.name}: refusing to purge {plan.deploy_dir}: it does not look like a stackctl deploy dir ({conf} is missing or not ours).")
-                conn.run(f"rm -rf -- {q(plan.deploy_dir)}", timeout=600)
+                # A deploy dir that is a mount point cannot be removed itself: emptying it is a purge.
+                conn.run(f"rm -rf -- {target} || {{ mountpoint -q {target} && test -z \"$(ls -A {target})\"; }}", timeout=600)
         finally:
             conn.close()
 

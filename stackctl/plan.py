@@ -7,6 +7,7 @@ host against this and applies the difference.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -122,7 +123,7 @@ def plan_host(cluster: Cluster, host: Host) -> HostPlan:
 
 def _interpreter(python: str) -> str:
     """``current`` means the interpreter running stackctl (local hosts, the demo)."""
-    return sys.executable if python == "current" else python
+    return os.path.realpath(sys.executable) if python == "current" else python  # stable across launchers
 
 
 def _packages(cluster: Cluster, host: Host) -> list[str]:

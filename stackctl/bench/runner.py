@@ -234,6 +234,8 @@ async def run_sweep_async(base_url: str, model: str, scenario: Scenario, qps_lis
     if duration_s <= 0 or warmup_s < 0 or warmup_qps <= 0:
         raise ScenarioError(f"need duration_s > 0, warmup_s >= 0, warmup_qps > 0; got {duration_s}, "
                             f"{warmup_s}, {warmup_qps}")
+    if warmup_s > 0:  # long enough for every user's first (longest, coldest) request
+        warmup_s = max(warmup_s, scenario.users / warmup_qps)
     url = chat_completions_url(base_url)
     workload = Workload(scenario)
     result = SweepResult(profile_name, [], [])

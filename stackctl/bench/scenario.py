@@ -40,6 +40,7 @@ class Scenario:
     seed: int = 0
     sharegpt: str | None = None         # path of a ShareGPT-format JSON file (real-text mode)
     stagger: bool = True                # start users at different rounds, like a steady state
+    turn_order: str = "random"          # who asks next among idle users: random | cyclic (see Workload)
     ignore_eos: bool = True             # ask vLLM for exactly max_tokens (its ignore_eos extension)
     request_timeout_s: float = 600.0
     drain_timeout_s: float = 120.0      # how long a point waits for its in-flight requests
@@ -91,6 +92,8 @@ def validate(s: Scenario) -> None:
     for key in ("stagger", "ignore_eos"):
         if not isinstance(getattr(s, key), bool):
             _fail(s.source, key, f"must be true or false, got {getattr(s, key)!r}")
+    if s.turn_order not in ("random", "cyclic"):
+        _fail(s.source, "turn_order", f"must be random or cyclic, got {s.turn_order!r}")
     for key in ("name", "description"):
         if not isinstance(getattr(s, key), str):
             _fail(s.source, key, f"must be a string, got {getattr(s, key)!r}")

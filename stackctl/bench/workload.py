@@ -250,8 +250,12 @@ class Conversation:
 class Workload:
     """The pool of concurrent users and whose turn it is.
 
-    Idle users wait in a FIFO queue, so the user idle the longest asks next and the gap
-    between one user's requests is about ``users / qps`` seconds, as in production-stack.
+    Users who have not asked yet go first, in order (so a warm-up of ``users`` requests
+    starts every conversation). After that, with ``turn_order: random`` (the default) a
+    uniformly random idle user asks next; the mean gap between one user's requests is still
+    ``users / qps`` seconds, as in production-stack. A strictly ``cyclic`` order would keep
+    user k on engine k mod E under round-robin whenever E divides the user count, an artifact
+    that hands the naive router perfect affinity no real traffic has.
     """
 
     def __init__(self, scenario: Scenario, text: TextSource | None = None):
@@ -259,12 +263,14 @@ class Workload:
         self.text = text or text_source_for(scenario)
         self.system_prompt = self.text.system_prompt(scenario.system_prompt_tokens)
         self._next_user_id = 0
-        self._idle: deque[Conversation] = deque()
+        self._rng = random.Random(f"turns-{scenario.seed}")
+        self._fresh: deque[Conversation] = deque()  # not asked yet: first come, first served
+        self._idle: deque[Conversation] = deque()   # asked before, now waiting for their turn
         self.in_flight = 0
         self.users_started = 0
         for index in range(scenario.users):
             first = 1 + (index * scenario.rounds) // scenario.users if scenario.stagger else 1
-            self._idle.append(self._new_user(first))
+            self._fresh.append(self._new_user(first))
 
     def _new_user(self, first_round: int) -> Conversation:
         user_id = self._next_user_id
@@ -274,11 +280,19 @@ class Workload:
 
     @property
     def idle_users(self) -> int:
-        return len(self._idle)
+        return len(self._fresh) + len(self._idle)
 
     def take_idle_user(self) -> Conversation | None:
-        """The user idle the longest, or None when every user has a request in flight."""
-        return self._idle.popleft() if self._idle else None
+        """The next user to ask (see the class), or None when every user has a request in flight."""
+        if self._fresh:
+            return self._fresh.popleft()
+        if not self._idle:
+            return None
+        if self.scenario.turn_order == "cyclic":
+            return self._idle.popleft()
+        index = self._rng.randrange(len(self._idle))
+        self._idle.rotate(-index)
+        return self._idle.popleft()
 
     def start_request(self, conv: Conversation) -> RequestSpec:
         """Append the next question to ``conv`` and return the request to send."""
@@ -314,4 +328,7 @@ class Workload:
         conv.pending = None
         conv.next_round += 1
         self.in_flight -= 1
-        self._idle.append(self._new_user(1) if conv.finished else conv)
+        if conv.finished:
+            self._fresh.append(self._new_user(1))
+        else:
+            self._idle.append(conv)

@@ -169,6 +169,9 @@ class UpstreamConnection(asyncio.Protocol):
             if self._remaining == -2:
                 if size - pos < 2:
                     break
+                if buf[pos:pos + 2] != b"\r\n":
+                    self._fail(UpstreamError("malformed chunk: no CRLF after the data"))
+                    return
                 pos += 2
                 self._remaining = 0
                 continue

@@ -7,18 +7,18 @@ import logging
 import signal
 import sys
 
-import prometheus_client
-from aiohttp import web
-
 from stackctl.sim import profiles
 from stackctl.sim.config import SimConfig, parse_args
-from stackctl.sim.server import create_app
 
 log = logging.getLogger("stackctl.sim")
 
 
 async def serve(config: SimConfig) -> None:
     """Serve until SIGTERM or SIGINT."""
+    from aiohttp import web  # imported here so that a bad flag is reported fast
+
+    from stackctl.sim.server import create_app
+
     runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed usage and the reason
         return exc.code if isinstance(exc.code, int) else 2
     _install_uvloop()
+    import prometheus_client
+
     prometheus_client.disable_created_metrics()  # vLLM's /metrics has no *_created series
     try:
         asyncio.run(serve(config))

@@ -92,6 +92,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _token_count(text: str) -> int:
+    """A positive count, with vLLM's human-readable suffixes: 32k = 32000, 32K = 32768, 1m, 1M."""
+    units = {"k": 1000, "K": 1024, "m": 1000**2, "M": 1024**2}
+    if text and text[-1] in units:
+        try:
+            value = float(text[:-1]) * units[text[-1]]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of tokens, got {text!r}") from None
+        if value != int(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive whole number of tokens, got {text!r}")
+        return int(value)
+    return _positive_int(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -124,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--model", default=DEFAULT_MODEL)
     vllm.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME")
     vllm.add_argument("--gpu-memory-utilization", type=_positive_float, default=0.9)
-    vllm.add_argument("--max-model-len", type=_positive_int, default=None)
+    vllm.add_argument("--max-model-len", type=_token_count, default=None)
     vllm.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    vllm.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
+    vllm.add_argument("--max-num-batched-tokens", type=_token_count, default=None)
     vllm.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
     vllm.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     vllm.add_argument("--kv-transfer-config", type=_json_object, default=None, metavar="JSON")

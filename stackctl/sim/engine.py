@@ -18,12 +18,15 @@ usually makes that cheap). A waiting request that does not fit waits (head of li
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from stackctl.sim.kvcache import CpuChunkCache, GpuPrefixCache, extend_chain
 from stackctl.sim.timing import StepLoad, TimingModel
+
+log = logging.getLogger(__name__)
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -194,6 +197,8 @@ class Engine:
             i += 1
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                if self.waiting[0].arrival > now:
+                    break  # arrived after this step began (the loop is catching up): next step
                 n = self._admit(self.waiting[0], budget, step, now)
                 if n is None:
                     break
@@ -244,6 +249,23 @@ class Engine:
             self.complete(step, now)
             if on_step is not None:
                 on_step(step, now)
+        return now
+
+    def replay(self, arrivals: Sequence[tuple[float, SimRequest]]) -> float:
+        """Run requests arriving at given times on a virtual clock, as :class:`EngineLoop`
+        would with no overhead: the ideal the real-time loop is measured against."""
+        pending = sorted(arrivals, key=lambda item: item[0])
+        now, i = 0.0, 0
+        while i < len(pending) or self.has_work():
+            while i < len(pending) and pending[i][0] <= now:
+                self.add_request(pending[i][1], pending[i][0])
+                i += 1
+            step = self.schedule(now) if self.has_work() else None
+            if step is None:
+                now = pending[i][0]  # idle (or blocked) until the next arrival
+                continue
+            now += step.duration
+            self.complete(step, now)
         return now
 
     # --- Internals ----------------------------------------------------------------------
@@ -365,7 +387,10 @@ class EngineLoop:
     simulator's own overhead and timer lateness do not accumulate.
     """
 
-    RESYNC_AFTER_S = 0.05  # real seconds of lag after which the timeline restarts from now
+    # Real seconds of lag after which the timeline restarts from now. Below it the loop
+    # catches up by running steps back to back; requests that arrive meanwhile only join
+    # steps that begin after their arrival, so catching up never shortens a modelled time.
+    RESYNC_AFTER_S = 1.0
 
     def __init__(self, engine: Engine, time_scale: float = 1.0):
         self.engine = engine
@@ -375,6 +400,7 @@ class EngineLoop:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._first_arrival: float | None = None  # first arrival since the last step was planned
+        self.resyncs = 0  # times the host was too slow and the timeline restarted from now
 
     def now(self) -> float:
         """Current simulated time, seconds."""
@@ -417,12 +443,21 @@ class EngineLoop:
             # From idle, it starts when the first request arrived, not when this task ran.
             if deadline is not None and now - deadline <= resync:
                 start = deadline
-            elif deadline is None and self._first_arrival is not None:
+            elif deadline is not None:
+                self.resyncs += 1
+                if self.resyncs == 1 or self.resyncs % 100 == 0:
+                    log.warning("simulator fell %.0f ms behind its timeline (%d times): modelled times stretch",
+                                (now - deadline) / self.time_scale * 1000, self.resyncs)  # fmt: skip
+                start = now
+            elif self._first_arrival is not None:
                 start = min(self._first_arrival, now)
             else:
                 start = now
             self._first_arrival = None
             step = engine.schedule(start)
+            if step is None and engine.waiting and engine.waiting[0].arrival > start:
+                start = engine.waiting[0].arrival  # idle on the timeline until it arrived
+                step = engine.schedule(start)
             if step is None:
                 deadline = None
                 self._wake.clear()
@@ -433,7 +468,3 @@ class EngineLoop:
             await asyncio.sleep(delay if delay > 0 else 0)
             engine.complete(step, deadline)
 
-
-def requests_for(prompts: Sequence[list[str]], max_tokens: int) -> list[SimRequest]:
-    """Convenience for tests and scripts: one request per tokenized prompt."""
-    return [SimRequest(f"r{i}", list(p), max_tokens) for i, p in enumerate(prompts)]

@@ -38,7 +38,16 @@ def check_lmcache_config(path: Path, python: Path | None = None) -> dict:
     """Load ``path`` with LMCache's loader; return ``{"values": {key: effective value},
     "lmcache_version": ..., "log": [...]}``; raise ``LMCacheConfigError`` on any
     unknown key, unconvertible value, deprecated key or validation error."""
-    path = Path(path).resolve()
+    (result,) = check_lmcache_configs([path], python=python)
+    if isinstance(result, LMCacheConfigError):
+        raise result
+    return result
+
+
+def check_lmcache_configs(paths: list[Path], python: Path | None = None) -> list[dict | LMCacheConfigError]:
+    """Like ``check_lmcache_config`` for several files in one subprocess (importing LMCache
+    takes ~15 s); returns, per file, the result dict or the ``LMCacheConfigError``."""
+    paths = [Path(p).resolve() for p in paths]
     if python is None:
         from tests.helpers.vllm_env import ensure_vllm_venv, read_stamp
 
@@ -50,25 +59,28 @@ def check_lmcache_config(path: Path, python: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
-        [str(python), str(Path(__file__).resolve()), "--in-venv", str(path)],
+        [str(python), str(Path(__file__).resolve()), "--in-venv", *map(str, paths)],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
-    result = None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("STACKCTL_LMCACHE_CHECK "):
-            result = json.loads(line.split(" ", 1)[1])
-            break
-    if result is None:
+    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith(_MARK)]
+    if len(results) != len(paths):
         raise LMCacheConfigError(
-            f"LMCache config check crashed (rc={proc.returncode}) for {path}:\n"
+            f"LMCache config check crashed (rc={proc.returncode}) for {paths}:\n"
             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
-    if result["errors"]:
-        raise LMCacheConfigError(f"LMCache rejects {path}:\n  " + "\n  ".join(result["errors"]))
-    return result
+    out: list[dict | LMCacheConfigError] = []
+    for path, result in zip(paths, results):
+        if result["errors"]:
+            out.append(LMCacheConfigError(f"LMCache rejects {path}:\n  " + "\n  ".join(result["errors"])))
+        else:
+            out.append(result)
+    return out
+
+
+_MARK = "STACKCTL_LMCACHE_CHECK "
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,8 +89,6 @@ def check_lmcache_config(path: Path, python: Path | None = None) -> dict:
 
 def _check_in_venv(path: str) -> dict:
     import logging
-
-    import yaml
 
     errors: list[str] = []
     log: list[str] = []
@@ -99,9 +109,22 @@ def _check_in_venv(path: str) -> dict:
 
     # LMCache loggers do not propagate: attach to each of them.
     handler = _Capture(level=logging.WARNING)
-    for name, lg in list(logging.Logger.manager.loggerDict.items()):
-        if name.startswith("lmcache") and isinstance(lg, logging.Logger):
-            lg.addHandler(handler)
+    loggers = [
+        lg
+        for name, lg in list(logging.Logger.manager.loggerDict.items())
+        if name.startswith("lmcache") and isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        return _load(path, errors, log, lmc_config, lmcache_version)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def _load(path: str, errors: list, log: list, lmc_config, lmcache_version) -> dict:
+    import yaml
 
     with open(path) as f:
         raw = yaml.safe_load(f)
@@ -140,9 +163,13 @@ def _check_in_venv(path: str) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--in-venv":
-        out = _check_in_venv(sys.argv[2])
-        print("STACKCTL_LMCACHE_CHECK " + json.dumps(out, default=repr))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--in-venv":
+        for arg in sys.argv[2:]:
+            try:
+                out = _check_in_venv(arg)
+            except Exception as exc:  # e.g. YAML syntax error
+                out = {"errors": [f"{type(exc).__name__}: {exc}"], "values": {}, "log": []}
+            print(_MARK + json.dumps(out, default=repr), flush=True)
         sys.exit(0)
     if __package__ in (None, ""):
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))

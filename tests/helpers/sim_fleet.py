@@ -8,8 +8,8 @@ Usage::
         sims[0].url        # "http://127.0.0.1:PORT" (no trailing slash; the API is under /v1)
 
 Each simulator gets a free loopback port, its output goes to a log file (``SimProcess.log_path``,
-whose tail is shown when a start fails), and every process is stopped (SIGTERM, then SIGKILL)
-when the ``with`` block ends, even on errors. ``start_sim``/``stop_sim`` do one at a time,
+``SimProcess.log_tail()``; shown when a start fails, removed when stopped), and every process
+is stopped (SIGTERM, then SIGKILL) when the ``with`` block ends, even on errors. ``start_sim``/``stop_sim`` do one at a time,
 for pytest fixtures that manage their own lifetime.
 """
 
@@ -96,8 +96,8 @@ def _await_healthy(sim: SimProcess, startup_timeout: float) -> str | None:
     """None when healthy, else the log tail (and the process is stopped)."""
     if wait_healthy(sim.url, startup_timeout, sim.proc):
         return None
+    stop_sim(sim, keep_log=True)
     tail = sim.log_tail()
-    stop_sim(sim)
     with contextlib.suppress(OSError):
         sim.log_path.unlink()
     return tail or f"exit status {sim.proc.returncode}"
@@ -123,8 +123,9 @@ def start_sim(
     raise RuntimeError(f"simulator did not become healthy:\n{error}")
 
 
-def stop_sim(sim: SimProcess, timeout: float = 5.0) -> None:
-    """Stop one simulator: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+def stop_sim(sim: SimProcess, timeout: float = 5.0, keep_log: bool = False) -> None:
+    """Stop one simulator: SIGTERM, then SIGKILL after ``timeout`` seconds; remove its log
+    unless ``keep_log`` (read ``sim.log_tail()`` before stopping if a test needs it)."""
     if sim.proc.poll() is None:
         sim.proc.terminate()
         try:
@@ -132,6 +133,9 @@ def stop_sim(sim: SimProcess, timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             sim.proc.kill()
             sim.proc.wait(timeout)
+    if not keep_log:
+        with contextlib.suppress(OSError):
+            sim.log_path.unlink()
 
 
 @contextlib.contextmanager
@@ -159,6 +163,3 @@ def start_sims(
     finally:
         for sim in sims:
             stop_sim(sim)
-        for sim in sims:
-            with contextlib.suppress(OSError):
-                sim.log_path.unlink()

@@ -255,11 +255,152 @@ def vllm_server_command(
         "--max-model-len", str(max_model_len),
         "--enable-prefix-caching",
         "--enforce-eager",
-        "--disable-log-stats",
     ]  # fmt: skip
     if lmcache:
         cmd += ["--kv-transfer-config", json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"})]
     return cmd + list(extra or [])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """A running CPU vLLM OpenAI server (own process group); use as a context manager.
+
+    ``VllmServer.start(run_dir, model_dir)`` launches it and waits for ``/health``;
+    ``stop()`` sends SIGTERM to the whole group (API server, EngineCore, Worker), then
+    SIGKILL after ``grace`` seconds."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path, argv: list[str], env: dict):
+        self.proc, self.url, self.log_path, self.argv, self.env = proc, url, log_path, argv, env
+        self.startup_seconds: float | None = None
+
+    @classmethod
+    def start(
+        cls,
+        run_dir: Path,
+        model_dir: Path,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        served_model_name: str = "tiny-llama",
+        cpu_bind: str | None = None,
+        kvcache_gib: int = 1,
+        lmcache_config: Path | None = None,
+        extra: list[str] | None = None,
+        ready_timeout: float = 600.0,
+        venv_dir: Path | None = None,
+    ) -> "VllmServer":
+        venv = ensure_vllm_venv(venv_dir)
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        port = port or free_port(host)
+        if cpu_bind is None:
+            cpu_bind = os.environ.get("STACKCTL_VLLM_CPU_BIND", "0")
+        env = vllm_server_env(run_dir, kvcache_gib=kvcache_gib, cpu_bind=cpu_bind, lmcache_config=lmcache_config)
+        argv = vllm_server_command(
+            venv / "bin" / "python", model_dir, host=host, port=port, served_model_name=served_model_name,
+            lmcache=lmcache_config is not None, extra=extra,
+        )  # fmt: skip
+        log_path = run_dir / "vllm.log"
+        log = open(log_path, "ab")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        server = cls(proc, f"http://{host}:{port}", log_path, argv, env)
+        try:
+            server.wait_ready(ready_timeout)
+        except BaseException:
+            server.stop()
+            raise
+        server.startup_seconds = round(time.monotonic() - t0, 1)
+        return server
+
+    def wait_ready(self, timeout: float) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"vLLM exited with {self.proc.returncode} before /health answered; log tail:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vLLM not healthy after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 8000) -> str:
+        return _tail(self.log_path, n)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server's process group (API server + EngineCore + Worker)."""
+        total = 0
+        pgid = self.proc.pid
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                if int(fields[2]) != pgid:  # field 5: pgrp
+                    continue
+                for line in (d / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
+
+    def stop(self, grace: float = 30.0) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # children (EngineCore, Worker) may outlive the API server: give them a moment,
+        # then sweep the group
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self) -> "VllmServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # --------------------------------------------------------------------------------------

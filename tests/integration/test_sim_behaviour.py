@@ -15,7 +15,7 @@ from stackctl.sim.profiles import A100_80GB, LLAMA_31_8B
 from stackctl.sim.timing import TimingModel
 from tests.helpers.sim_fleet import LMCACHE_ARGS, lmcache_env, start_sims
 
-SCALE = 5.0  # slow enough that HTTP overhead stays small next to a GPU-hit TTFT
+SCALE = 4.0  # slow enough that HTTP overhead stays small next to a GPU-hit TTFT
 # A GPU cache of 2048 blocks (32k tokens) holds one 20k prompt but not two, so a little
 # other traffic evicts it; the CPU tier (20 GB = 160k tokens) keeps it.
 FLAGS = ["--num-gpu-blocks-override", "2048", "--max-model-len", "32768"]
@@ -40,10 +40,10 @@ async def metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if "le" not in s.labels}
 
 
-async def measure(session: aiohttp.ClientSession, url: str, prompt: str) -> tuple[float, float, dict]:
+async def measure(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int = 2) -> tuple[float, float, dict]:
     """(client TTFT, simulator TTFT, metric deltas) of one streamed request, in simulated seconds."""
     before = await metrics(session, url)
-    body = {"prompt": prompt, "max_tokens": 2, "stream": True}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
     start = time.perf_counter()
     client_ttft = None
     async with session.post(f"{url}/v1/completions", json=body) as resp:
@@ -67,12 +67,13 @@ async def test_cold_gpu_hit_cpu_hit_with_lmcache(sims):
     async with aiohttp.ClientSession() as session:
         cold_client, cold, cold_delta = await measure(session, url, prompt)
         hot_client, hot, hot_delta = await measure(session, url, prompt)
+        hot_client = min(hot_client, (await measure(session, url, prompt))[0])  # less host noise
         await evict(session, url)
         warm_client, warm, warm_delta = await measure(session, url, prompt)
 
     # A cold 20k-token prompt takes what the profile's prefill rate says (chunked by 2048).
     assert cold == pytest.approx(COLD_20K, rel=0.1)
-    assert cold_client == pytest.approx(COLD_20K, rel=0.35)  # plus HTTP and tokenizing, x SCALE
+    assert COLD_20K * 0.95 < cold_client < COLD_20K * 1.6  # plus HTTP and tokenizing, x SCALE
     assert cold_delta["vllm:prefix_cache_hits_total"] == 0
     # The same prompt again is a GPU hit.
     assert hot * 10 < cold and hot_client * 10 < cold_client
@@ -102,17 +103,22 @@ async def test_concurrent_load_raises_ttft_and_shows_in_the_gauges(sims):
     url = sims[1]
     async with aiohttp.ClientSession() as session:
         alone_client, alone, _ = await measure(session, url, words(4000, "solo"))
-        tasks = [asyncio.create_task(measure(session, url, words(4000, f"busy{i}_"))) for i in range(6)]
-        peak_running = peak_waiting = 0.0
+        before = await metrics(session, url)
+        # 6 at once: their prefills queue behind each other, then ~1 s (real) of shared decode
+        tasks = [asyncio.create_task(measure(session, url, words(4000, f"busy{i}_"), 100)) for i in range(6)]
+        peak_running = peak_waiting = peak_usage = 0.0
         while not all(t.done() for t in tasks):
             sample = await metrics(session, url)
             peak_running = max(peak_running, sample["vllm:num_requests_running"])
             peak_waiting = max(peak_waiting, sample["vllm:num_requests_waiting"])
-            peak_usage = sample["vllm:kv_cache_usage_perc"]
+            peak_usage = max(peak_usage, sample["vllm:kv_cache_usage_perc"])
             await asyncio.sleep(0.01)
         results = [t.result() for t in tasks]
+        after = await metrics(session, url)
     client_ttfts = sorted(r[0] for r in results)
     assert sum(client_ttfts) / len(client_ttfts) > 2 * alone_client
     assert client_ttfts[-1] > 4 * alone
-    assert peak_running >= 2 and peak_running + peak_waiting >= 4
-    assert 0 <= peak_usage <= 1
+    queued = after["vllm:request_queue_time_seconds_sum"] - before["vllm:request_queue_time_seconds_sum"]
+    assert queued > 2 * alone  # the later arrivals waited for the earlier prefills
+    assert peak_running >= 2  # they decode together (continuous batching)
+    assert peak_running + peak_waiting >= 4 and 0 < peak_usage <= 1

@@ -13,7 +13,7 @@ from stackctl.bench.workload import Workload
 
 def scenario(users: int) -> Scenario:
     return Scenario(users=users, rounds=3, system_prompt_tokens=4, history_tokens=6, question_tokens=2,
-                    answer_tokens=2, qps=(1.0,), duration_s=1.0, warmup_s=0.0, stagger=False)
+                    answer_tokens=2, qps=(1.0,), duration_s=1.0, warmup_s=0.0, stagger=False, turn_order="cyclic")
 
 
 def test_arrival_times():

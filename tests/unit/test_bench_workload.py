@@ -16,7 +16,7 @@ SCENARIOS = Path(__file__).resolve().parents[2] / "benchmarks" / "scenarios"
 
 def small(**changes) -> Scenario:
     base = dict(users=3, rounds=4, system_prompt_tokens=37, history_tokens=101, question_tokens=7,
-                answer_tokens=5, qps=(1.0,), duration_s=1.0, warmup_s=0.0, seed=1, stagger=False)
+                answer_tokens=5, qps=(1.0,), duration_s=1.0, warmup_s=0.0, seed=1, stagger=False, turn_order="cyclic")
     base.update(changes)
     return Scenario(**base)
 
@@ -186,3 +186,26 @@ def test_scenario_that_is_not_a_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ScenarioError, match="mapping"):
         load_scenario(path)
+
+
+def test_random_turn_order_breaks_round_robin_alignment():
+    """With 16 users and 8 engines, a cyclic order would pin user k to engine k mod 8."""
+    workload = Workload(small(users=16, rounds=50, turn_order="random"))
+    engines_seen: dict[int, set[int]] = {}
+    for arrival in range(400):
+        conv = workload.take_idle_user()
+        engines_seen.setdefault(conv.user_id, set()).add(arrival % 8)  # round-robin's choice
+        workload.start_request(conv)
+        workload.finish_request(conv, "ok")
+    assert sum(len(s) > 1 for s in engines_seen.values()) >= 12
+
+
+def test_every_user_asks_once_before_anyone_asks_again():
+    workload = Workload(small(users=5, rounds=4, turn_order="random"))
+    first = []
+    for _ in range(5):
+        conv = workload.take_idle_user()
+        first.append(conv.user_id)
+        workload.start_request(conv)
+        workload.finish_request(conv, "ok")
+    assert first == [0, 1, 2, 3, 4]

@@ -39,6 +39,12 @@ def test_vllm_flags_are_honoured():
     assert config.time_scale == 25 and config.seed == 3
 
 
+def test_token_counts_take_vllms_suffixes():
+    assert parse_args(["--max-model-len", "32k"], environ={}).max_model_len == 32000
+    assert parse_args(["--max-model-len", "32K"], environ={}).max_model_len == 32768
+    assert parse_args(["--max-num-batched-tokens", "8192"], environ={}).max_num_batched_tokens == 8192
+
+
 def test_unknown_vllm_flags_are_ignored_with_a_warning(caplog):
     config = parse_args(["--dtype", "bfloat16", "--disable-log-requests", "--port", "9000"], environ={})
     assert config.port == 9000
@@ -78,6 +84,7 @@ def test_lmcache_defaults_and_yaml_file(tmp_path):
         ["--max-model-len", "40000", "--num-gpu-blocks-override", "1000"],  # cache smaller than one request
         ["--model", "meta-llama/Llama-3.1-70B-Instruct"],  # 141 GB of weights on one 80 GB GPU
         ["--port", "70000"],
+        ["--max-model-len", "1.5x"],
     ],
 )
 def test_bad_flags_exit_2_with_a_message(argv, capsys):

@@ -1,0 +1,78 @@
+"""`stackctl bench`: deploy each profile with `up`, run the workload against its router, report.
+
+Profiles are measured one after another on the same hosts, so their numbers are side by side
+from one run; the report compares them as ratios.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .deploy import UpOptions, up
+from .errors import StackctlError
+from .inventory import load_inventory
+from .progress import Progress
+
+
+@dataclass
+class BenchOptions:
+    inventory: Path
+    profiles: list[str]
+    out_dir: Path
+    scenario_path: Path | None = None
+    qps: list[float] | None = None
+    users: int | None = None
+    duration_s: float | None = None
+    warmup_s: float | None = None
+    availability_s: float | None = None
+    api_key_env: str | None = None
+    up_options: UpOptions | None = None
+
+
+def _scenario(options: BenchOptions):
+    from .bench import Scenario, load_scenario
+
+    scenario = load_scenario(options.scenario_path) if options.scenario_path else Scenario(name="reference")
+    changes = {}
+    if options.users is not None:
+        changes["users"] = options.users
+    if options.duration_s is not None:
+        changes["duration_s"] = options.duration_s
+    if options.warmup_s is not None:
+        changes["warmup_s"] = options.warmup_s
+    if options.qps:
+        changes["qps"] = tuple(options.qps)
+    return scenario.replace(**changes) if changes else scenario
+
+
+def run_bench(options: BenchOptions, confirm: Callable[[str], bool], echo: Callable[[str], None]) -> dict[str, Path]:
+    from .bench import rebuild_report, run_availability, run_sweep
+
+    scenario = _scenario(options)
+    clusters = {name: load_inventory(options.inventory, name) for name in options.profiles}  # all errors first
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, cluster in clusters.items():
+        echo(f"== profile {name}: deploying ({cluster.router['policy']} routing, LMCache {'on' if cluster.engine['lmcache']['enabled'] else 'off'})")
+        result = up(cluster, options.up_options or UpOptions(yes=True), Progress(quiet=True), confirm)
+        if not result.ok:
+            failed = {o.name: o.error.splitlines()[0] for o in result.outcomes.values() if o.error}
+            raise StackctlError(f"profile {name}: deployment failed, so it was not measured: {failed or result.verify_error}")
+        api_key = None
+        if cluster.router.get("api_keys_env"):
+            import os
+
+            api_key = os.environ[cluster.router["api_keys_env"]].split(",")[0].strip()
+        metrics_urls = [cluster.engine_url(e) for e in cluster.engines]
+        model = cluster.model["name"]
+        if options.availability_s:
+            echo(f"== profile {name}: availability for {options.availability_s:.0f} s under the workload")
+            run_availability(cluster.router_url, model, options.availability_s, scenario, scenario.qps[0],
+                             profile_name=name, out_dir=options.out_dir, api_key=api_key)
+        else:
+            echo(f"== profile {name}: QPS sweep {', '.join(f'{q:g}' for q in scenario.qps)} ({scenario.duration_s:g} s each after {scenario.warmup_s:g} s warm-up)")
+            run_sweep(cluster.router_url, model, scenario, profile_name=name, out_dir=options.out_dir,
+                      metrics_urls=metrics_urls, api_key=api_key)
+    baseline = options.profiles[0] if len(options.profiles) > 1 else None
+    return rebuild_report(options.out_dir, baseline_profile=baseline)

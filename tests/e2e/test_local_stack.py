@@ -1,0 +1,120 @@
+"""The local fleet end to end, as the demo runs it: up, status, up again, bench, down --purge.
+
+Everything goes through the real CLI, supervisord and simulator processes (connection: local,
+the same code path as SSH without the network), with a fast simulator clock.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def stackctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stackctl", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    router_port, *engine_ports = free_ports(3)
+    inventory = {
+        "cluster": "local-test",
+        "python": "current",
+        "install": False,
+        "deploy_dir": str(root / "head"),
+        "model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
+        "engine": {"kind": "sim", "bind": "127.0.0.1", "sim": {"hardware": "a100-80gb", "time_scale": 20.0}},
+        "router": {"host": "head", "port": router_port, "bind": "127.0.0.1", "health_interval_s": 0.5},
+        "hosts": [{"name": "head", "connection": "local", "roles": ["router"]}]
+        + [
+            {"name": f"sim{i}", "connection": "local", "deploy_dir": str(root / f"sim{i}"), "engine": {"port": port}}
+            for i, port in enumerate(engine_ports, start=1)
+        ],
+        "profiles": {
+            "naive": {"router": {"policy": "round_robin"}, "engine": {"lmcache": {"enabled": False}}},
+            "optimized": {"router": {"policy": "kv_aware"}, "engine": {"lmcache": {"enabled": True}}},
+        },
+    }
+    path = root / "local.yaml"
+    path.write_text(yaml.safe_dump(inventory))
+    yield path, root
+    stackctl("down", path, "--purge", timeout=120)
+
+
+def status_json(path: Path) -> dict:
+    result = stackctl("status", path, "--json")
+    return {"code": result.returncode, **json.loads(result.stdout)}
+
+
+def pids(status: dict) -> dict[tuple[str, str], int]:
+    return {(h["host"], p["program"]): p["pid"] for h in status["hosts"] for p in h["programs"]}
+
+
+def test_up_status_idempotent_bench_down(fleet, tmp_path):
+    path, root = fleet
+    first = stackctl("up", path, "--yes")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "verified with a completion" in first.stdout
+
+    status = status_json(path)
+    assert status["code"] == 0 and status["overall"] == "healthy", status
+    before = pids(status)
+    assert len(before) == 3 and all(before.values())
+    engine_rows = [p for h in status["hosts"] for p in h["programs"] if p["kind"] == "engine"]
+    assert all(row["metrics"]["prefix_queries"] is not None for row in engine_rows)
+
+    second = stackctl("up", path, "--yes")
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("no changes") == 3, second.stderr
+    assert pids(status_json(path)) == before  # nothing restarted
+
+    scenario = tmp_path / "tiny.yaml"
+    scenario.write_text(yaml.safe_dump({
+        "name": "tiny", "users": 6, "rounds": 3, "system_prompt_tokens": 200, "history_tokens": 2000,
+        "question_tokens": 10, "answer_tokens": 8, "qps": [2.0, 4.0], "duration_s": 3, "warmup_s": 2, "warmup_qps": 4.0,
+    }))
+    out = tmp_path / "out"
+    bench = stackctl("bench", path, "--compare", "naive,optimized", "--scenario", scenario, "--out", out, "--yes", timeout=600)
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    for name in ("requests.csv", "summary.json", "summary.md", "ttft_vs_qps.png", "throughput_vs_qps.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert "naive/optimized" in (out / "summary.md").read_text()
+    assert summary  # the report's own tests check its numbers
+
+    down = stackctl("down", path, "--purge")
+    assert down.returncode == 0, down.stderr
+    assert not any((root / name).exists() for name in ("head", "sim1", "sim2"))
+    gone = status_json(path)
+    assert gone["code"] == 1 and gone["overall"] == "degraded"
+
+
+def test_bad_bench_input_is_a_clear_error(fleet, tmp_path):
+    path, _ = fleet
+    result = stackctl("bench", path, "--qps", "one,two", "--yes")
+    assert result.returncode == 2 and "--qps one,two" in result.stderr and "Traceback" not in result.stderr
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text("users: many\n")
+    result = stackctl("bench", path, "--scenario", scenario, "--yes")
+    assert result.returncode == 2 and "users" in result.stderr and "Traceback" not in result.stderr
+    result = stackctl("bench", path, "--compare", "naive,fast", "--yes")
+    assert result.returncode == 2 and "profile 'fast' is not defined" in result.stderr

@@ -1,0 +1,88 @@
+"""LMCache's own loader (in the vLLM test venv) accepts a good config and rejects bad keys.
+
+Needs the vLLM CPU venv (tests/helpers/vllm_env.py): skipped locally when it cannot be
+built, a failure when env CI is set.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.lmcache_check import LMCacheConfigError, check_lmcache_config, check_lmcache_configs
+from tests.helpers.vllm_env import read_stamp, vllm_venv_or_skip
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+GOOD = """\
+chunk_size: 256
+local_cpu: true
+max_local_cpu_size: 2
+"""
+
+CASES = {
+    "good": GOOD,
+    "remote": GOOD + "remote_url: lm://127.0.0.1:65432\nremote_serde: naive\n",
+    "unknown_key": GOOD.replace("max_local_cpu_size", "max_local_cpu_size_gb"),
+    "bad_value": GOOD.replace("chunk_size: 256", "chunk_size: lots"),
+    "invalid": GOOD + "min_retrieve_tokens: -1\n",
+    "not_a_mapping": "- chunk_size\n- 256\n",
+}
+
+
+@pytest.fixture(scope="module")
+def venv_python():
+    venv = vllm_venv_or_skip()
+    if not (read_stamp(venv) or {}).get("lmcache", True):
+        pytest.fail(f"lmcache did not install in {venv}; see {venv}.build.log", pytrace=False)
+    return venv / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, venv_python):
+    """All cases checked in one subprocess (importing LMCache takes ~15 s)."""
+    d = tmp_path_factory.mktemp("lmcache")
+    paths = []
+    for name, text in CASES.items():
+        paths.append(d / f"{name}.yaml")
+        paths[-1].write_text(text)
+    return dict(zip(CASES, check_lmcache_configs(paths, python=venv_python)))
+
+
+def test_good_config_passes(results):
+    r = results["good"]
+    assert not isinstance(r, Exception), r
+    assert r["values"] == {"chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 2.0}
+    assert r["lmcache_version"].startswith("0.5.6")
+
+
+def test_remote_url_config_passes(results):
+    r = results["remote"]
+    assert not isinstance(r, Exception), r
+    assert r["values"]["remote_url"] == "lm://127.0.0.1:65432"
+
+
+def test_unknown_key_fails_with_lmcache_message(results):
+    # LMCache's loader only logs this warning and drops the key; the check makes it fatal.
+    assert isinstance(results["unknown_key"], LMCacheConfigError)
+    assert "Unknown configuration key: max_local_cpu_size_gb" in str(results["unknown_key"])
+
+
+def test_unconvertible_value_fails(results):
+    assert isinstance(results["bad_value"], LMCacheConfigError)
+    assert "Failed to convert value for chunk_size" in str(results["bad_value"])
+
+
+def test_validation_error_fails(results):
+    assert isinstance(results["invalid"], LMCacheConfigError)
+    assert "min_retrieve_tokens must be >= 0" in str(results["invalid"])
+
+
+def test_not_a_mapping_fails(results):
+    assert isinstance(results["not_a_mapping"], LMCacheConfigError)
+
+
+def test_single_file_api_raises(tmp_path, venv_python):
+    path = tmp_path / "lmcache.yaml"
+    path.write_text("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_sizee: 2\n")
+    with pytest.raises(LMCacheConfigError, match="Unknown configuration key: max_local_cpu_sizee"):
+        check_lmcache_config(path, python=venv_python)
