@@ -209,6 +209,11 @@ class Applier:
         return self.conn.run(command, timeout=timeout)
 
     def apply(self) -> None:
+        self.prepare()
+        self.start()
+
+    def prepare(self) -> None:
+        """Everything but (re)starting programs: directories, venv, packages, model, secrets, files."""
         plan, diff = self.plan, self.diff
         self._do("directories")
         dirs = " ".join(q(d) for d in [plan.deploy_dir, *plan.dirs.values(), f"{plan.dirs['supervisor']}/conf.d", *self._model_parents()])
@@ -233,6 +238,9 @@ class Applier:
                 self.conn.put_bytes(spec.content.encode(), spec.path, spec.mode)
             elif change.kind == "remove":
                 self.run(f"rm -f {q(change.target)}")
+
+    def start(self) -> None:
+        """Make supervisord and its programs match: start, update, restart or reload them."""
         self._supervise()
 
     def _model_parents(self) -> list[str]:
@@ -319,10 +327,27 @@ class Applier:
 
     def wait_healthy(self, timeout: float) -> dict:
         urls = [p.health_url for p in self.plan.programs if p.kind == "engine" and p.health_url]
-        if not urls:
-            return {"healthy": [], "unhealthy": []}
-        self._do("wait for engines")
-        return run_probe(self.conn, self.plan.python, {"action": "wait", "urls": urls, "timeout": timeout, "interval": 1.0}, timeout=timeout + 60)
+        health = {"healthy": [], "unhealthy": []}
+        if urls:
+            self._do("wait for engines")
+            health = run_probe(self.conn, self.plan.python, {"action": "wait", "urls": urls, "timeout": timeout, "interval": 1.0}, timeout=timeout + 60)
+        if not health["unhealthy"]:
+            self._wait_running()
+        return health
+
+    def _wait_running(self) -> None:
+        """Until supervisord calls every program RUNNING (up `startsecs`), so that `status`
+        right after `up` shows them running with their pids, not STARTING."""
+        programs = [p.name for p in self.plan.programs]
+        if not programs:
+            return
+        self._do("wait for RUNNING")
+        limit = max(p.startsecs for p in self.plan.programs) + 30
+        status = shlex.join(self.plan.supervisorctl("status", *programs))
+        result = self.conn.run(f"for i in $(seq 1 {limit}); do {status} >/dev/null && exit 0; sleep 1; done; {status}; exit 1",
+                               check=False, timeout=limit * 3 + 60)
+        if not result.ok:
+            raise DeployError(f"supervisord did not report every program RUNNING within {limit} s:\n{result.stdout.strip()}")
 
     def log_tail(self, program: str, lines: int = 30) -> str:
         path = f"{self.plan.dirs['logs']}/{program}.log"

@@ -7,18 +7,23 @@ run exits non-zero. Running `up` again resumes: it only does what is still missi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from .apply import Applier, HostDiff, compute_diff, format_diff, sha256
-from .connect import CommandError, Connector, connect
+from .connect import CommandError, Connector, connect, q
 from .errors import StackctlError
 from .facts import gather, run_probe
 from .inventory import Cluster, check_secrets
+from .metrics import engine_summary
 from .plan import HostPlan, plan_cluster
 from .progress import Progress
 from .wheels import wheels_for_upload
@@ -71,6 +76,7 @@ class Deployment:
         self.result = UpResult(router_url=cluster.router_url)
         self.conns: dict[str, Connector] = {}
         self.diffs: dict[str, HostDiff] = {}
+        self.appliers: dict[str, Applier] = {}
 
     # ------------------------------------------------------------------ phases
     def run(self) -> UpResult:
@@ -98,13 +104,20 @@ class Deployment:
             engine_hosts = [p for p in todo if p.host.name != self.cluster.router["host"]]
             router_hosts = [p for p in todo if p.host.name == self.cluster.router["host"]]
             with self.progress:
-                apply_one = lambda p: self._apply(p, secrets, wheels)  # noqa: E731
+                apply_one = lambda p, start=True: self._apply(p, secrets, wheels, start)  # noqa: E731
                 if self.options.rolling:  # engines one by one, then the router (config reload)
+                    drain = RouterDrain.open(self)
                     for plan in engine_hosts:
-                        apply_one(plan)
+                        try:
+                            with drain.without(plan, self.diffs[plan.host.name]):
+                                apply_one(plan)
+                        except StackctlError as exc:  # the router could not be reconfigured
+                            outcome = self.result.outcomes[plan.host.name]
+                            outcome.status, outcome.step, outcome.error = "failed", "drain", str(exc)
                     self._parallel(router_hosts, apply_one)
-                else:  # the router health-checks its engines: no need to wait for them first
-                    self._parallel(engine_hosts + router_hosts, apply_one)
+                else:  # the router host installs alongside the engines; its programs start after them
+                    self._parallel(engine_hosts + router_hosts, lambda p: apply_one(p, p not in router_hosts))
+                    self._parallel(router_hosts, self._start)
                 if self.options.verify:
                     self._verify(plans)
         finally:
@@ -135,16 +148,38 @@ class Deployment:
             outcome.status, outcome.step, outcome.error = "unreachable", "connect/facts", str(exc)
             self.progress.update(name, "unreachable")
 
-    def _apply(self, plan: HostPlan, secrets: dict, wheels: list[Path]) -> None:
+    def _apply(self, plan: HostPlan, secrets: dict, wheels: list[Path], start: bool = True) -> None:
+        """Prepare the host (packages, files); with ``start``, also (re)start its programs (``_start``)."""
         name = plan.host.name
         outcome = self.result.outcomes[name]
         started = time.monotonic()
-        applier = Applier(
+        applier = self.appliers[name] = Applier(
             self.conns[name], self.cluster, self.diffs[name], secrets, wheels,
             offline=self.options.wheelhouse is not None, report=lambda step: self.progress.update(name, step),
         )
         try:
-            applier.apply()
+            applier.prepare()
+            outcome.status = "prepared"
+        except StackctlError as exc:
+            outcome.status, outcome.step, outcome.error = "failed", applier.step, str(exc)
+            self.progress.update(name, f"FAILED at {applier.step}")
+        except Exception as exc:  # keep the other hosts going; say exactly where it broke
+            outcome.status, outcome.step, outcome.error = "failed", applier.step, f"{type(exc).__name__}: {exc}"
+            self.progress.update(name, f"FAILED at {applier.step}")
+        outcome.seconds += time.monotonic() - started
+        if start:
+            self._start(plan)
+
+    def _start(self, plan: HostPlan) -> None:
+        """(Re)start a prepared host's programs and wait until its engines are healthy."""
+        name = plan.host.name
+        outcome = self.result.outcomes[name]
+        if outcome.status != "prepared":
+            return
+        started = time.monotonic()
+        applier = self.appliers[name]
+        try:
+            applier.start()
             health = applier.wait_healthy(plan.host.engine["health_timeout_s"])
             if health["unhealthy"]:
                 programs = [p for p in plan.programs if p.health_url in health["unhealthy"]]
@@ -158,7 +193,7 @@ class Deployment:
         except Exception as exc:  # keep the other hosts going; say exactly where it broke
             outcome.status, outcome.step, outcome.error = "failed", applier.step, f"{type(exc).__name__}: {exc}"
             self.progress.update(name, f"FAILED at {applier.step}")
-        outcome.seconds = time.monotonic() - started
+        outcome.seconds += time.monotonic() - started
 
     def _verify(self, plans: list[HostPlan]) -> None:
         """The router answers /health and serves one real completion."""
@@ -193,6 +228,89 @@ class Deployment:
             return
         self.result.verified = True
         self.progress.update(router_host, f"verified ({answer['seconds']:.2f} s completion)")
+
+
+class RouterDrain:
+    """Rolling updates: take a host's engines out of the running router (its config minus
+    them, SIGHUP) and let their requests finish before they restart; put them back after.
+
+    Without this, requests in flight on an engine when supervisord stops it are cut (an
+    engine may abort them at SIGTERM, and supervisord signals its whole process group).
+    """
+
+    IDLE_TIMEOUT_S = 60.0
+
+    def __init__(self, deployment: "Deployment", conn: Connector | None, plan: HostPlan | None, config: str | None):
+        self.deployment, self.conn, self.plan, self.config = deployment, conn, plan, config
+
+    @classmethod
+    def open(cls, deployment: "Deployment") -> "RouterDrain":
+        """The running router's config, when there is a running router to drain through."""
+        name = deployment.cluster.router["host"]
+        conn, diff = deployment.conns.get(name), deployment.diffs.get(name)
+        if conn is None or diff is None or diff.facts.program_state("router") != "RUNNING":
+            return cls(deployment, None, None, None)
+        path = f"{diff.plan.dirs['config']}/router.yaml"
+        current = conn.run(f"cat {q(path)}", check=False)
+        return cls(deployment, conn, diff.plan, current.stdout if current.ok else None)
+
+    @contextlib.contextmanager
+    def without(self, plan: HostPlan, diff: HostDiff):
+        engines = {p.name for p in plan.programs if p.kind == "engine"}
+        names = {e.name for e in plan.host.engines}
+        restarts = any(c.kind == "restart" and c.target in engines for c in diff.changes)
+        if self.config is None or not restarts:
+            yield
+            return
+        progress = self.deployment.progress
+        data = yaml.safe_load(self.config)
+        data["engines"] = [e for e in data.get("engines") or [] if e.get("name") not in names]
+        progress.update(plan.host.name, "drain: out of the router")
+        self._load(yaml.safe_dump(data, sort_keys=False), absent=names)
+        try:
+            progress.update(plan.host.name, "drain: finishing requests")
+            self._wait_idle(plan)
+            yield
+        finally:
+            progress.update(plan.host.name, "drain: back in the router")
+            self._load(self.config, absent=set())
+
+    def _load(self, text: str, absent: set[str]) -> None:
+        """Write the router's config, SIGHUP it, wait until its /engines shows the change."""
+        path = f"{self.plan.dirs['config']}/router.yaml"
+        self.conn.put_bytes(text.encode(), path)
+        self.conn.run(shlex.join(self.plan.supervisorctl("signal", "HUP", "router")))
+        url = f"http://127.0.0.1:{self.deployment.cluster.router['port']}/engines"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            answer = run_probe(self.conn, self.plan.python, {"action": "http", "requests": [{"url": url, "timeout": 5}]})[0]
+            try:
+                listed = json.loads(answer["body"]) if answer["status"] == 200 else None
+            except ValueError:
+                listed = None
+            listed = listed.get("engines", listed) if isinstance(listed, dict) else listed
+            if isinstance(listed, list):
+                names = {e.get("name") for e in listed}
+                if not names & absent and (absent or len(names) >= len(yaml.safe_load(text).get("engines") or [])):
+                    return
+            time.sleep(0.2)
+        raise StackctlError(f"the router on {self.plan.host.name} did not reload its config within 30 s")
+
+    def _wait_idle(self, plan: HostPlan) -> None:
+        """Until the host's engines run and queue no request (their /metrics), or a timeout."""
+        conn = self.deployment.conns[plan.host.name]
+        urls = [f"http://127.0.0.1:{p.port}/metrics" for p in plan.programs if p.kind == "engine"]
+        deadline = time.monotonic() + self.IDLE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            answers = run_probe(conn, plan.python, {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]})
+            busy = 0.0
+            for answer in answers:
+                if answer["status"] == 200:
+                    summary = engine_summary(answer["body"])
+                    busy += (summary["running"] or 0) + (summary["waiting"] or 0)
+            if not busy:
+                return
+            time.sleep(0.2)
 
 
 def _file_sha(path: Path) -> str:

@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 
-from stackctl.sim import profiles
 from stackctl.sim.config import SimConfig, parse_args
 
 log = logging.getLogger("stackctl.sim")
@@ -19,10 +18,12 @@ async def serve(config: SimConfig) -> None:
 
     from stackctl.sim.server import create_app
 
-    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.host, config.port, backlog=1024).start()
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+        await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -33,13 +34,31 @@ async def serve(config: SimConfig) -> None:
             config.served_model_name, config.host, config.port, config.model_profile.name, config.hardware.name,
             config.tensor_parallel_size, config.num_gpu_blocks, config.block_size,
             config.num_gpu_blocks * config.block_size,
-            f"{profiles.cpu_kv_capacity_tokens(config.model_profile, config.lmcache.max_local_cpu_size, config.lmcache.chunk_size)} tokens"
-            if config.lmcache else "off",
+            f"{config.engine_config().cpu_capacity_chunks * config.lmcache.chunk_size} tokens" if config.lmcache else "off",
             config.time_scale,
         )  # fmt: skip
         await stop.wait()
+        await _drain(app, site)
     finally:
         await runner.cleanup()
+
+
+DRAIN_TIMEOUT_S = 30.0  # below supervisord's stopwaitsecs for engines (60 s)
+
+
+async def _drain(app, site) -> None:
+    """Stop accepting connections, then let in-flight requests finish, as vLLM's server does
+    on SIGTERM; a rolling restart then costs clients nothing (the router retries refused
+    connections on another engine)."""
+    from stackctl.sim.server import DRAINING_KEY, ENGINE_KEY
+
+    app[DRAINING_KEY].set()
+    await site.stop()
+    engine = app[ENGINE_KEY]
+    deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+    while (engine.running or engine.waiting) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    log.info("stopped: %d request(s) still in flight after draining", len(engine.running) + len(engine.waiting))
 
 
 def _install_uvloop() -> None:

@@ -67,8 +67,10 @@ class SimConfig:
     def engine_config(self) -> EngineConfig:
         cpu_chunks = None
         if self.lmcache is not None:
+            # LMCache runs one local CPU backend per tensor-parallel rank, each of
+            # max_local_cpu_size holding that rank's 1/tp of the KV heads.
             tokens = profiles.cpu_kv_capacity_tokens(
-                self.model_profile, self.lmcache.max_local_cpu_size, self.lmcache.chunk_size
+                self.model_profile, self.lmcache.max_local_cpu_size * self.tensor_parallel_size, self.lmcache.chunk_size
             )
             cpu_chunks = tokens // self.lmcache.chunk_size
         return EngineConfig(
@@ -172,6 +174,8 @@ def load_lmcache_settings(environ: Mapping[str, str]) -> LMCacheSettings:
         if not isinstance(data, dict):
             raise ConfigError(f"LMCACHE_CONFIG_FILE {path}: expected a mapping")
         raw = {k: data[k] for k in ("chunk_size", "local_cpu", "max_local_cpu_size") if k in data}
+        if data.get("remote_url"):
+            log.warning("LMCache remote backend %s is not simulated (only the local CPU tier is)", data["remote_url"])
         source = path
     else:
         names = {"chunk_size": "LMCACHE_CHUNK_SIZE", "local_cpu": "LMCACHE_LOCAL_CPU",

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = web.AppKey("sim_config", SimConfig)
 ENGINE_KEY = web.AppKey("sim_engine", Engine)
 LOOP_KEY = web.AppKey("sim_loop", EngineLoop)
+DRAINING_KEY = web.AppKey("sim_draining", asyncio.Event)  # set on SIGTERM: refuse new work
 METRICS_KEY = web.AppKey("sim_metrics", SimMetrics)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -56,7 +57,7 @@ DONE = b"data: [DONE]\n\n"
 class ApiError(Exception):
     """An error answered as vLLM does: ``{"error": {message, type, param, code}}``."""
 
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
@@ -78,6 +79,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app[DRAINING_KEY] = asyncio.Event()
     app.on_startup.append(_start_engine)
     app.on_shutdown.append(_abort_requests)
     app.on_cleanup.append(_stop_engine)
@@ -127,7 +129,13 @@ async def _stop_engine(app: web.Application) -> None:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.Response(status=200)
+    return web.Response(status=503 if request.app[DRAINING_KEY].is_set() else 200)
+
+
+def _refuse_if_draining(request: web.Request) -> None:
+    """While shutting down, new requests get 503 before any byte, which routers retry elsewhere."""
+    if request.app[DRAINING_KEY].is_set():
+        raise ApiError(503, "The engine is shutting down; retry on another engine.")
 
 
 async def version(request: web.Request) -> web.Response:
@@ -242,6 +250,7 @@ def _usage(req: SimRequest) -> dict:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     try:
+        _refuse_if_draining(request)
         body = await _json_body(request)
         model = _check_model(config, body)
         messages = body.get("messages")
@@ -262,6 +271,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     try:
+        _refuse_if_draining(request)
         body = await _json_body(request)
         model = _check_model(config, body)
         prompt = body.get("prompt")

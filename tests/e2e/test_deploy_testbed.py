@@ -64,6 +64,7 @@ class Stack:
     engine: dict = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    last_status: dict | None = None
 
     @property
     def inventory(self) -> Path:
@@ -97,6 +98,8 @@ class Stack:
         self.inventory.write_text(yaml.safe_dump(inventory, sort_keys=False))
 
     def stackctl(self, *args: str, timeout: float = STACKCTL_TIMEOUT) -> Run:
+        if args[0] in ("up", "down", "restart"):
+            self.last_status = None  # the cluster may change
         started = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "stackctl", *args], capture_output=True, text=True,
                               timeout=timeout, env=self.env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
@@ -109,7 +112,17 @@ class Stack:
 
     def status(self, *args: str) -> tuple[Run, dict]:
         run = self.stackctl("status", str(self.inventory), "--json", *args, timeout=120)
-        return run, json.loads(run.stdout)
+        status = json.loads(run.stdout)
+        if not args:
+            self.last_status = status
+        return run, status
+
+    def healthy_status(self) -> dict:
+        """The cluster's status, known healthy: the last test left it so (each ends checking it)."""
+        if self.last_status is None or self.last_status["overall"] != "healthy":
+            _, self.last_status = self.status()
+        assert_all_healthy(self.last_status, len(self.testbed.hosts))
+        return self.last_status
 
     def client(self, api_key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=api_key or self.api_key, max_retries=0, timeout=60)
@@ -201,7 +214,7 @@ def test_up_from_nothing_then_status_healthy_and_completions(stack):
 
 
 def test_second_up_changes_nothing_and_restarts_nothing(stack):
-    _, before = stack.status()
+    before = stack.healthy_status()
     run = stack.up()
     report_timing(stack, "up with nothing to change (8 engine hosts + head)", run.seconds)
     assert run.returncode == 0, run
@@ -216,9 +229,12 @@ def test_second_up_changes_nothing_and_restarts_nothing(stack):
 
 def test_killed_engine_is_restarted_by_supervisord(stack):
     host = stack.engine_hosts[2]
-    _, before = stack.status("--hosts", host.name)
-    old = program_pids(before)[(host.name, "engine-0")]
+    old = program_pids(stack.healthy_status())[(host.name, "engine-0")]
     stack.testbed.exec_in(host, f"kill -9 {old}")
+    find = ["pgrep", "-f", f"stackctl.sim .*--port {ENGINE_PORT}"]
+    wait_until(lambda: stack.testbed.exec_in(host, find, check=False).stdout.split() not in ([], [str(old)]),
+               30, f"a new engine process on {host.name}", interval=0.2)
+    time.sleep(5)  # supervisord's startsecs: RUNNING after 5 s up
 
     def restarted():
         _, status = stack.status("--hosts", host.name)
@@ -282,7 +298,7 @@ class ClientLoop:
 
 
 def test_rolling_change_keeps_serving_without_errors(stack):
-    _, before = stack.status()
+    before = stack.healthy_status()
     old = program_pids(before)
     stack.write_inventory(max_num_seqs=128)
     with ClientLoop(stack) as loop:
@@ -305,7 +321,7 @@ def test_rolling_change_keeps_serving_without_errors(stack):
 
 def test_unreachable_host_is_reported_and_next_up_resumes(stack):
     down = stack.engine_hosts[3]
-    _, before = stack.status()
+    before = stack.healthy_status()
     old = program_pids(before)
     stack.write_inventory(max_num_seqs=64)
     stack.testbed.stop_sshd(down)
@@ -363,9 +379,10 @@ def test_secrets_stay_secret_and_router_requires_the_key(stack):
                 found.append((host.name, str(path.relative_to(root)), stat.S_IMODE(path.stat().st_mode)))
     assert found == [(stack.head.name, "secrets/router_api_keys", 0o600)], found
     assert stat.S_IMODE((stack.head.deploy_source / "secrets").stat().st_mode) == 0o700
+    patterns = stack.dir / "secret-patterns"  # in a file: grep's own command line must not match
+    patterns.write_text(f"{stack.api_key}\n{stack.hf_token}\n")
     for host in stack.testbed.hosts:  # nor in any process's command line or environment
-        leak = stack.testbed.exec_in(host, f"grep -lsa -e {stack.api_key} -e {stack.hf_token} /proc/[0-9]*/cmdline /proc/[0-9]*/environ",
-                                     check=False)
+        leak = stack.testbed.exec_in(host, f"grep -lsaF -f {patterns} /proc/[0-9]*/cmdline /proc/[0-9]*/environ", check=False)
         assert leak.stdout.strip() == "", (host.name, leak.stdout)
 
 
@@ -400,7 +417,7 @@ def small_inventory(path: Path, testbed, host, *, ssh: dict, port_base: int = 83
     inventory = {
         "cluster": "small", "deploy_dir": testbed.deploy_dir, "python": sys.executable, "install": False,
         "ssh": ssh, "model": {"name": MODEL},
-        "engine": {"kind": "sim", "port": port_base, "bind": "127.0.0.1", "health_timeout_s": 60,
+        "engine": {"kind": "sim", "port": port_base, "bind": "0.0.0.0", "health_timeout_s": 60,
                    "lmcache": {"enabled": False}, "sim": {"hardware": "a100-80gb", "time_scale": 10}},
         "router": {"host": host.name, "port": port_base + 80, "bind": "0.0.0.0"},
         "hosts": [{"name": host.name, "address": host.address, "roles": ["engine", "router"]}],

@@ -18,7 +18,8 @@ import pytest
 from tests.helpers.tiny_model import ensure_tiny_model
 from tests.helpers.vllm_env import VllmServer, vllm_venv_or_skip
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
+# timeout: may build the venv (3-11 min) and start vLLM (20 s idle, 5 min on a loaded 2-core box)
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 MODEL = "tiny-llama"
 METRICS = [

@@ -102,8 +102,11 @@ def ensure_vllm_venv(venv_dir: Path | None = None, with_lmcache: bool = True) ->
     venv_dir = Path(venv_dir) if venv_dir is not None else default_venv_dir()
     if read_stamp(venv_dir) is not None:
         return venv_dir
-    if os.environ.get("STACKCTL_VLLM_VENV") and venv_dir == default_venv_dir() and (venv_dir / "bin/python").exists():
-        return venv_dir  # user-provided venv without our stamp: trust it
+    if os.environ.get("STACKCTL_VLLM_VENV") and venv_dir == default_venv_dir():
+        # a user-provided venv is used as is, never built
+        if (venv_dir / "bin" / "python").exists():
+            return venv_dir
+        raise VllmEnvUnavailable(f"STACKCTL_VLLM_VENV={venv_dir} has no bin/python")
     venv_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = venv_dir.parent / f"{venv_dir.name}.build.log"
     with open(venv_dir.parent / f".{venv_dir.name}.lock", "w") as lock:
@@ -180,13 +183,20 @@ def has_lmcache(venv_dir: Path | None = None) -> bool:
 # pytest glue: skip locally, fail loudly in CI
 
 
+_venv_failure: VllmEnvUnavailable | None = None
+
+
 def vllm_venv_or_skip() -> Path:
     """For tests: the venv, or skip -- but when env ``CI`` is set, fail instead of skipping."""
     import pytest
 
+    global _venv_failure
     try:
+        if _venv_failure is not None:  # don't retry a failed multi-minute build in every module
+            raise _venv_failure
         return ensure_vllm_venv()
     except VllmEnvUnavailable as exc:
+        _venv_failure = exc
         msg = f"vLLM CPU venv unavailable: {exc}"
         if os.environ.get("CI"):
             pytest.fail(msg + "\n(CI is set: a missing vLLM venv is an error, not a skip)", pytrace=False)
@@ -445,7 +455,7 @@ def install_from_wheelhouse(wheelhouse: Path, venv_dir: Path, python: str = sys.
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_CONFIG_FILE=os.devnull)
     subprocess.run(
         [
-            str(Path(venv_dir) / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-deps",
+            str(Path(venv_dir) / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
             "--find-links", str(wheelhouse), "-r", str(wheelhouse / "requirements.txt"),
         ],
         check=True,

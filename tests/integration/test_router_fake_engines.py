@@ -25,7 +25,7 @@ def router_config(engines, **overrides):
         "listen": {"host": "127.0.0.1", "port": 0},
         "policy": "round_robin",
         "engines": [{"name": name, "url": url, "model": model} for name, url, model in engines],
-        "health": {"interval_s": 0.2, "timeout_s": 1.0, "backoff_s": 0.2, "max_backoff_s": 1.0},
+        "health": {"interval_s": 0.2, "timeout_s": 5.0, "backoff_s": 0.2, "max_backoff_s": 1.0},
         "timeouts": {"connect_s": 0.5, "first_byte_s": 1.0},
         "retries": 2,
     }
@@ -63,6 +63,15 @@ async def fleet(n=2, models=("m",)):
 
 def spec(running, models=("m",)):
     return [(r.engine.name, r.url, models[i % len(models)]) for i, r in enumerate(running)]
+
+
+async def until(predicate, timeout=10.0):
+    """Wait for a health round to notice a change (fast normally, slower on a busy machine)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
 
 
 def client(router, key="none"):
@@ -119,7 +128,7 @@ async def test_streamed_chunks_arrive_as_the_engine_sends_them():
                 await r.read()
                 total = loop.time() - start
         assert first.startswith(b"data: ")
-        assert first_at < 0.5 and total > 1.0  # first token long before the last
+        assert total > 1.0 and first_at < total - 0.9  # the first event long before the last
 
 
 async def test_errors_are_openai_json():
@@ -184,7 +193,7 @@ async def test_several_models_route_to_their_own_engines():
         for r in engines:
             if r.engine.models == ("beta",):
                 r.engine.healthy = False
-        await asyncio.sleep(0.6)
+        await until(lambda: not any(e.healthy for e in router.pool.by_model["beta"]))
         with pytest.raises(openai.InternalServerError) as info:
             await c.completions.create(model="beta", prompt="x")
         assert info.value.status_code == 503
@@ -194,7 +203,7 @@ async def test_several_models_route_to_their_own_engines():
                 assert r.status == 200
             for r in engines:
                 r.engine.healthy = False
-            await asyncio.sleep(0.6)
+            await until(lambda: not any(e.healthy for e in router.pool.engines.values()))
             async with s.get(router.url + "/health") as r:
                 assert r.status == 503 and "error" in await r.json()
 
@@ -225,7 +234,7 @@ async def test_a_hung_engine_times_out_is_ejected_and_the_request_retried():
         replies = await asyncio.gather(*(c.completions.create(model="m", prompt="x")
                                          for _ in range(4)))
         assert {r.system_fingerprint for r in replies} == {"e1"}
-        assert loop.time() - start < 2.0
+        assert loop.time() - start < 5.0  # far below the engine's 30 s hang
         assert router.pool.engines["e0"].healthy is False
 
 
@@ -238,11 +247,7 @@ async def test_a_client_that_leaves_cancels_its_upstream_request():
             r = await s.post(router.url + "/v1/completions", data=body)
             await r.content.readline()
             r.close()
-        for _ in range(20):
-            if engine.cancelled:
-                break
-            await asyncio.sleep(0.1)
-        assert engine.cancelled == 1
+        await until(lambda: engine.cancelled == 1)
         assert router.pool.engines["e0"].inflight == 0
 
 
@@ -254,13 +259,18 @@ async def test_sighup_reload_swaps_engines_without_dropping_inflight(tmp_path):
         async with serve_router(first, config_path=str(path)) as router:
             engines[0].engine.chunk_delay_s = 0.1
             c = client(router)
-            slow = asyncio.create_task(c.completions.create(model="m", prompt="x"))
-            await asyncio.sleep(0.2)
+            async def slow_stream():  # ~1 s: one event every 0.1 s
+                stream = await c.completions.create(model="m", prompt="x", stream=True)
+                return "".join([chunk.choices[0].text async for chunk in stream
+                                if chunk.choices])
+
+            slow = asyncio.create_task(slow_stream())
+            await until(lambda: router.pool.engines["e0"].inflight == 1)
             path.write_text(yaml.safe_dump(router_config(spec(engines[1:]),
                                                          policy="kv_aware")))
             assert router.reload()
             assert list(router.pool.engines) == ["e1"] and router.policy.name == "kv_aware"
-            assert (await slow).choices[0].text == ANSWER  # finished on the removed engine
+            assert await slow == ANSWER  # finished on the engine the reload removed
             r = await c.completions.create(model="m", prompt="x")
             assert r.system_fingerprint == "e1"
             path.write_text("policy: [broken\n")
@@ -275,7 +285,8 @@ async def test_metrics_and_engines_views():
         for _ in range(3):
             await c.chat.completions.create(model="m", messages=[
                 {"role": "user", "content": "word " * 300}])
-        await asyncio.sleep(0.5)  # a health round learns the capacity from /metrics
+        # a health round learns the capacity from /metrics
+        await until(lambda: router.pool.engines["e0"].capacity_tokens is not None)
         async with aiohttp.ClientSession() as s:
             async with s.get(router.url + "/metrics") as r:
                 text = await r.text()

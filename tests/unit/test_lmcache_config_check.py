@@ -11,7 +11,8 @@ import pytest
 from tests.helpers.lmcache_check import LMCacheConfigError, check_lmcache_config, check_lmcache_configs
 from tests.helpers.vllm_env import read_stamp, vllm_venv_or_skip
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# timeout: the first test may build the vLLM venv (3-11 min, see vllm_env.py)
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 GOOD = """\
 chunk_size: 256

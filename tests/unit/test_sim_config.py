@@ -59,6 +59,8 @@ def test_cpu_tier_needs_the_lmcache_connector_and_local_cpu():
     assert (config.lmcache.chunk_size, config.lmcache.max_local_cpu_size) == (512, 20.0)
     assert config.engine_config().cpu_capacity_chunks == 20 * 2**30 // (131072 * 512)
     assert parse_args(LMCACHE, environ={**env, "LMCACHE_LOCAL_CPU": "False"}).lmcache is None
+    tp2 = parse_args([*LMCACHE, "--tensor-parallel-size", "2"], environ=env)  # one CPU backend per rank
+    assert tp2.engine_config().cpu_capacity_chunks == 2 * config.engine_config().cpu_capacity_chunks
     other = ["--kv-transfer-config", json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"})]
     assert parse_args(other, environ=env).lmcache is None
 
