@@ -76,7 +76,7 @@ def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[s
     diff = HostDiff(plan, facts)
     _check_host(cluster, plan, facts, diff)
     if plan.venv and not facts.raw["venv_python"]:
-        diff.changes.append(Change("venv", plan.venv, f"create with {cluster.python}"))
+        diff.changes.append(Change("venv", plan.venv, f"create with {plan.host.python}"))
     installed = facts.packages or {}
     missing = [
         r for r in plan.packages
@@ -220,7 +220,7 @@ class Applier:
         self.run(f"mkdir -p {dirs} && chmod 700 {q(plan.dirs['secrets'])}")
         if diff.has("venv"):
             self._do("venv")
-            self.run(f"{q(self.cluster.python)} -m venv {q(plan.venv)}", timeout=300)
+            self.run(f"{q(plan.host.python)} -m venv {q(plan.venv)}", timeout=300)
         if diff.has("packages"):
             self._install_packages()
         if diff.has("model"):
@@ -306,7 +306,8 @@ class Applier:
             self._do("start supervisord")
             self.run(shlex.join(plan.supervisord()))
             return
-        if any(c.kind in ("file", "remove") for c in diff.changes):
+        supervisor_dir = plan.dirs["supervisor"] + "/"
+        if any(c.kind in ("file", "remove") and c.target.startswith(supervisor_dir) for c in diff.changes):
             self._do("supervisor update")
             self.run(f"{ctl('reread')} && {ctl('update')}")
         restart = [c.target for c in diff.changes if c.kind == "restart" and not self._updated_by_supervisor(c.target)]
@@ -344,7 +345,9 @@ class Applier:
         self._do("wait for RUNNING")
         limit = max(p.startsecs for p in self.plan.programs) + 30
         status = shlex.join(self.plan.supervisorctl("status", *programs))
-        result = self.conn.run(f"for i in $(seq 1 {limit}); do {status} >/dev/null && exit 0; sleep 1; done; {status}; exit 1",
+        # `supervisorctl status` exits 0 for STARTING too: read the states themselves.
+        running = f"{status} | awk '{{n++}} $2 != \"RUNNING\" {{bad=1}} END {{exit bad || n != {len(programs)}}}'"
+        result = self.conn.run(f"for i in $(seq 1 {limit}); do {running} && exit 0; sleep 1; done; {status}; exit 1",
                                check=False, timeout=limit * 3 + 60)
         if not result.ok:
             raise DeployError(f"supervisord did not report every program RUNNING within {limit} s:\n{result.stdout.strip()}")

@@ -140,7 +140,7 @@ class Deployment:
             self.conns[name] = conn
             self.progress.update(name, "facts")
             needs_gpus = plan.host.runs_engines and plan.host.engine["kind"] == "vllm" and plan.host.engine["package"] == "vllm"
-            facts = gather(conn, plan, self.cluster.python, needs_gpus)
+            facts = gather(conn, plan, needs_gpus)
             self.diffs[name] = compute_diff(self.cluster, plan, facts, secrets, stackctl_sha)
             outcome.changes = len(self.diffs[name].changes)
             self.progress.update(name, "planned")

@@ -41,9 +41,9 @@ class Facts:
         return self.raw.get("packages")
 
 
-def bootstrap_interpreter(plan: HostPlan, system_python: str) -> str:
+def bootstrap_interpreter(plan: HostPlan) -> str:
     """The interpreter that can run the probe before any venv exists."""
-    return plan.python if plan.venv is None else system_python
+    return plan.python if plan.venv is None else plan.host.python
 
 
 def package_name(requirement: str) -> str:
@@ -53,7 +53,7 @@ def package_name(requirement: str) -> str:
     return requirement.strip()
 
 
-def gather(conn: Connector, plan: HostPlan, system_python: str, needs_gpus: bool) -> Facts:
+def gather(conn: Connector, plan: HostPlan, needs_gpus: bool) -> Facts:
     conf_dir = f"{plan.dirs['supervisor']}/conf.d"
     request = {
         "action": "facts",
@@ -68,7 +68,7 @@ def gather(conn: Connector, plan: HostPlan, system_python: str, needs_gpus: bool
         "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",
         "gpus": needs_gpus,
     }
-    raw = run_probe(conn, bootstrap_interpreter(plan, system_python), request)
+    raw = run_probe(conn, bootstrap_interpreter(plan), request)
     listing = conn.run(f"ls -1 {q(conf_dir)} 2>/dev/null || true").stdout.split()
     planned = {f.path for f in plan.files}
     stale = [f"{conf_dir}/{name}" for name in listing if name.endswith(".conf") and f"{conf_dir}/{name}" not in planned]

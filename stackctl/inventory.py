@@ -48,6 +48,7 @@ LMCACHE_SCHEMA = {
     "server_port": int,
 }
 SIM_SCHEMA = {"hardware": str, "model_profile": OPT_STR, "time_scale": NUM}
+CPU_SCHEMA = {"kvcache_space_gb": NUM, "threads_bind": str}
 ENGINE_SCHEMA = {
     "kind": ("enum", ENGINE_KINDS),
     "package": ("enum", ENGINE_PACKAGES),
@@ -65,6 +66,7 @@ ENGINE_SCHEMA = {
     "env": ("map", (str, int, float, bool)),
     "health_timeout_s": NUM,
     "lmcache": LMCACHE_SCHEMA,
+    "cpu": CPU_SCHEMA,
     "sim": SIM_SCHEMA,
 }
 ROUTER_SCHEMA = {
@@ -98,6 +100,8 @@ HOST_SCHEMA = {
     "gpus": ("list", int),
     "ssh": SSH_SCHEMA,
     "deploy_dir": str,
+    "python": str,
+    "install": bool,
     "engine": ENGINE_SCHEMA,
 }
 CLUSTER_SCHEMA = {
@@ -167,6 +171,8 @@ class Host:
     gpus: tuple[int, ...]
     ssh: SshSettings
     deploy_dir: str
+    python: str  # interpreter on the host: creates the venv, or runs programs when install is off
+    install: bool  # create <deploy_dir>/venv and install packages, or use `python` as it is
     engine: dict
     engines: tuple[Engine, ...]
     line: int
@@ -185,8 +191,6 @@ class Cluster:
     name: str
     source: str
     profile: str | None
-    python: str
-    install: bool
     model: dict
     engine: dict
     router: dict
@@ -452,13 +456,11 @@ def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
     model = deep_merge({"path": None, "source": None, "hf_token_env": None}, data["model"])
     top = deep_merge(TOP_DEFAULTS, {k: data[k] for k in TOP_DEFAULTS if k in data})
     ssh = deep_merge(SSH_DEFAULTS, data.get("ssh") or {})
-    hosts = tuple(_build_host(doc, i, h, engine, ssh, top["deploy_dir"]) for i, h in enumerate(data["hosts"]))
+    hosts = tuple(_build_host(doc, i, h, engine, ssh, top) for i, h in enumerate(data["hosts"]))
     cluster = Cluster(
         name=data["cluster"],
         source=str(path),
         profile=profile,
-        python=top["python"],
-        install=top["install"],
         model=model,
         engine=engine,
         router=router,
@@ -469,7 +471,7 @@ def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
     return cluster
 
 
-def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, deploy_dir: str) -> Host:
+def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, top: dict) -> Host:
     path = ("hosts", i)
     connection = raw.get("connection", "ssh")
     roles = tuple(raw.get("roles") or ("engine",))
@@ -495,7 +497,9 @@ def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, deploy_di
         roles=roles,
         gpus=gpus,
         ssh=SshSettings(**deep_merge(ssh, raw.get("ssh") or {})),
-        deploy_dir=raw.get("deploy_dir", deploy_dir),
+        deploy_dir=raw.get("deploy_dir", top["deploy_dir"]),
+        python=raw.get("python", top["python"]),
+        install=raw.get("install", top["install"]),
         engine=host_engine,
         engines=engines,
         line=doc.line(path) or 0,

@@ -34,7 +34,7 @@ def down(cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host
     def stop(plan: HostPlan) -> None:
         conn = connect(plan.host, accept_new_host_keys=accept_new_host_keys)
         try:
-            facts = run_probe(conn, bootstrap_interpreter(plan, cluster.python), {
+            facts = run_probe(conn, bootstrap_interpreter(plan), {
                 "action": "facts", "deploy_dir": plan.deploy_dir, "python": plan.python,
                 "supervisor_conf": plan.supervisor_conf, "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",
             })

