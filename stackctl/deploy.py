@@ -157,16 +157,9 @@ class Deployment:
             self.conns[name], self.cluster, self.diffs[name], secrets, wheels,
             offline=self.options.wheelhouse is not None, report=lambda step: self.progress.update(name, step),
         )
-        try:
+        with self._host_step(name, applier, started):
             applier.prepare()
             outcome.status = "prepared"
-        except StackctlError as exc:
-            outcome.status, outcome.step, outcome.error = "failed", applier.step, str(exc)
-            self.progress.update(name, f"FAILED at {applier.step}")
-        except Exception as exc:  # keep the other hosts going; say exactly where it broke
-            outcome.status, outcome.step, outcome.error = "failed", applier.step, f"{type(exc).__name__}: {exc}"
-            self.progress.update(name, f"FAILED at {applier.step}")
-        outcome.seconds += time.monotonic() - started
         if start:
             self._start(plan)
 
@@ -178,7 +171,7 @@ class Deployment:
             return
         started = time.monotonic()
         applier = self.appliers[name]
-        try:
+        with self._host_step(name, applier, started):
             applier.start()
             health = applier.wait_healthy(plan.host.engine["health_timeout_s"])
             if health["unhealthy"]:
@@ -187,13 +180,19 @@ class Deployment:
                 raise StackctlError(f"engine(s) {', '.join(p.name for p in programs)} did not become healthy within {plan.host.engine['health_timeout_s']:.0f} s.\n{tails}")
             outcome.status = "changed"
             self.progress.update(name, "done")
-        except StackctlError as exc:
-            outcome.status, outcome.step, outcome.error = "failed", applier.step, str(exc)
+
+    @contextlib.contextmanager
+    def _host_step(self, name: str, applier: Applier, started: float):
+        """Record a failure with its host and step, and keep the other hosts going."""
+        outcome = self.result.outcomes[name]
+        try:
+            yield
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, StackctlError) else f"{type(exc).__name__}: {exc}"
+            outcome.status, outcome.step, outcome.error = "failed", applier.step, detail
             self.progress.update(name, f"FAILED at {applier.step}")
-        except Exception as exc:  # keep the other hosts going; say exactly where it broke
-            outcome.status, outcome.step, outcome.error = "failed", applier.step, f"{type(exc).__name__}: {exc}"
-            self.progress.update(name, f"FAILED at {applier.step}")
-        outcome.seconds += time.monotonic() - started
+        finally:
+            outcome.seconds += time.monotonic() - started
 
     def _verify(self, plans: list[HostPlan]) -> None:
         """The router answers /health and serves one real completion."""

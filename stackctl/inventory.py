@@ -544,6 +544,10 @@ def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
         raise doc.error(("router",), "router.host is missing; name the host that runs the router, e.g. router: {host: head}.")
     if router_host not in names:
         raise doc.error(("router", "host"), f"router host '{router_host}' is not one of the hosts.{_did_you_mean(router_host, names)} Hosts: {', '.join(names)}.")
+    for i, host in enumerate(cluster.hosts):
+        loopback = host.engine["bind"] in ("127.0.0.1", "localhost", "::1")
+        if host.runs_engines and loopback and host.name != router_host and not (host.is_local and cluster.router_host.is_local):
+            raise doc.error(("hosts", i), f"the engines of '{host.name}' would listen on {host.engine['bind']} only, so the router on '{router_host}' could not reach them; set engine.bind to 0.0.0.0 or the host's address.")
     if not cluster.engines:
         raise doc.error(("hosts",), "no host runs an engine; give at least one host the 'engine' role (the default) and GPUs, e.g. gpus: [0].")
     _check_ports(doc, cluster)

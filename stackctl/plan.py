@@ -203,6 +203,17 @@ def engine_argv(cluster: Cluster, host: Host, engine: Engine, python: str, model
     return argv + list(s["extra_args"])
 
 
+# vLLM forks EngineCore and worker processes that outlive a SIGKILLed API server and keep its
+# port and memory. supervisord gives each program its own process group, so the engine's
+# launcher records that group and, before starting again, kills what is left of the last one
+# (only processes of that group whose command line mentions vllm).
+REAP_AND_EXEC = 'f="$1"; shift; if [ -s "$f" ]; then pkill -9 -i -g "$(cat "$f")" -f vllm && sleep 1; fi; echo $$ > "$f"; exec "$@"'
+
+
+def _launcher(program: str, pgid_file: str, argv: list[str]) -> tuple[str, ...]:
+    return ("/bin/sh", "-c", REAP_AND_EXEC, program, pgid_file, *argv)
+
+
 def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, lmcache_file: str | None) -> ProgramSpec:
     model_ref = plan.model.remote_path if plan.model and plan.model.remote_path else cluster.model["name"]
     settings = host.engine
@@ -232,12 +243,19 @@ def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan
         name=engine.program,
         kind="engine",
         description=f"{host.engine['kind']} engine {engine.name} on GPU {gpus}, port {engine.port}",
-        command=tuple(engine_argv(cluster, host, engine, plan.python, model_ref)),
+        command=_engine_command(cluster, host, engine, plan, model_ref),
         environment=env,
         port=engine.port,
         health_url=f"http://127.0.0.1:{engine.port}/health",
         stopwaitsecs=60,
     )
+
+
+def _engine_command(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, model_ref: str) -> tuple[str, ...]:
+    argv = engine_argv(cluster, host, engine, plan.python, model_ref)
+    if host.engine["kind"] != "vllm":  # the simulator is one process: nothing to reap
+        return tuple(argv)
+    return _launcher(engine.program, f"{plan.dirs['run']}/{engine.program}.pgid", argv)
 
 
 def router_engines(cluster: Cluster) -> list[dict]:

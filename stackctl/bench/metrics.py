@@ -11,7 +11,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
+
+from stackctl.metrics import parse_samples
 
 COUNTERS = (
     "vllm:prefix_cache_queries_total",
@@ -29,15 +30,9 @@ def metrics_url(url: str) -> str:
 
 
 def parse_counters(text: str) -> dict[str, float]:
-    """Sum each wanted counter over its label sets (engines, models)."""
-    totals = {name: 0.0 for name in COUNTERS}
-    seen: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-                seen.add(sample.name)
-    return {name: value for name, value in totals.items() if name in seen}
+    """The wanted counters, each summed over its label sets (engines, models)."""
+    samples = parse_samples(text)
+    return {name: samples[name] for name in COUNTERS if name in samples}
 
 
 async def scrape(session: aiohttp.ClientSession, urls, timeout_s: float = 5.0) -> dict[str, dict | str]:

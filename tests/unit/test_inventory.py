@@ -210,3 +210,8 @@ def test_unknown_sim_hardware(tmp_path, capsys):
 def test_unknown_host_in_plan_filter(tmp_path, capsys):
     code, out, err = run_cli(["plan", str(write(tmp_path, GOOD)), "--host", "gpu09"], capsys)
     assert code == 2 and "unknown host(s): gpu09" in err
+
+
+def test_loopback_engines_unreachable_from_the_router(tmp_path, capsys):
+    text = GOOD.replace("engine: {kind: vllm, port: 8000}", "engine: {kind: vllm, port: 8000, bind: 127.0.0.1}")
+    assert_bad(tmp_path, capsys, text, "hosts[1]", "could not reach them", "engine.bind", line=8)

@@ -45,7 +45,9 @@ def test_plan_is_deterministic(tmp_path):
 def test_engine_program_command_and_env():
     plans = {p.host.name: p for p in plan_cluster(load_inventory(A100))}
     engine = plans["gpu01"].programs[0]
-    argv = list(engine.command)
+    launcher, argv = list(engine.command[:6]), list(engine.command[6:])
+    assert launcher[:2] == ["/bin/sh", "-c"] and launcher[3:] == ["engine-0", "/opt/stackctl/run/engine-0.pgid", "/opt/stackctl/venv/bin/python"]
+    argv = launcher[5:] + argv
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--kv-transfer-config") + 1] == '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
     assert "--enable-prefix-caching" in argv
@@ -112,3 +114,33 @@ def test_local_demo_plan_uses_simulator():
     assert len({p.port for p in engines}) == 8
     router = next(p for plan in plans for p in plan.programs if p.kind == "router")
     assert router.port == 8180
+
+
+def test_engine_launcher_reaps_the_previous_process_group(tmp_path):
+    """A SIGKILLed vLLM leaves EngineCore children holding its port; the launcher kills them."""
+    import signal
+    import subprocess
+    import time
+
+    from stackctl.plan import REAP_AND_EXEC
+
+    pgid_file = tmp_path / "engine.pgid"
+    child = "import os, time; os.fork() == 0 and time.sleep(60); time.sleep(60)"  # a parent and a child, like vLLM
+    launch = ["/bin/sh", "-c", REAP_AND_EXEC, "engine-0", str(pgid_file), "python3", "-c", child, "vllm"]
+    first = subprocess.Popen(launch, start_new_session=True)
+    time.sleep(0.5)
+    group = int(pgid_file.read_text())
+    assert group == first.pid
+    first.send_signal(signal.SIGKILL)  # only the parent: its child lives on in the group
+    first.wait()
+    assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout.strip()
+    second = subprocess.Popen(launch, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout.strip(), "the old group survived"
+        assert int(pgid_file.read_text()) == second.pid
+    finally:
+        subprocess.run(["pkill", "-9", "-g", str(second.pid)])
+        second.wait()
