@@ -250,8 +250,8 @@ class Conversation:
 class Workload:
     """The pool of concurrent users and whose turn it is.
 
-    Users who have not asked yet go first, in order (so a warm-up of ``users`` requests
-    starts every conversation). After that, with ``turn_order: random`` (the default) a
+    The initial users who have not asked yet go first, in order (so a warm-up of ``users``
+    requests starts every conversation). After that, with ``turn_order: random`` (the default) a
     uniformly random idle user asks next; the mean gap between one user's requests is still
     ``users / qps`` seconds, as in production-stack. A strictly ``cyclic`` order would keep
     user k on engine k mod E under round-robin whenever E divides the user count, an artifact
@@ -328,7 +328,7 @@ class Workload:
         conv.pending = None
         conv.next_round += 1
         self.in_flight -= 1
-        if conv.finished:
-            self._fresh.append(self._new_user(1))
-        else:
-            self._idle.append(conv)
+        # A user who replaces a finished one joins the idle pool like everyone else: only the
+        # initial population goes first (so a warm-up starts every conversation), otherwise
+        # each point would open with a backlog of cold first requests.
+        self._idle.append(self._new_user(1) if conv.finished else conv)
