@@ -1,3 +1,3 @@
 """Shared pytest configuration: the testbed fixtures are available to every test directory."""
 
-pytest_plugins = ["tests.testbed.conftest"]
+pytest_plugins = ["tests.testbed.fixtures"]

@@ -6,7 +6,7 @@ Fixtures:
   testbed        a session-scoped Testbed of 3 hosts (h1..h3), shared: leave it as you found it.
   wheelhouse     a session-scoped Path to the stackctl + dependencies wheelhouse.
 Without root / ip netns / sshd the tests skip with the reason; with $CI set they fail instead.
-To use these from other test directories, put ``pytest_plugins = ["tests.testbed.conftest"]``
+To use these from other test directories, put ``pytest_plugins = ["tests.testbed.fixtures"]``
 in the top-level tests/conftest.py.
 """
 
