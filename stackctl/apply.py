@@ -9,7 +9,6 @@ update``), their LMCache file or the packages (restart), or, for the router, its
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import shlex
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ class Change:
     kind: str  # venv | packages | model | secret | file | remove | supervisord | restart | reload | start
     target: str
     detail: str = ""
-    diff: str = ""
 
 
 @dataclass
@@ -39,10 +37,6 @@ class HostDiff:
     facts: Facts
     changes: list[Change] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # refusals: nothing is applied on this host
-
-    @property
-    def restarts(self) -> list[str]:
-        return [c.target for c in self.changes if c.kind == "restart"]
 
     def has(self, kind: str) -> bool:
         return any(c.kind == kind for c in self.changes)
@@ -163,7 +157,7 @@ def _check_host(cluster: Cluster, plan: HostPlan, facts: Facts, diff: HostDiff) 
         diff.problems.append(f"model.path {plan.model.remote_path} has no config.json on this host; copy the weights there, or set model.source to upload them.")
 
 
-def format_diff(diff: HostDiff, show_file_diffs: dict[str, str] | None = None) -> str:
+def format_diff(diff: HostDiff) -> str:
     name = diff.plan.host.name
     if diff.problems:
         return "\n".join([f"{name}: cannot deploy:"] + [f"  ! {p}" for p in diff.problems])
@@ -171,17 +165,11 @@ def format_diff(diff: HostDiff, show_file_diffs: dict[str, str] | None = None) -
         return f"{name}: no changes"
     lines = [f"{name}: {len(diff.changes)} change(s)"]
     for change in diff.changes:
-        lines.append(f"  {_SYMBOL.get(change.kind, '~')} {change.kind:<11} {change.target}  ({change.detail})" if change.detail else f"  ~ {change.kind} {change.target}")
-        if change.diff:
-            lines.extend("      " + line for line in change.diff.splitlines())
+        lines.append(f"  {_SYMBOL.get(change.kind, '~')} {change.kind:<11} {change.target}  ({change.detail})")
     return "\n".join(lines)
 
 
 _SYMBOL = {"file": "~", "remove": "-", "venv": "+", "packages": "+", "model": "+", "secret": "~", "supervisord": "+", "restart": "↻", "reload": "↻", "start": "▶"}
-
-
-def unified_diff(old: str, new: str, path: str) -> str:
-    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"{path} (on host)", f"{path} (planned)", n=1))
 
 
 # --------------------------------------------------------------------------- applying
