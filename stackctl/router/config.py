@@ -24,7 +24,7 @@ POLICY_OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "kv_aware": {
         "chunk_chars": 256,  # prompt characters per hashed chunk (a prefix "block")
         "chars_per_token": 4.0,  # converts capacity tokens to chunks and matches to tokens
-        "beta": 0.5,  # weight of relative load against predicted cached fraction
+        "beta": 0.75,  # weight of relative excess load against predicted cached fraction
         "load_factor": 2.0,  # engines above load_factor * mean in-flight are skipped
         "default_capacity_tokens": 1_000_000,  # when neither config nor engine tells
     },

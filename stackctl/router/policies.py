@@ -147,16 +147,28 @@ class SessionPolicy(Policy):
 class KvAwarePolicy(Policy):
     """Send a request where its prompt prefix is most likely cached, unless that engine is busy.
 
-    Score per engine: ``matched_chars / prompt_chars - beta * inflight / (mean_inflight + 1)``.
-    An engine above ``load_factor * mean + 1`` in flight is skipped outright, so a hot prefix
-    spreads out (and then gets cached on the other engines too) instead of piling up. Ties,
-    e.g. a new conversation, go to the least loaded engine. The chosen engine's index then
-    records the prompt: the engine caches it while serving it. No network round trip.
+    Score per engine: ``matched_chars / prompt_chars - beta * excess / (mean_inflight + 1)``,
+    where ``excess`` is how far the engine's in-flight count is above the mean (0 at or below
+    it). An engine above ``load_factor * mean + 1`` in flight is skipped outright, so a hot
+    prefix spreads out (and then gets cached on the other engines too) instead of piling up.
+
+    Engines are visited from a starting point fixed by the prompt's first chunk and a later
+    engine must score strictly higher to win, so between equally good engines the same one
+    keeps winning: once a spilled prefix's home is no longer busier than average its traffic
+    returns there instead of being split by load noise over every engine that ever served it
+    (which would cost each of them cache room). A prompt that no engine holds more of than the
+    others (a new conversation, or a system prompt every engine holds) goes, among the
+    engines not busier than average, to the one that was given the fewest such new prompts
+    lately, so conversations are spread evenly by count rather than by a momentary in-flight
+    snapshot (an uneven split of long-lived conversations is what later forces spills). The chosen
+    engine's index then records the prompt: the engine caches it while serving it. No network
+    round trip.
     """
 
     name = "kv_aware"
+    PLACEMENT_DECAY = 1 - 1 / 512  # placements count over roughly the last 512 new prompts
 
-    def __init__(self, chunk_chars: int = 256, chars_per_token: float = 4.0, beta: float = 0.5,
+    def __init__(self, chunk_chars: int = 256, chars_per_token: float = 4.0, beta: float = 0.75,
                  load_factor: float = 2.0, default_capacity_tokens: int = 1_000_000, **options):
         super().__init__(chunk_chars=chunk_chars, chars_per_token=chars_per_token, beta=beta,
                          load_factor=load_factor, default_capacity_tokens=default_capacity_tokens,
@@ -166,6 +178,7 @@ class KvAwarePolicy(Policy):
         self.beta = beta
         self.load_factor = load_factor
         self.default_capacity_tokens = default_capacity_tokens
+        self._placed: dict[str, float] = {}  # engine name -> recent new-prompt placements
 
     def capacity_chunks(self, engine: Engine) -> int:
         tokens = engine.capacity_tokens or self.default_capacity_tokens
@@ -185,6 +198,24 @@ class KvAwarePolicy(Policy):
         index.capacity_tokens = tokens
         return index
 
+    def _place_new(self, engines: Sequence[Engine], mean: float) -> Engine:
+        """Fewest recent placements among the engines at or below the mean load."""
+        placed = self._placed
+        best = None
+        for engine in engines:
+            if engine.inflight > mean:
+                continue
+            count = placed.get(engine.name, 0.0)
+            if best is None or count < best_count or (
+                    count == best_count and engine.inflight < best.inflight):
+                best, best_count = engine, count
+        if best is None:  # unreachable: some engine is at or below the mean
+            best = self._least_loaded(engines)
+        for name in placed:  # forget old placements: those conversations end
+            placed[name] *= self.PLACEMENT_DECAY
+        placed[best.name] = placed.get(best.name, 0.0) + 1.0
+        return best
+
     def choose(self, engines, request):
         hashes = request.hashes(self.chunk_chars)
         prompt_chars = len(request.prompt) or 1
@@ -194,21 +225,29 @@ class KvAwarePolicy(Policy):
         norm = mean + 1
         beta = self.beta
         chunk = self.chunk_chars
-        start = self._rotate() % n
+        start = (hashes[0] if hashes else self._rotate()) % n
         best = None
         best_score = best_matched = 0
+        least_matched = None
         for i in range(n):
             engine = engines[(start + i) % n]
-            if engine.inflight > cap:
+            load = engine.inflight
+            if load > cap:
                 continue
             matched = self.index(engine).match(hashes) if hashes else 0
-            score = matched * chunk / prompt_chars - beta * engine.inflight / norm
-            if best is None or score > best_score or (
-                    score == best_score and engine.inflight < best.inflight):
+            if least_matched is None or matched < least_matched:
+                least_matched = matched
+            score = matched * chunk / prompt_chars
+            if load > mean:
+                score -= beta * (load - mean) / norm
+            if best is None or score > best_score:
                 best, best_score, best_matched = engine, score, matched
-        if best is None:  # unreachable (the least loaded is never above cap), but be safe
-            best = self._least_loaded(engines)
-            best_matched = 0
+        if best is None or best_matched == least_matched:
+            # The cache tells the engines apart for none of this prompt (a new conversation,
+            # or only a system prompt every engine holds): place it for balance. (best is
+            # never None: the least loaded engine is never above the cap.)
+            best = self._place_new(engines, mean)
+            best_matched = self.index(best).match(hashes) if hashes else 0
         if hashes:
             self.index(best).insert(hashes)
         request.predicted_cached_tokens = best_matched * chunk / self.chars_per_token

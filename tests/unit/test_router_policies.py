@@ -105,11 +105,11 @@ def test_kv_aware_prefers_cache_over_small_load_differences_only():
     convo = [words(1, 400), words(2, 100)]  # the first turn is ~80% of the second prompt
     home = policy.choose(es, chat(convo[0]))
     other = es[1] if home is es[0] else es[0]
-    home.inflight, other.inflight = 5, 2  # penalty 0.5 * 3 / 4.5 = 0.33 < 0.83 cached
+    home.inflight, other.inflight = 5, 2  # penalty 0.5 * (5 - 3.5) / 4.5 = 0.17 < 0.83 cached
     assert policy.choose(es, chat(*convo)) is home  # cache wins over a small imbalance
     assert policy.choose(es, chat(*convo)) is home
     policy.beta = 2.0  # load weighs more: a clear imbalance now beats the cached prefix
-    home.inflight, other.inflight = 6, 0
+    home.inflight, other.inflight = 6, 0  # penalty 2 * (6 - 3) / 4 = 1.5 > 0.83
     assert policy.choose(es, chat(*convo)) is other
 
 
@@ -141,6 +141,38 @@ def test_kv_aware_spreads_a_hot_shared_prefix():
             inflight.pop(0).inflight -= 1
     assert len(counts) >= 3
     assert max(counts.values()) <= 2 * 400 / 4
+
+
+def test_kv_aware_a_spilled_prefix_is_not_split_between_equal_engines():
+    """Once a busy home spilled a prefix, balanced loads send it to one engine, not both."""
+    es = engines(4)
+    policy = KvAwarePolicy()
+    convo = [words(5, 400), words(6, 100)]  # the same prompt again, e.g. a shared document
+    home = policy.choose(es, chat(*convo))
+    home.inflight = 10  # far above the others: the next one spills
+    spill = policy.choose(es, chat(*convo))
+    assert spill is not home
+    chosen = collections.Counter()
+    for _ in range(40):
+        for e in es:
+            e.inflight = 2
+        chosen[policy.choose(es, chat(*convo)).name] += 1
+    assert len(chosen) == 1 and set(chosen) <= {home.name, spill.name}
+
+
+def test_kv_aware_balances_new_conversations_by_count_not_by_load_snapshot():
+    es = engines(4)
+    policy = KvAwarePolicy()
+    system_prompt = chat().hashes(policy.chunk_chars)
+    for e in es:  # every engine has served the shared system prompt already
+        policy.index(e).insert(system_prompt)
+    rng = random.Random(4)
+    placed = collections.Counter()
+    for i in range(40):
+        for e in es:  # a noisy momentary load that least-loaded placement would chase
+            e.inflight = rng.randrange(4)
+        placed[policy.choose(es, chat(words(200 + i, 100))).name] += 1
+    assert max(placed.values()) - min(placed.values()) <= 2, placed
 
 
 def test_kv_aware_new_conversations_spread_when_idle():
