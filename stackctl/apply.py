@@ -19,6 +19,7 @@ from .errors import DeployError
 from .facts import Facts, package_name, run_probe
 from .inventory import Cluster
 from .plan import HostPlan, ProgramSpec, SecretSpec
+from .wheels import wheels_needed
 
 GIB = 1024**3
 MEMORY_MARGIN_GIB = 8  # beyond LMCache's CPU offload: vLLM's own host memory and the OS
@@ -254,7 +255,7 @@ class Applier:
         if self.wheels:
             self._do("upload wheels")
             have = set(self.run(f"ls -1 {q(plan.dirs['wheels'])}").stdout.split())
-            for wheel in self.wheels:
+            for wheel in wheels_needed(self.wheels, plan.packages):
                 if wheel.name not in have:
                     self.conn.put_file(wheel, f"{plan.dirs['wheels']}/{wheel.name}")
             index_args = ("--no-index " if self.offline else "") + f"--find-links {q(plan.dirs['wheels'])}"

@@ -1,18 +1,24 @@
-"""The stackctl wheel that `up` installs on router and simulator hosts.
+"""Wheels for the hosts: the stackctl wheel, and which part of a wheelhouse each host needs.
 
-It comes from ``--wheelhouse DIR`` when that holds one; otherwise it is built from the source
-checkout stackctl runs from, once per content hash of the sources (cached).
+The stackctl wheel (router and simulator hosts) comes from ``--wheelhouse DIR`` when that
+holds one; otherwise it is built from the source checkout stackctl runs from, once per content
+hash of the sources (cached). Each host is sent only the wheels its requirements reach.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import re
 import subprocess
 import sys
+import zipfile
+from email.parser import HeaderParser
 from pathlib import Path
 
 from .errors import DeployError
+from .facts import package_name
 from .resources import _SOURCE_ROOT
 
 CACHE = Path(os.environ.get("STACKCTL_CACHE", "~/.cache/stackctl")).expanduser() / "wheels"
@@ -58,3 +64,47 @@ def wheels_for_upload(wheelhouse: Path | None, need_stackctl: bool) -> list[Path
     if need_stackctl and not any(p.name.startswith("stackctl-") for p in files):
         files.append(build_stackctl_wheel())
     return files
+
+
+_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503 normalized distribution name (``Foo_Bar`` and ``foo-bar`` are one project)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _wheel_requires(path: Path, mtime_ns: int) -> tuple[str, ...]:
+    """Names in the wheel's ``Requires-Dist``, markers and extras ignored."""
+    with zipfile.ZipFile(path) as wheel:
+        metadata = next(n for n in wheel.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+        headers = HeaderParser().parsestr(wheel.read(metadata).decode("utf-8", "replace"))
+    names = (_REQUIREMENT_NAME.match(r) for r in headers.get_all("Requires-Dist") or [])
+    return tuple(canonical_name(m.group(1)) for m in names if m)
+
+
+def wheels_needed(files: list[Path], requirements: list[str]) -> list[Path]:
+    """The part of a wheelhouse one host needs: the wheels of ``requirements`` and, transitively,
+    of everything their metadata requires. Markers and extras are not evaluated, so this may
+    take a little more than pip will install, never less; files that are not wheels (sdists)
+    are always kept. Spares the router node the GBs of torch and vLLM wheels."""
+    by_name: dict[str, list[Path]] = {}
+    needed = [f for f in files if f.suffix != ".whl"]
+    for wheel in files:
+        if wheel.suffix == ".whl":
+            by_name.setdefault(canonical_name(wheel.name.split("-", 1)[0]), []).append(wheel)
+    todo = [canonical_name(package_name(r)) for r in requirements]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for wheel in by_name.get(name, ()):
+            needed.append(wheel)
+            try:
+                todo.extend(_wheel_requires(wheel, wheel.stat().st_mtime_ns))
+            except (OSError, zipfile.BadZipFile, StopIteration) as exc:
+                raise DeployError(f"wheelhouse file {wheel} is not a readable wheel ({exc}); remove or replace it.") from exc
+    return sorted(needed)
