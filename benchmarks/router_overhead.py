@@ -17,6 +17,12 @@ engine name each answer carries); "prefix hit" is the fraction of requests whose
 prefix went to an engine that held it. With 64 groups and room for 24 per engine, a
 cache-blind policy hits ~24/64 while a prefix-aware one can hit ~1.0.
 
+The machine is noisy (shared hosts swing throughput by 20% from one 10 s window to the next),
+so the whole list of targets is run ``--rounds`` times (default 3), each round measuring
+``direct`` right before the routers; the table gives per target the median over rounds, and
+"vs direct" / "+added" are medians of the per-round ratios and differences against that
+round's ``direct`` (the range of the ratio in brackets).
+
 Router CPU is utime+stime from /proc/PID/stat (the router and its children) over the
 measured window divided by the requests completed; peak RSS is VmHWM. With ``--pin`` (the
 default when the machine has 2+ cores) the router runs on core 0 and the engines and client
@@ -310,17 +316,48 @@ async def run_target(target, args, bodies, directory):
     return rows
 
 
-def table(rows) -> str:
-    direct = {r["concurrency"]: r for r in rows if r["target"] == "direct"}
-    lines = ["| target | conc | req/s | vs direct | TTFT p50 ms (+added) | TTFT p99 ms | "
-             "latency p50 ms (+added) | latency p99 ms | router CPU ms/req | peak RSS MB | "
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def summarize(rows) -> list[dict]:
+    """One row per (target, concurrency): medians over rounds; ratios against the same round's direct."""
+    direct = {(r["round"], r["concurrency"]): r for r in rows if r["target"] == "direct"}
+    groups: dict = collections.defaultdict(list)
+    for r in rows:
+        groups[(r["target"], r["concurrency"])].append(r)
+    out = []
+    for (target, conc), runs in groups.items():
+        pairs = [(r, direct.get((r["round"], conc))) for r in runs]
+        pairs = [(r, d) for r, d in pairs if d is not None]
+        summary = {key: median([r[key] for r in runs]) for key in (
+            "rps", "ttft_p50", "ttft_p99", "lat_p50", "lat_p99", "cpu_ms_per_req", "peak_rss_mb",
+            "prefix_hit", "max_share")}
+        ratios = [r["rps"] / d["rps"] for r, d in pairs]
+        summary.update(
+            target=target, concurrency=conc, rounds=len(runs), errors=sum(r["errors"] for r in runs),
+            vs_direct=median(ratios), vs_direct_range=(min(ratios), max(ratios)) if ratios else None,
+            added_ttft_p50=median([r["ttft_p50"] - d["ttft_p50"] for r, d in pairs]),
+            added_lat_p50=median([r["lat_p50"] - d["lat_p50"] for r, d in pairs]))
+        out.append(summary)
+    return out
+
+
+def table(summaries) -> str:
+    lines = ["| target | conc | req/s | vs direct [range] | TTFT p50 ms (added) | TTFT p99 ms | "
+             "latency p50 ms (added) | latency p99 ms | router CPU ms/req | peak RSS MB | "
              "prefix hit | max engine share | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        d = direct.get(r["concurrency"])
-        rel = f"{r['rps'] / d['rps']:.2f}" if d else "-"
-        add_t = f" (+{(r['ttft_p50'] - d['ttft_p50']) * 1000:.2f})" if d and r is not d else ""
-        add_l = f" (+{(r['lat_p50'] - d['lat_p50']) * 1000:.2f})" if d and r is not d else ""
+    for r in summaries:
+        is_direct = r["target"] == "direct"
+        lo, hi = r["vs_direct_range"] or (None, None)
+        rel = "1.00" if is_direct else (f"{r['vs_direct']:.2f} [{lo:.2f}-{hi:.2f}]" if lo else "-")
+        add_t = "" if is_direct or r["added_ttft_p50"] is None else f" ({r['added_ttft_p50'] * 1000:+.2f})"
+        add_l = "" if is_direct or r["added_lat_p50"] is None else f" ({r['added_lat_p50'] * 1000:+.2f})"
         cpu = f"{r['cpu_ms_per_req']:.3f}" if r["cpu_ms_per_req"] is not None else "-"
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
         lines.append(
@@ -341,16 +378,19 @@ async def amain(args) -> int:
         for port in ENGINE_PORTS:
             await wait_ready(f"http://127.0.0.1:{port}/health")
         with tempfile.TemporaryDirectory() as directory:
-            for target in args.targets:
-                rows += await run_target(target, args, bodies, directory)
+            for round_no in range(args.rounds):
+                for target in args.targets:
+                    for row in await run_target(target, args, bodies, directory):
+                        rows.append({**row, "round": round_no})
     finally:
         for p in engines:
             p.terminate()
         for p in engines:
             p.wait()
-    print(table(rows))
+    summaries = summarize(rows)
+    print(table(summaries))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summaries}, indent=1))
     return 0
 
 
@@ -360,6 +400,8 @@ def main(argv=None) -> int:
                         default=["direct", "ours-rr", "ours-kv", "ours-kv-aiohttp", "vllm-rr",
                                  "vllm-cache"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times the whole target list is run (medians are reported)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--groups", type=int, default=64, help="shared system prompts")

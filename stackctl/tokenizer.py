@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 ROLE_MARK = "<|{role}|>"
+_MARK_OPEN, _MARK_CLOSE = ROLE_MARK.split("{role}")
 
 
 def tokenize(text: str) -> list[str]:
@@ -48,6 +49,11 @@ def render_chat(messages: Iterable[Mapping]) -> str:
     ``<|assistant|>`` (the generation prompt). Rendering message k never changes the text of
     messages before k, so a conversation's prompts share ever-longer prefixes.
     """
-    lines = [f"{ROLE_MARK.format(role=m.get('role', 'user'))} {_content_text(m.get('content'))}" for m in messages]
+    lines = []
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str):
+            content = _content_text(content)
+        lines.append(f"{_MARK_OPEN}{m.get('role', 'user')}{_MARK_CLOSE} {content}")
     lines.append(ROLE_MARK.format(role="assistant"))
     return "\n".join(lines)

@@ -45,7 +45,7 @@ class RouteRequest:
 def prompt_text(body: Mapping[str, Any]) -> str:
     messages = body.get("messages")
     if isinstance(messages, list):
-        return render_chat(m for m in messages if isinstance(m, Mapping))
+        return render_chat(m for m in messages if isinstance(m, dict))  # JSON objects are dicts
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return prompt
