@@ -160,9 +160,9 @@ class KvAwarePolicy(Policy):
     others (a new conversation, or a system prompt every engine holds) goes, among the
     engines not busier than average, to the one that was given the fewest such new prompts
     lately, so conversations are spread evenly by count rather than by a momentary in-flight
-    snapshot (an uneven split of long-lived conversations is what later forces spills). The chosen
-    engine's index then records the prompt: the engine caches it while serving it. No network
-    round trip.
+    snapshot (an uneven split of long-lived conversations is what later forces spills). The
+    chosen engine's index then records the prompt: the engine caches it while serving it. No
+    network round trip.
     """
 
     name = "kv_aware"
