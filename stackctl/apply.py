@@ -9,6 +9,7 @@ update``), their LMCache file or the packages (restart), or, for the router, its
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import shlex
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class Change:
     kind: str  # venv | packages | model | secret | file | remove | supervisord | restart | reload | start
     target: str
     detail: str = ""
+    content_diff: str = ""  # a changed file's unified diff, host -> planned (``up --diff``)
 
 
 @dataclass
@@ -162,6 +164,20 @@ def _check_host(cluster: Cluster, plan: HostPlan, facts: Facts, diff: HostDiff) 
         diff.problems.append(f"model.path {plan.model.remote_path} has no config.json on this host; copy the weights there, or set model.source to upload them.")
 
 
+def attach_content_diffs(conn: Connector, diff: HostDiff) -> None:
+    """Read each changed file back from the host and keep its unified diff against the plan.
+
+    Planned files never hold secrets (those are separate 0600 files, never read back), so the
+    diff can be shown as is."""
+    planned = {f.path: f.content for f in diff.plan.files}
+    for change in diff.changes:
+        if change.kind == "file" and change.detail == "changed":
+            current = conn.run(f"cat {q(change.target)}", check=False).stdout
+            lines = difflib.unified_diff(current.splitlines(keepends=True), planned[change.target].splitlines(keepends=True),
+                                         fromfile=f"{change.target} (on the host)", tofile=f"{change.target} (planned)")
+            change.content_diff = "".join(lines)
+
+
 def format_diff(diff: HostDiff) -> str:
     name = diff.plan.host.name
     if diff.problems:
@@ -171,6 +187,7 @@ def format_diff(diff: HostDiff) -> str:
     lines = [f"{name}: {len(diff.changes)} change(s)"]
     for change in diff.changes:
         lines.append(f"  {_SYMBOL.get(change.kind, '~')} {change.kind:<11} {change.target}  ({change.detail})")
+        lines.extend(f"      {line}" for line in change.content_diff.splitlines())
     return "\n".join(lines)
 
 

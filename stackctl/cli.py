@@ -94,7 +94,8 @@ def _confirm(yes: bool):
 @click.option("--yes", "-y", is_flag=True, help="Apply without asking.")
 @ACCEPT_KEYS
 @click.option("--wheelhouse", type=click.Path(file_okay=False, path_type=Path), default=None, help="Install packages offline from this directory of wheels (uploaded to each host).")
-def up(inventory, profile, hosts, rolling, yes, accept_new_host_keys, wheelhouse):
+@click.option("--diff", "show_diff", is_flag=True, help="Also show the line-by-line diff of every file that would change (answer no to apply nothing).")
+def up(inventory, profile, hosts, rolling, yes, accept_new_host_keys, wheelhouse, show_diff):
     """Deploy the stack: facts, show the changes, apply them, verify."""
     from .deploy import UpOptions, up as run_up
     from .progress import Progress
@@ -103,7 +104,7 @@ def up(inventory, profile, hosts, rolling, yes, accept_new_host_keys, wheelhouse
     cluster = load_inventory(inventory, profile)
     names = _split_hosts(hosts)
     _check_hosts(cluster, names)
-    options = UpOptions(hosts=names, rolling=rolling, yes=yes, accept_new_host_keys=accept_new_host_keys, wheelhouse=wheelhouse)
+    options = UpOptions(hosts=names, rolling=rolling, yes=yes, accept_new_host_keys=accept_new_host_keys, wheelhouse=wheelhouse, show_diff=show_diff)
     result = run_up(cluster, options, Progress(), _confirm(yes))
     render_up_summary(result)
     if not result.ok:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import yaml
 
-from .apply import Applier, HostDiff, compute_diff, format_diff, sha256
+from .apply import Applier, HostDiff, attach_content_diffs, compute_diff, format_diff, sha256
 from .connect import CommandError, Connector, connect, q
 from .errors import StackctlError
 from .facts import gather, run_probe
@@ -59,6 +59,7 @@ class UpOptions:
     accept_new_host_keys: bool = False
     wheelhouse: Path | None = None
     verify: bool = True
+    show_diff: bool = False  # also show line diffs of changed files
 
 
 def _needs_stackctl(plans: list[HostPlan]) -> bool:
@@ -142,6 +143,8 @@ class Deployment:
             needs_gpus = plan.host.runs_engines and plan.host.engine["kind"] == "vllm" and plan.host.engine["package"] == "vllm"
             facts = gather(conn, plan, needs_gpus)
             self.diffs[name] = compute_diff(self.cluster, plan, facts, secrets, stackctl_sha)
+            if self.options.show_diff:
+                attach_content_diffs(conn, self.diffs[name])
             outcome.changes = len(self.diffs[name].changes)
             self.progress.update(name, "planned")
         except StackctlError as exc:

@@ -44,7 +44,8 @@ class Progress:
 
     def echo(self, text: str) -> None:
         if text:
-            self.console.print(text, highlight=False, markup=False)
+            # soft_wrap: long lines (a diffed command line) stay one line, for the terminal to wrap
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def _table(self) -> Table:
         table = Table(show_header=True, header_style="bold", box=None)

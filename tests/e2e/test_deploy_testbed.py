@@ -303,10 +303,12 @@ def test_rolling_change_keeps_serving_without_errors(stack):
     stack.write_inventory(max_num_seqs=128)
     with ClientLoop(stack) as loop:
         time.sleep(1)
-        run = stack.up("--rolling")
+        run = stack.up("--rolling", "--diff")
         time.sleep(1)
     report_timing(stack, "up --rolling, 8 engines restarted one by one", run.seconds)
     assert run.returncode == 0, run
+    shown = [line.strip() for line in run.output.splitlines()]  # --diff: each host's changed line
+    assert sum(line.startswith("+") and "--max-num-seqs 128" in line for line in shown) == 8, run
     assert loop.ok > 20, (loop.ok, loop.errors[:5])
     assert loop.errors == [], f"{len(loop.errors)} client errors of {loop.ok + len(loop.errors)} requests: {loop.errors[:10]}"
     _, after = stack.status()

