@@ -80,11 +80,9 @@ def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[s
         if not _requirement_satisfied(r, installed.get(package_name(r)), facts.raw.get("installed_marker"), stackctl_wheel_sha)
     ]
     unwanted = [name for name in plan.remove_packages if installed.get(name)]
-    if missing or unwanted:
-        what = "; ".join(filter(None, (
-            "install " + " ".join(missing) if missing else "",
-            "remove " + " ".join(unwanted) if unwanted else "")))
-        diff.changes.append(Change("packages", plan.venv or plan.python, what))
+    what = ([f"install {' '.join(missing)}"] if missing else []) + ([f"remove {' '.join(unwanted)}"] if unwanted else [])
+    if what:
+        diff.changes.append(Change("packages", plan.venv or plan.python, "; ".join(what)))
     if plan.model and plan.model.action in ("upload", "download") and not facts.raw.get("model_present"):
         how = f"upload from {plan.model.local_source}" if plan.model.action == "upload" else "download from the Hugging Face Hub"
         diff.changes.append(Change("model", plan.model.remote_path, how))

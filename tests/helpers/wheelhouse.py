@@ -61,7 +61,7 @@ def project_key(repo: Path = REPO_ROOT) -> str:
 
 
 @contextlib.contextmanager
-def _locked(root: Path):
+def locked(root: Path):
     """One builder at a time: parallel test sessions share the cache."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
@@ -76,7 +76,7 @@ def _pip(*args: str, python: Path | str = sys.executable) -> None:
         raise RuntimeError(f"pip {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def _build_into(final: Path, build) -> Path:
+def build_once(final: Path, build) -> Path:
     """Build into a temp dir next to final, then rename: a crash never leaves a half cache."""
     if final.is_dir():
         return final
@@ -109,7 +109,7 @@ def _build_env(root: Path, repo: Path) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(out)], check=True, capture_output=True)
         _pip("install", "--quiet", *build_requirements(repo), python=out / "bin" / "python")
 
-    env = _build_into(root / f"buildenv-{key.hexdigest()[:16]}", make)
+    env = build_once(root / f"buildenv-{key.hexdigest()[:16]}", make)
     return env / "bin" / "python"
 
 
@@ -133,7 +133,8 @@ def _prune_projects(root: Path, keep: Path, newest: int = 3) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _link_wheels(source: Path, dest: Path) -> None:
+def link_wheels(source: Path, dest: Path) -> None:
+    """Hard-link (or copy) every wheel of ``source`` into ``dest``, keeping what is there."""
     for wheel in source.glob("*.whl"):
         target = dest / wheel.name
         if target.exists():
@@ -147,18 +148,18 @@ def _link_wheels(source: Path, dest: Path) -> None:
 def build_wheelhouse(dest: Path | str | None = None, repo: Path = REPO_ROOT) -> Path:
     """Return a directory holding the stackctl wheel and wheels of all its runtime dependencies."""
     root = cache_root()
-    with _locked(root):
-        deps = _build_into(root / f"deps-{deps_key(repo)}", lambda out: _build_deps(out, repo))
+    with locked(root):
+        deps = build_once(root / f"deps-{deps_key(repo)}", lambda out: _build_deps(out, repo))
         project_dir = root / f"project-{project_key(repo)}"
         if not project_dir.is_dir():
             python = _build_env(root, repo)
-            _build_into(project_dir, lambda out: _build_project(out, repo, python))
+            build_once(project_dir, lambda out: _build_project(out, repo, python))
             _prune_projects(root, keep=project_dir)
         project = project_dir
     dest = Path(dest) if dest is not None else root / f"house-{deps.name[5:]}-{project.name[8:]}"
     dest.mkdir(parents=True, exist_ok=True)
     for stale in dest.glob("stackctl-*.whl"):
         stale.unlink()
-    _link_wheels(deps, dest)
-    _link_wheels(project, dest)
+    link_wheels(deps, dest)
+    link_wheels(project, dest)
     return dest
