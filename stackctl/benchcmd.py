@@ -49,9 +49,12 @@ def _scenario(options: BenchOptions):
 
 def run_bench(options: BenchOptions, confirm: Callable[[str], bool], echo: Callable[[str], None]) -> dict[str, Path]:
     from .bench import rebuild_report, run_availability, run_sweep
+    from .bench.report import PLOTS_MISSING, plots_available
 
     scenario = _scenario(options)
     clusters = {name: load_inventory(options.inventory, name) for name in options.profiles}  # all errors first
+    if not plots_available():  # said before the long run, not after it
+        echo(f"note: {PLOTS_MISSING}")
     options.out_dir.mkdir(parents=True, exist_ok=True)
     for name, cluster in clusters.items():
         echo(f"== profile {name}: deploying ({cluster.router['policy']} routing, LMCache {'on' if cluster.engine['lmcache']['enabled'] else 'off'})")
@@ -75,4 +78,7 @@ def run_bench(options: BenchOptions, confirm: Callable[[str], bool], echo: Calla
             run_sweep(cluster.router_url, model, scenario, profile_name=name, out_dir=options.out_dir,
                       metrics_urls=metrics_urls, api_key=api_key)
     baseline = options.profiles[0] if len(options.profiles) > 1 else None
-    return rebuild_report(options.out_dir, baseline_profile=baseline)
+    paths = rebuild_report(options.out_dir, baseline_profile=baseline)
+    if not plots_available():
+        echo(f"note: {PLOTS_MISSING}")
+    return paths

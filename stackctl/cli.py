@@ -107,6 +107,11 @@ def up(inventory, profile, hosts, rolling, yes, accept_new_host_keys, wheelhouse
     options = UpOptions(hosts=names, rolling=rolling, yes=yes, accept_new_host_keys=accept_new_host_keys, wheelhouse=wheelhouse, show_diff=show_diff)
     result = run_up(cluster, options, Progress(), _confirm(yes))
     render_up_summary(result)
+    if result.interrupted:
+        half = [f"{o.name} (at {o.step})" for o in result.outcomes.values() if o.status == "interrupted"]
+        left = f"left half-done: {', '.join(half)}" if half else "no host was changed"
+        click.echo(f"interrupted (Ctrl-C): {left}. Run `stackctl up` again: it resumes from what each host has.", err=True)
+        sys.exit(130)
     if not result.ok:
         sys.exit(1)
 

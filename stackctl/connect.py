@@ -8,6 +8,7 @@ to accept new ones (then they are recorded), and a changed key is always refused
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shlex
@@ -20,6 +21,7 @@ import paramiko
 
 from .errors import StackctlError
 from .inventory import Host
+from .privilege import BecomeError, Identity, handoff_command, needs_preflight, parse_preflight, preflight_command, useradd_command
 
 
 class ConnectError(StackctlError):
@@ -52,7 +54,10 @@ class Connector:
 
     host: Host
 
-    def run(self, command: str, *, check: bool = True, timeout: float | None = None, stdin: str | None = None, stream: bool = False) -> Result:
+    def run(self, command: str, *, check: bool = True, timeout: float | None = None, stdin: str | None = None, stream: bool = False, hangup: bool = False) -> Result:
+        """Run a shell command. ``hangup``: give it a terminal (SSH: a pty), so that closing
+        the connection (``close``, as the first Ctrl-C does) hangs it up and ends it instead
+        of leaving it running on the host; its stderr then arrives merged into stdout."""
         raise NotImplementedError
 
     def put_bytes(self, data: bytes, path: str, mode: int = 0o644) -> None:
@@ -79,7 +84,9 @@ class LocalConnector(Connector):
         self.host = host
         self._context = invoke.Context()
 
-    def run(self, command, *, check=True, timeout=None, stdin=None, stream=False):
+    def run(self, command, *, check=True, timeout=None, stdin=None, stream=False, hangup=False):
+        # ``hangup`` needs nothing here: a local command is this process's child, in the
+        # terminal's process group, so the same Ctrl-C reaches it.
         kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "in_stream": io.StringIO(stdin) if stdin is not None else False}
         try:
             res = self._context.run(command, **kwargs)
@@ -141,6 +148,7 @@ class SSHConnector(Connector):
             connect_kwargs=connect_kwargs,
         )
         self._verify_host_keys(self._conn, accept_new_host_keys)
+        self._closed = False
 
     def _verify_host_keys(self, conn, accept_new: bool) -> None:
         """Replace Fabric's auto-add policy on this connection and every jump host."""
@@ -155,6 +163,8 @@ class SSHConnector(Connector):
 
     def open(self) -> None:
         where = f"{self.host.name} ({self.host.address}:{self.host.ssh.port})"
+        if self._closed:  # closed by an interrupt: a worker must not quietly reconnect
+            raise ConnectError(f"{where}: the connection was closed (interrupted).")
         try:
             self._conn.open()
         except paramiko.BadHostKeyException as exc:
@@ -168,9 +178,10 @@ class SSHConnector(Connector):
         except Exception as exc:  # socket.timeout, gaierror, auth errors from paramiko
             raise ConnectError(f"{where}: cannot connect: {type(exc).__name__}: {exc}.")
 
-    def run(self, command, *, check=True, timeout=None, stdin=None, stream=False):
+    def run(self, command, *, check=True, timeout=None, stdin=None, stream=False, hangup=False):
         self.open()
-        kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "in_stream": io.StringIO(stdin) if stdin is not None else False}
+        kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "pty": hangup,
+                  "in_stream": io.StringIO(stdin) if stdin is not None else False}
         try:
             res = self._conn.run(command, **kwargs)
         except Exception as exc:
@@ -197,16 +208,100 @@ class SSHConnector(Connector):
         sftp.chmod(tmp, mode)
         sftp.posix_rename(tmp, path)
 
+    def endpoint(self) -> dict:
+        """How this host was reached, after the SSH config resolved it (user, address, port),
+        and the host key that was verified (type, base64): for an SSH client on another host."""
+        self.open()
+        key = self._conn.client.get_transport().get_remote_server_key()
+        return {"user": self._conn.user, "address": self._conn.host, "port": int(self._conn.port),
+                "host_key": (key.get_name(), key.get_base64())}
+
     def close(self):
+        self._closed = True
         self._conn.close()
 
 
+class BecomeConnector(Connector):
+    """A connector that runs each command as the service user (``as_root=True``: as root through
+    ``become``; ``raw=True``: as the SSH user), and hands uploads over to the service user.
+
+    It wraps the transport's connector, so transports know nothing of users; see privilege.py
+    for who runs what. Uploads the service user must own are staged in a private directory of
+    the SSH user (0711, random names), then installed by the service user with a rename."""
+
+    STAGE_PARENT = "/var/tmp"  # on disk (wheels and weights can be large), shared by all users
+
+    def __init__(self, inner: Connector, identity: Identity):
+        self.inner = inner
+        self.host = inner.host
+        self.identity = identity
+        self._stage: str | None = None
+        self._stage_lock = threading.Lock()
+
+    def run(self, command, *, as_root=False, raw=False, **kwargs):
+        if not raw:
+            command = self.identity.as_root(command) if as_root else self.identity.as_service(command)
+        return self.inner.run(command, **kwargs)
+
+    def _staged_path(self) -> str:
+        with self._stage_lock:
+            if self._stage is None:
+                made = self.inner.run(f'd=$(mktemp -d {q(self.STAGE_PARENT)}/stackctl-stage.XXXXXXXX) && chmod 711 "$d" && printf %s "$d"')
+                self._stage = made.stdout.strip()
+        return f"{self._stage}/{uuid.uuid4().hex}"
+
+    def _handoff(self, upload, path: str, mode: int) -> None:
+        staged = self._staged_path()
+        upload(staged)
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+        self.inner.run(handoff_command(self.identity, staged, tmp, path, mode))
+
+    def put_bytes(self, data, path, mode=0o644):
+        if not self.identity.handoff:
+            return self.inner.put_bytes(data, path, mode)
+        self._handoff(lambda staged: self.inner.put_bytes(data, staged, 0o600), path, mode)
+
+    def put_file(self, local, path, mode=0o644):
+        if not self.identity.handoff:
+            return self.inner.put_file(local, path, mode)
+        self._handoff(lambda staged: self.inner.put_file(local, staged, 0o600), path, mode)
+
+    def create_service_user(self, home: str) -> None:
+        """Create the service account (as root) and switch to acting as it."""
+        user = self.identity.service_user
+        self.run(useradd_command(user, home), as_root=True, timeout=120)
+        uid = self.inner.run(f"id -u -- {q(user)}").stdout.strip()
+        self.identity = self.identity.with_service_uid(int(uid))
+
+    def close(self):
+        if self._stage:  # staged files are removed as they are installed: only the empty dir is left
+            with contextlib.suppress(Exception):
+                self.inner.run(f"rm -rf -- {q(self._stage)}", check=False, timeout=1)
+        self.inner.close()
+
+    def __getattr__(self, name):  # anything else the transport offers
+        return getattr(self.inner, name)
+
+
 def connect(host: Host, *, accept_new_host_keys: bool = False) -> Connector:
+    """A connector to the host; with a service user or ``become``, checked up front (one
+    command): a host that cannot run the privileged steps raises BecomeError before any change."""
     if host.is_local:
-        return LocalConnector(host)
-    connector = SSHConnector(host, accept_new_host_keys=accept_new_host_keys)
-    connector.open()
-    return connector
+        connector = LocalConnector(host)
+    else:
+        connector = SSHConnector(host, accept_new_host_keys=accept_new_host_keys)
+        connector.open()
+    if not needs_preflight(host):
+        return BecomeConnector(connector, Identity.plain(host))
+    try:
+        identity = parse_preflight(host, connector.run(preflight_command(host), timeout=60).stdout)
+        problem = identity.problem()
+        if problem:
+            raise BecomeError(problem)
+    except BaseException:
+        connector.close()
+        raise
+    return BecomeConnector(connector, identity)
 
 
 def q(value: str) -> str:

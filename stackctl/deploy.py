@@ -11,7 +11,6 @@ import contextlib
 import json
 import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,20 +18,25 @@ from typing import Callable
 import yaml
 
 from .apply import Applier, HostDiff, attach_content_diffs, compute_diff, format_diff, sha256
-from .connect import CommandError, Connector, connect, q
+from .connect import BecomeError, CommandError, Connector, connect, q
 from .errors import StackctlError
 from .facts import gather, run_probe
 from .inventory import Cluster, check_secrets
 from .metrics import engine_summary
+from .models import ModelDistributor, check_operator, model_bytes
+from .parallel import Cancellation, Interrupted, each
 from .plan import HostPlan, plan_cluster
 from .progress import Progress
 from .wheels import wheels_for_upload
 
 
+INTERRUPTED = "interrupted (Ctrl-C) during this step; `stackctl up` again finishes it"
+
+
 @dataclass
 class HostOutcome:
     name: str
-    status: str = "pending"  # unchanged | changed | failed | refused | unreachable
+    status: str = "pending"  # unchanged | changed | failed | refused | unreachable | interrupted
     step: str = ""
     error: str = ""
     changes: int = 0
@@ -45,6 +49,7 @@ class UpResult:
     router_url: str = ""
     verified: bool = False
     verify_error: str = ""
+    interrupted: bool = False  # Ctrl-C: hosts with status "interrupted" were left half-done
 
     @property
     def ok(self) -> bool:
@@ -78,59 +83,78 @@ class Deployment:
         self.conns: dict[str, Connector] = {}
         self.diffs: dict[str, HostDiff] = {}
         self.appliers: dict[str, Applier] = {}
+        self.cancellation = Cancellation()
+        self.models: ModelDistributor | None = None  # the weights' fan-out, made before the apply phase
 
     # ------------------------------------------------------------------ phases
     def run(self) -> UpResult:
         secrets = check_secrets(self.cluster)
         plans = plan_cluster(self.cluster, self.options.hosts)
+        check_operator(plans)
         wheels = wheels_for_upload(self.options.wheelhouse, _needs_stackctl(plans))
         stackctl_sha = next((_file_sha(w) for w in wheels if w.name.startswith("stackctl-")), None)
         for plan in plans:
             self.result.outcomes[plan.host.name] = HostOutcome(plan.host.name)
         try:
-            with self.progress:
-                self._parallel(plans, lambda p: self._gather(p, secrets, stackctl_sha))
-            reachable = [p for p in plans if p.host.name in self.diffs]
-            self.progress.echo("\n".join(format_diff(self.diffs[p.host.name]) for p in reachable))
-            todo = [p for p in reachable if self.diffs[p.host.name].changes and not self.diffs[p.host.name].problems]
-            for plan in reachable:
-                diff = self.diffs[plan.host.name]
-                outcome = self.result.outcomes[plan.host.name]
-                if diff.problems:
-                    outcome.status, outcome.step, outcome.error = "refused", "checks", "; ".join(diff.problems)
-                elif not diff.changes:
-                    outcome.status = "unchanged"
-            if todo and not self.confirm(f"Apply {sum(len(self.diffs[p.host.name].changes) for p in todo)} change(s) on {len(todo)} host(s)?"):
-                raise StackctlError("nothing was changed (not confirmed).", exit_code=1)
-            engine_hosts = [p for p in todo if p.host.name != self.cluster.router["host"]]
-            router_hosts = [p for p in todo if p.host.name == self.cluster.router["host"]]
-            with self.progress:
-                apply_one = lambda p, start=True: self._apply(p, secrets, wheels, start)  # noqa: E731
-                if self.options.rolling:  # engines one by one, then the router (config reload)
-                    drain = RouterDrain.open(self)
-                    for plan in engine_hosts:
-                        try:
-                            with drain.without(plan, self.diffs[plan.host.name]):
-                                apply_one(plan)
-                        except StackctlError as exc:  # the router could not be reconfigured
-                            outcome = self.result.outcomes[plan.host.name]
-                            outcome.status, outcome.step, outcome.error = "failed", "drain", str(exc)
-                    self._parallel(router_hosts, apply_one)
-                else:  # the router host installs alongside the engines; its programs start after them
-                    self._parallel(engine_hosts + router_hosts, lambda p: apply_one(p, p not in router_hosts))
-                    self._parallel(router_hosts, self._start)
-                if self.options.verify:
-                    self._verify(plans)
+            with self.cancellation.on_sigint():
+                self._phases(plans, secrets, wheels, stackctl_sha)
+        except Interrupted:
+            self._interrupted()
         finally:
-            for conn in self.conns.values():
-                conn.close()
+            if not self.cancellation.cancelled:  # else they are being closed already
+                for problem in self.models.close() if self.models else []:  # this run's peer keys
+                    self.progress.echo(f"warning: {problem}; remove it by hand, or run `up` again.")
+                for conn in self.conns.values():
+                    conn.close()
         return self.result
 
+    def _phases(self, plans: list[HostPlan], secrets: dict, wheels: list[Path], stackctl_sha: str | None) -> None:
+        with self.progress:
+            self._parallel(plans, lambda p: self._gather(p, secrets, stackctl_sha))
+        reachable = [p for p in plans if p.host.name in self.diffs]
+        self.progress.echo("\n".join(format_diff(self.diffs[p.host.name]) for p in reachable))
+        todo = [p for p in reachable if self.diffs[p.host.name].changes and not self.diffs[p.host.name].problems]
+        for plan in reachable:
+            diff = self.diffs[plan.host.name]
+            outcome = self.result.outcomes[plan.host.name]
+            if diff.problems:
+                outcome.status, outcome.step, outcome.error = "refused", "checks", "; ".join(diff.problems)
+            elif not diff.changes:
+                outcome.status = "unchanged"
+        if todo and not self.confirm(f"Apply {sum(len(self.diffs[p.host.name].changes) for p in todo)} change(s) on {len(todo)} host(s)?"):
+            raise StackctlError("nothing was changed (not confirmed).", exit_code=1)
+        engine_hosts = [p for p in todo if p.host.name != self.cluster.router["host"]]
+        router_hosts = [p for p in todo if p.host.name == self.cluster.router["host"]]
+        self.models = ModelDistributor(self.cluster, self.diffs, self.conns)
+        with self.progress:
+            apply_one = lambda p, start=True: self._apply(p, secrets, wheels, start)  # noqa: E731
+            if self.options.rolling:  # engines one by one, then the router (config reload)
+                drain = RouterDrain.open(self)
+                for plan in engine_hosts:
+                    self.cancellation.check()
+                    try:
+                        with drain.without(plan, self.diffs[plan.host.name]):
+                            apply_one(plan)
+                    except StackctlError as exc:  # the router could not be reconfigured
+                        outcome = self.result.outcomes[plan.host.name]
+                        outcome.status, outcome.step, outcome.error = "failed", "drain", str(exc)
+                self._parallel(router_hosts, apply_one)
+            else:  # the router host installs alongside the engines; its programs start after them
+                self._parallel(engine_hosts + router_hosts, lambda p: apply_one(p, p not in router_hosts))
+                self._parallel(router_hosts, self._start)
+            if self.options.verify:
+                self._verify(plans)
+
     def _parallel(self, plans: list[HostPlan], fn) -> None:
-        if not plans:
-            return
-        with ThreadPoolExecutor(max_workers=min(32, len(plans))) as pool:
-            list(pool.map(fn, plans))
+        each(plans, fn, self.cancellation)
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: hosts whose changes had begun are half-done; the others were not touched."""
+        self.result.interrupted = True
+        for name, outcome in self.result.outcomes.items():
+            applier = self.appliers.get(name)
+            if applier is not None and outcome.status in ("pending", "prepared", "failed", "interrupted"):
+                outcome.status, outcome.step, outcome.error = "interrupted", applier.step, INTERRUPTED
 
     def _gather(self, plan: HostPlan, secrets: dict, stackctl_sha: str | None) -> None:
         name = plan.host.name
@@ -139,14 +163,18 @@ class Deployment:
             self.progress.update(name, "connect")
             conn = connect(plan.host, accept_new_host_keys=self.options.accept_new_host_keys)
             self.conns[name] = conn
+            self.cancellation.on_cancel(conn.close)
             self.progress.update(name, "facts")
             needs_gpus = plan.host.runs_engines and plan.host.engine["kind"] == "vllm" and plan.host.engine["package"] == "vllm"
             facts = gather(conn, plan, needs_gpus)
-            self.diffs[name] = compute_diff(self.cluster, plan, facts, secrets, stackctl_sha)
+            self.diffs[name] = compute_diff(self.cluster, plan, facts, secrets, stackctl_sha, model_bytes(plan))
             if self.options.show_diff:
                 attach_content_diffs(conn, self.diffs[name])
             outcome.changes = len(self.diffs[name].changes)
             self.progress.update(name, "planned")
+        except BecomeError as exc:  # reachable, but cannot run the privileged steps: nothing was changed
+            outcome.status, outcome.step, outcome.error = "refused", "checks", str(exc)
+            self.progress.update(name, "refused")
         except StackctlError as exc:
             outcome.status, outcome.step, outcome.error = "unreachable", "connect/facts", str(exc)
             self.progress.update(name, "unreachable")
@@ -159,6 +187,7 @@ class Deployment:
         applier = self.appliers[name] = Applier(
             self.conns[name], self.cluster, self.diffs[name], secrets, wheels,
             offline=self.options.wheelhouse is not None, report=lambda step: self.progress.update(name, step),
+            cancellation=self.cancellation, models=self.models,
         )
         with self._host_step(name, applier, started):
             applier.prepare()
@@ -193,6 +222,8 @@ class Deployment:
         except Exception as exc:
             detail = str(exc) if isinstance(exc, StackctlError) else f"{type(exc).__name__}: {exc}"
             outcome.status, outcome.step, outcome.error = "failed", applier.step, detail
+            if self.cancellation.cancelled:  # its connection was closed under it
+                outcome.status, outcome.error = "interrupted", INTERRUPTED
             self.progress.update(name, f"FAILED at {applier.step}")
         finally:
             outcome.seconds += time.monotonic() - started
@@ -209,6 +240,9 @@ class Deployment:
                 return
         if conn is None:
             self.result.verify_error = f"router host {router_host} was not reachable"
+            return
+        if self.result.outcomes.get(router_host, HostOutcome(router_host)).status in ("refused", "failed"):
+            self.result.verify_error = f"router host {router_host} was {self.result.outcomes[router_host].status}"
             return
         router_plan = next(p for p in plan_cluster(self.cluster, [router_host]))
         port = self.cluster.router["port"]

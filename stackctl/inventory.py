@@ -91,7 +91,8 @@ SSH_SCHEMA = {
     "config": OPT_STR,
     "connect_timeout_s": NUM,
 }
-MODEL_SCHEMA = {"name": str, "path": OPT_STR, "source": OPT_STR, "hf_token_env": OPT_STR}
+MODEL_DISTRIBUTIONS = ("peer", "direct")
+MODEL_SCHEMA = {"name": str, "path": OPT_STR, "source": OPT_STR, "hf_token_env": OPT_STR, "distribute": ("enum", MODEL_DISTRIBUTIONS)}
 HOST_SCHEMA = {
     "name": str,
     "address": OPT_STR,
@@ -102,6 +103,9 @@ HOST_SCHEMA = {
     "deploy_dir": str,
     "python": str,
     "install": bool,
+    "become": bool,
+    "become_user": str,
+    "service_user": OPT_STR,
     "engine": ENGINE_SCHEMA,
 }
 CLUSTER_SCHEMA = {
@@ -110,6 +114,9 @@ CLUSTER_SCHEMA = {
     "deploy_dir": str,
     "python": str,
     "install": bool,
+    "become": bool,
+    "become_user": str,
+    "service_user": OPT_STR,
     "model": MODEL_SCHEMA,
     "engine": ENGINE_SCHEMA,
     "router": ROUTER_SCHEMA,
@@ -121,7 +128,11 @@ REQUIRED = {
     ("model",): ("name",),
     ("hosts", "*"): ("name",),
 }
-TOP_DEFAULTS = {"deploy_dir": "/opt/stackctl", "python": "python3", "install": True}
+TOP_DEFAULTS = {"deploy_dir": "/opt/stackctl", "python": "python3", "install": True, "become": False, "become_user": "root"}
+# Programs run as this system account (created by `up`) on SSH hosts; on local hosts as the
+# user running stackctl (service_user: null), so the demo needs neither sudo nor new accounts.
+SERVICE_USER_DEFAULT = "stackctl"
+USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 SSH_DEFAULTS = {
     "user": None,
     "port": 22,
@@ -176,6 +187,9 @@ class Host:
     engine: dict
     engines: tuple[Engine, ...]
     line: int
+    become: bool = False  # privileged steps (accounts, the deploy dir) through `sudo -n -u become_user`
+    become_user: str = "root"
+    service_user: str | None = None  # the account programs run as; None: the connecting user
 
     @property
     def is_local(self) -> bool:
@@ -453,8 +467,8 @@ def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
         data = deep_merge(data, profiles[profile])
     engine = deep_merge(_load_role_defaults("engine"), data.get("engine") or {})
     router = deep_merge(_load_role_defaults("router"), data.get("router") or {})
-    model = deep_merge({"path": None, "source": None, "hf_token_env": None}, data["model"])
-    top = deep_merge(TOP_DEFAULTS, {k: data[k] for k in TOP_DEFAULTS if k in data})
+    model = deep_merge({"path": None, "source": None, "hf_token_env": None, "distribute": "peer"}, data["model"])
+    top = deep_merge(TOP_DEFAULTS, {k: data[k] for k in (*TOP_DEFAULTS, "service_user") if k in data})
     ssh = deep_merge(SSH_DEFAULTS, data.get("ssh") or {})
     hosts = tuple(_build_host(doc, i, h, engine, ssh, top) for i, h in enumerate(data["hosts"]))
     cluster = Cluster(
@@ -503,6 +517,9 @@ def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, top: dict
         engine=host_engine,
         engines=engines,
         line=doc.line(path) or 0,
+        become=raw.get("become", top["become"]),
+        become_user=raw.get("become_user", top["become_user"]),
+        service_user=raw.get("service_user", top.get("service_user", None if connection == "local" else SERVICE_USER_DEFAULT)),
     )
 
 
@@ -538,6 +555,7 @@ def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
             addresses[key] = host.name
         if not host.deploy_dir.startswith("/"):
             raise doc.error(path + ("deploy_dir",), f"deploy_dir '{host.deploy_dir}' must be an absolute path, e.g. /opt/stackctl.")
+        _check_accounts(doc, path, host)
         _check_values(doc, path + ("engine",), host.engine)
     router_host = cluster.router.get("host")
     if router_host is None:
@@ -554,6 +572,17 @@ def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
     for key_path, env_name in cluster.secret_env_vars():
         if not ENV_NAME.match(env_name):
             raise doc.error(tuple(key_path.split(".")), f"'{env_name}' is not an environment variable name; name the variable that holds the secret (e.g. HF_TOKEN), never the secret itself.")
+
+
+def _check_accounts(doc: _Doc, path: tuple, host: Host) -> None:
+    """User names go into sudo/useradd command lines and supervisord.conf: plain names only."""
+    for key in ("become_user", "service_user"):
+        name = getattr(host, key)
+        where = path + (key,) if path + (key,) in doc.lines else (key,)  # the host's own key, else the top-level one
+        if name is not None and not USER_NAME.match(name):
+            raise doc.error(where, f"'{name}' is not a usable user name; use lower-case letters, digits, '_' and '-' (at most 32), e.g. stackctl.")
+        if key == "service_user" and name == "root":
+            raise doc.error(where, "programs must not run as root; name an unprivileged account (the default, stackctl, is created by `up`), or null for the connecting user.")
 
 
 def _check_values(doc: _Doc, path: tuple, engine: dict) -> None:

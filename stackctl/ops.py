@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shlex
-from concurrent.futures import ThreadPoolExecutor
 
 from .connect import connect, q
 from .errors import StackctlError
 from .facts import bootstrap_interpreter, run_probe
 from .inventory import Cluster
+from .parallel import Cancellation, each
 from .plan import HostPlan, plan_cluster
 
 MARKER = "rendered by stackctl"
@@ -24,8 +24,9 @@ def _each_host(plans: list[HostPlan], fn) -> dict[str, str | None]:
         except StackctlError as exc:
             return plan.host.name, str(exc)
 
-    with ThreadPoolExecutor(max_workers=min(32, len(plans) or 1)) as pool:
-        return dict(pool.map(guarded, plans))
+    cancellation = Cancellation()
+    with cancellation.on_sigint():
+        return dict(each(plans, guarded, cancellation))
 
 
 def down(cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host_keys: bool = False) -> dict[str, str | None]:
@@ -37,8 +38,15 @@ def down(cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host
             facts = run_probe(conn, bootstrap_interpreter(plan), {
                 "action": "facts", "deploy_dir": plan.deploy_dir, "python": plan.python,
                 "supervisor_conf": plan.supervisor_conf, "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",
+                "unit": plan.unit_name, "unit_path": plan.system_unit_path,
             })
             pid = facts["supervisor"]["pid"]
+            systemd = facts.get("systemd") or {}
+            unit_installed = plan.unit_name and systemd.get("present") and systemd.get("unit_sha256")
+            if unit_installed:  # stop it through systemd: Restart=always would bring supervisord back
+                stop_s = sum(p.stopwaitsecs for p in plan.programs) + 60
+                conn.run(f"systemctl disable --now {q(plan.unit_name)}", as_root=True, timeout=stop_s)
+                facts["supervisor"]["running"] = conn.run(f"kill -0 {int(pid)} 2>/dev/null", check=False).ok if pid else False
             if facts["supervisor"]["running"]:
                 conn.run(shlex.join(plan.supervisorctl("stop", "all")), check=False, timeout=300)
                 conn.run(shlex.join(plan.supervisorctl("shutdown")), check=False, timeout=120)
@@ -51,7 +59,10 @@ def down(cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host
                 if not check.ok:
                     raise StackctlError(f"{plan.host.name}: refusing to purge {plan.deploy_dir}: it does not look like a stackctl deploy dir ({conf} is missing or not ours).")
                 # A deploy dir that is a mount point cannot be removed itself: emptying it is a purge.
-                conn.run(f"rm -rf -- {target} || {{ mountpoint -q {target} && test -z \"$(ls -A {target})\"; }}", timeout=600)
+                # As root: the deploy dir's parent (e.g. /opt) is not the service user's to change.
+                conn.run(f"rm -rf -- {target} || {{ mountpoint -q {target} && test -z \"$(ls -A {target})\"; }}", timeout=600, as_root=True)
+                if unit_installed:
+                    conn.run(f"rm -f -- {q(plan.system_unit_path)} && systemctl daemon-reload", as_root=True, timeout=120)
         finally:
             conn.close()
 

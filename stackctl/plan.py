@@ -74,6 +74,7 @@ class HostPlan:
     programs: list[ProgramSpec] = field(default_factory=list)
     secrets: list[SecretSpec] = field(default_factory=list)
     model: ModelSpec | None = None
+    unit_name: str | None = None  # systemd unit per cluster (SSH hosts; installed where systemd runs)
 
     @property
     def supervisor_conf(self) -> str:
@@ -82,11 +83,28 @@ class HostPlan:
     def supervisorctl(self, *args: str) -> list[str]:
         return [self.python, "-m", "supervisor.supervisorctl", "-c", self.supervisor_conf, *args]
 
+    @property
+    def unit_file(self) -> str | None:
+        """The systemd unit's copy in the deploy dir (what `up` installs on systemd hosts)."""
+        return f"{self.dirs['supervisor']}/{self.unit_name}" if self.unit_name else None
+
+    @property
+    def system_unit_path(self) -> str | None:
+        return f"{SYSTEMD_UNIT_DIR}/{self.unit_name}" if self.unit_name else None
+
+    def supervisord_foreground(self) -> list[str]:
+        """The unit's ExecStart: supervisord in the foreground, for systemd to watch."""
+        return [*self.supervisord(), "-n"]
+
     def supervisord(self) -> list[str]:
         return [self.python, "-m", "supervisor.supervisord", "-c", self.supervisor_conf]
 
     def program_file(self, name: str) -> str:
         return f"{self.dirs['supervisor']}/conf.d/{name}.conf"
+
+    def engine_pgid_file(self, name: str) -> str:
+        """Where a vLLM engine's launcher records its process group (``REAP_AND_EXEC``)."""
+        return f"{self.dirs['run']}/{name}.pgid"
 
 
 def host_dirs(deploy_dir: str) -> dict[str, str]:
@@ -119,13 +137,44 @@ def plan_host(cluster: Cluster, host: Host) -> HostPlan:
     for program in plan.programs:
         text = render("shared/program.conf.j2", program=program, **context)
         plan.files.append(FileSpec(plan.program_file(program.name), text))
+    if not host.is_local:  # local hosts share one machine and run as the operator: no units
+        plan.unit_name = unit_name(cluster.name)
+        plan.files.append(FileSpec(plan.unit_file, render_unit(cluster, plan, context)))
     plan.files.sort(key=lambda f: f.path)
     return plan
 
 
+SYSTEMD_UNIT_DIR = "/etc/systemd/system"
+UNIT_LIMIT_NOFILE = 65536  # engines and the router hold a socket per client connection
+UNIT_STOP_MARGIN_S = 30
+
+
+def unit_name(cluster_name: str) -> str:
+    """``stackctl-<cluster>.service``, with characters a unit name cannot hold replaced."""
+    safe = "".join(c if c.isalnum() or c in ":_.-" else "-" for c in cluster_name)
+    return f"stackctl-{safe}.service"
+
+
+def render_unit(cluster: Cluster, plan: HostPlan, context: dict) -> str:
+    """supervisord stops programs one after another, each up to its stopwaitsecs: the unit
+    waits for all of them (plus a margin) before it kills what is left."""
+    stop_timeout = sum(p.stopwaitsecs for p in plan.programs) + UNIT_STOP_MARGIN_S
+    argv = plan.supervisord_foreground()
+    if not argv[0].startswith("/"):  # `python: python3` and install: false: systemd wants a path
+        argv = ["/usr/bin/env", *argv]
+    return render("shared/stackctl.service.j2", unit_name=plan.unit_name, cluster_name=cluster.name, exec_start=argv,
+                  limit_nofile=UNIT_LIMIT_NOFILE, stop_timeout_s=stop_timeout, **context)
+
+
 def _interpreter(python: str) -> str:
-    """``current`` means the interpreter running stackctl (local hosts, the demo)."""
-    return os.path.realpath(sys.executable) if python == "current" else python  # stable across launchers
+    """``current`` means the interpreter running stackctl (local hosts, the demo): in a venv,
+    the venv's own ``bin/python`` (resolving its symlink would lose the venv's packages),
+    elsewhere the resolved executable; either way one path whichever launcher ran stackctl."""
+    if python != "current":
+        return python
+    if sys.prefix != sys.base_prefix:
+        return os.path.join(sys.prefix, "bin", "python")
+    return os.path.realpath(sys.executable)
 
 
 def _packages(cluster: Cluster, host: Host) -> list[str]:
@@ -265,7 +314,7 @@ def _engine_command(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan
     argv = engine_argv(cluster, host, engine, plan.python, model_ref)
     if host.engine["kind"] != "vllm":  # the simulator is one process: nothing to reap
         return tuple(argv)
-    return _launcher(engine.program, f"{plan.dirs['run']}/{engine.program}.pgid", argv)
+    return _launcher(engine.program, plan.engine_pgid_file(engine.program), argv)
 
 
 def router_engines(cluster: Cluster) -> list[dict]:

@@ -75,4 +75,9 @@ def render_status(status: dict) -> None:
         count = len(engines) if isinstance(engines, list) else "?"
         healthy = sum(1 for e in engines if e.get("healthy")) if isinstance(engines, list) else "?"
         console.print(f"router {status['router_url']}: {row['state']}, health {'ok' if row['healthy'] else 'FAIL'}, engines healthy {healthy}/{count}")
+    for entry in status["hosts"]:
+        unit = entry.get("systemd") or {}
+        if unit.get("present"):
+            state = "enabled" if unit["enabled"] else "NOT enabled (a reboot leaves it down)"
+            console.print(f"systemd {entry['host']}: {unit['unit']} {state}, {unit.get('active') or 'unknown'}")
     console.print(f"overall: {status['overall']}")

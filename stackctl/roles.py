@@ -32,6 +32,19 @@ def supervisor_env(environment: dict[str, str]) -> str:
     return ",".join(items)
 
 
+def systemd_quote(arg: str) -> str:
+    """One argument for a systemd unit's command line: ``%`` and ``$`` escaped, double-quoted
+    when it holds anything but plain path characters (systemd.syntax(7), "Quoting")."""
+    text = str(arg).replace("%", "%%").replace("$", "$$")
+    if text and all(c.isalnum() or c in "/._-+=:,@" for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_command(argv: list[str]) -> str:
+    return " ".join(systemd_quote(arg) for arg in argv)
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     loaders = {"shared": jinja2.FileSystemLoader(str(templates_dir()))}
@@ -47,6 +60,8 @@ def environment() -> jinja2.Environment:
     )
     env.filters["supervisor_command"] = supervisor_command
     env.filters["supervisor_env"] = supervisor_env
+    env.filters["systemd_quote"] = systemd_quote
+    env.filters["systemd_command"] = systemd_command
     return env
 
 

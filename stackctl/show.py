@@ -14,6 +14,8 @@ def format_host_plan(plan: HostPlan, with_files: bool = True) -> str:
     host = plan.host
     where = "local: this machine" if host.is_local else f"ssh: {host.address}"
     lines = [f"=== host {host.name} ({where}); roles: {', '.join(host.roles)}; deploy dir {plan.deploy_dir}"]
+    who = f"programs run as {host.service_user} (a system account `up` creates)" if host.service_user else "programs run as the connecting user"
+    lines.append(who + (f"; privileged steps through sudo -n -u {host.become_user}" if host.become else ""))
     if plan.venv:
         lines.append(f"venv {plan.venv}: {' '.join(plan.packages)}")
     else:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 from .connect import connect
 from .errors import StackctlError
 from .facts import bootstrap_interpreter, run_probe
 from .inventory import Cluster
 from .metrics import engine_summary
+from .parallel import Cancellation, each
 from .plan import HostPlan, plan_cluster
 
 HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
@@ -54,6 +54,14 @@ def _program_row(plan: HostPlan, program, supervisor: dict, http: dict[str, dict
     return row
 
 
+def _systemd_row(systemd: dict) -> dict:
+    """Whether the cluster's unit starts supervisord at boot (``enabled``: null where there is
+    no systemd or no unit: supervisord was started directly and a reboot leaves it down)."""
+    if not systemd.get("present") or not systemd.get("unit"):
+        return {"present": bool(systemd.get("present")), "unit": systemd.get("unit"), "enabled": None, "active": None}
+    return {"present": True, "unit": systemd["unit"], "enabled": systemd.get("enabled") == "enabled", "active": systemd.get("active")}
+
+
 def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = False) -> dict:
     host = plan.host
     entry = {"host": host.name, "address": host.address, "reachable": False, "programs": []}
@@ -67,9 +75,11 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
         facts = run_probe(conn, interpreter, {
             "action": "facts", "deploy_dir": plan.deploy_dir, "python": plan.python,
             "supervisor_conf": plan.supervisor_conf, "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",
+            "unit": plan.unit_name, "unit_path": plan.system_unit_path,
         })
         entry["reachable"] = True
         entry["supervisord"] = {"running": facts["supervisor"]["running"], "pid": facts["supervisor"]["pid"]}
+        entry["systemd"] = _systemd_row(facts.get("systemd") or {})
         urls = []
         for program in plan.programs:
             if program.health_url:
@@ -90,8 +100,9 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
 
 def cluster_status(cluster: Cluster, hosts: list[str] | None = None, accept_new_host_keys: bool = False) -> dict:
     plans = plan_cluster(cluster, hosts)
-    with ThreadPoolExecutor(max_workers=min(32, len(plans))) as pool:
-        entries = list(pool.map(lambda p: host_status(cluster, p, accept_new_host_keys), plans))
+    cancellation = Cancellation()  # read-only: Ctrl-C just stops waiting
+    with cancellation.on_sigint():
+        entries = each(plans, lambda p: host_status(cluster, p, accept_new_host_keys), cancellation)
     return {"cluster": cluster.name, "profile": cluster.profile, "router_url": cluster.router_url, "hosts": entries, "overall": overall(entries)}
 
 

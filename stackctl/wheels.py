@@ -1,57 +1,148 @@
 """Wheels for the hosts: the stackctl wheel, and which part of a wheelhouse each host needs.
 
 The stackctl wheel (router and simulator hosts) comes from ``--wheelhouse DIR`` when that
-holds one; otherwise it is built from the source checkout stackctl runs from, once per content
-hash of the sources (cached). Each host is sent only the wheels its requirements reach.
+holds one; otherwise stackctl writes it itself from the files it runs from. stackctl is pure
+Python, so a wheel is a zip of its modules, its role and template data and a few metadata
+files (PEP 427): writing it needs no build backend, no `wheel` package and no network, and
+works the same from a checkout, an editable install or a plain wheel install. The archive is
+reproducible (sorted entries, fixed timestamps), so the same sources give the same bytes and
+hosts are not reinstalled for nothing. Each host is sent only the wheels its requirements reach.
 """
 
 from __future__ import annotations
 
+import base64
+import configparser
 import functools
 import hashlib
+import importlib.metadata
+import io
 import os
-import re
-import subprocess
-import sys
 import zipfile
+from email.message import Message
 from email.parser import HeaderParser
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
+
+from . import __version__
 from .errors import DeployError
-from .facts import package_name
-from .resources import _SOURCE_ROOT
+from .resources import _SOURCE_ROOT, data_dir
 
 CACHE = Path(os.environ.get("STACKCTL_CACHE", "~/.cache/stackctl")).expanduser() / "wheels"
+PACKAGE = "stackctl"
+DATA_PACKAGES = {"roles": "_roles", "templates": "_templates"}  # setup.cfg's package_dir
+DATA_SUFFIXES = (".yaml", ".j2")  # setup.cfg's package_data
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: reproducible archives
+WHEEL_TAG = "py3-none-any"
 
 
-def _source_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for top in ("stackctl", "roles", "templates"):
-        for path in sorted((root / top).rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                digest.update(str(path.relative_to(root)).encode())
-                digest.update(path.read_bytes())
-    for name in ("setup.cfg", "pyproject.toml"):
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()[:16]
+def package_name(requirement: str) -> str:
+    """The project a requirement names (``vllm==0.32.0`` -> ``vllm``)."""
+    return Requirement(requirement).name
 
 
-def build_stackctl_wheel() -> Path:
-    root = _SOURCE_ROOT
-    if not (root / "setup.cfg").is_file():
-        raise DeployError("stackctl is not running from a source checkout, so it cannot build its own wheel for the hosts; pass --wheelhouse DIR holding a stackctl-*.whl (build one with `pip wheel --no-deps .`).")
-    out = CACHE / _source_digest(root)
-    existing = sorted(out.glob("stackctl-*.whl"))
-    if existing:
-        return existing[0]
-    out.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(root)],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0:
-        raise DeployError(f"building the stackctl wheel failed:\n{result.stderr[-2000:]}")
-    return sorted(out.glob("stackctl-*.whl"))[0]
+def _package_files() -> dict[str, bytes]:
+    """Archive path -> content of every file the wheel ships, read from where stackctl runs."""
+    package_dir = Path(__file__).resolve().parent
+    files: dict[str, bytes] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir)
+        if rel.parts[0] not in DATA_PACKAGES.values():
+            files[f"{PACKAGE}/{rel.as_posix()}"] = path.read_bytes()
+    for name, package in DATA_PACKAGES.items():
+        root = data_dir(name)
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix in DATA_SUFFIXES:
+                files[f"{PACKAGE}/{package}/{path.relative_to(root).as_posix()}"] = path.read_bytes()
+    return files
+
+
+def _metadata() -> tuple[str, str]:
+    """METADATA and entry_points.txt: from setup.cfg in a checkout, else from the installed
+    distribution (a plain install has no setup.cfg, only its own metadata)."""
+    setup_cfg = _SOURCE_ROOT / "setup.cfg"
+    if setup_cfg.is_file():
+        return _metadata_from_setup_cfg(setup_cfg)
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise DeployError("stackctl runs from neither a source checkout nor an installed distribution, so it cannot write its own wheel for the hosts; install it with pip (see README) or pass --wheelhouse DIR holding a stackctl-*.whl.") from None
+    if dist.version != __version__:
+        raise DeployError(f"the installed stackctl metadata says version {dist.version} but the code is {__version__}; reinstall stackctl (pip install --force-reinstall ...) or pass --wheelhouse DIR holding a stackctl-*.whl.")
+    return dist.read_text("METADATA") or "", dist.read_text("entry_points.txt") or ""
+
+
+def _metadata_from_setup_cfg(path: Path) -> tuple[str, str]:
+    cfg = configparser.ConfigParser()
+    cfg.read(path)
+    meta = Message()
+    meta["Metadata-Version"] = "2.1"
+    meta["Name"] = PACKAGE
+    meta["Version"] = __version__
+    meta["Summary"] = cfg.get("metadata", "description", fallback="")
+    meta["License"] = cfg.get("metadata", "license", fallback="")
+    meta["Requires-Python"] = cfg.get("options", "python_requires", fallback=">=3.11")
+    for line in _lines(cfg.get("options", "install_requires", fallback="")):
+        meta["Requires-Dist"] = line
+    for extra, requirements in (cfg["options.extras_require"].items() if cfg.has_section("options.extras_require") else ()):
+        meta["Provides-Extra"] = extra
+        for line in _lines(requirements):
+            req = Requirement(line)
+            marker = f"({req.marker}) and " if req.marker else ""
+            req.marker = None
+            meta["Requires-Dist"] = f'{req}; {marker}extra == "{extra}"'
+    entry_points = ""
+    if cfg.has_section("options.entry_points"):
+        for group, text in cfg["options.entry_points"].items():
+            entry_points += f"[{group}]\n" + "".join(f"{line}\n" for line in _lines(text)) + "\n"
+    return meta.as_string(), entry_points
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def wheel_bytes() -> tuple[str, bytes]:
+    """The stackctl wheel's file name and bytes, written from the running code."""
+    version = str(Version(__version__))
+    dist_info = f"{PACKAGE}-{version}.dist-info"
+    metadata, entry_points = _metadata()
+    files = _package_files()
+    files[f"{dist_info}/METADATA"] = metadata.encode()
+    files[f"{dist_info}/WHEEL"] = f"Wheel-Version: 1.0\nGenerator: stackctl {version}\nRoot-Is-Purelib: true\nTag: {WHEEL_TAG}\n".encode()
+    if entry_points:
+        files[f"{dist_info}/entry_points.txt"] = entry_points.encode()
+    files[f"{dist_info}/top_level.txt"] = f"{PACKAGE}\n".encode()
+    record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files.items()) + f"{dist_info}/RECORD,,\n"
+    files[f"{dist_info}/RECORD"] = record.encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():  # RECORD last, as PEP 427 recommends
+            info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return f"{PACKAGE}-{version}-{WHEEL_TAG}.whl", buffer.getvalue()
+
+
+def build_stackctl_wheel(out_dir: Path | None = None) -> Path:
+    """Write the stackctl wheel (once per content: cached under its sha256) and return its path."""
+    name, data = wheel_bytes()
+    out = out_dir or CACHE / hashlib.sha256(data).hexdigest()[:16]
+    path = out / name
+    if not (path.is_file() and path.read_bytes() == data):
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
 
 
 def wheels_for_upload(wheelhouse: Path | None, need_stackctl: bool) -> list[Path]:
@@ -61,27 +152,34 @@ def wheels_for_upload(wheelhouse: Path | None, need_stackctl: bool) -> list[Path
         if not wheelhouse.is_dir():
             raise DeployError(f"--wheelhouse {wheelhouse}: no such directory.")
         files = sorted(p for p in wheelhouse.iterdir() if p.is_file() and p.suffix in (".whl", ".gz", ".zip"))
-    if need_stackctl and not any(p.name.startswith("stackctl-") for p in files):
+    if need_stackctl and not any(_wheel_project(p) == PACKAGE for p in files):
         files.append(build_stackctl_wheel())
     return files
 
 
-_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
-
-
-def canonical_name(name: str) -> str:
-    """PEP 503 normalized distribution name (``Foo_Bar`` and ``foo-bar`` are one project)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+def _wheel_project(path: Path) -> str | None:
+    """The canonical project name of a wheel file, None for anything else (an sdist)."""
+    if path.suffix != ".whl":
+        return None
+    try:
+        return canonicalize_name(parse_wheel_filename(path.name)[0])
+    except InvalidWheelFilename as exc:
+        raise DeployError(f"wheelhouse file {path}: {exc}; rename or remove it.") from None
 
 
 @functools.lru_cache(maxsize=None)
 def _wheel_requires(path: Path, mtime_ns: int) -> tuple[str, ...]:
-    """Names in the wheel's ``Requires-Dist``, markers and extras ignored."""
+    """Projects in the wheel's ``Requires-Dist``, markers and extras ignored."""
     with zipfile.ZipFile(path) as wheel:
         metadata = next(n for n in wheel.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
         headers = HeaderParser().parsestr(wheel.read(metadata).decode("utf-8", "replace"))
-    names = (_REQUIREMENT_NAME.match(r) for r in headers.get_all("Requires-Dist") or [])
-    return tuple(canonical_name(m.group(1)) for m in names if m)
+    names = []
+    for line in headers.get_all("Requires-Dist") or []:
+        try:
+            names.append(canonicalize_name(Requirement(line).name))
+        except InvalidRequirement:
+            continue  # a malformed entry in someone else's wheel: pip will say so if it matters
+    return tuple(names)
 
 
 def wheels_needed(files: list[Path], requirements: list[str]) -> list[Path]:
@@ -92,9 +190,10 @@ def wheels_needed(files: list[Path], requirements: list[str]) -> list[Path]:
     by_name: dict[str, list[Path]] = {}
     needed = [f for f in files if f.suffix != ".whl"]
     for wheel in files:
-        if wheel.suffix == ".whl":
-            by_name.setdefault(canonical_name(wheel.name.split("-", 1)[0]), []).append(wheel)
-    todo = [canonical_name(package_name(r)) for r in requirements]
+        project = _wheel_project(wheel)
+        if project:
+            by_name.setdefault(project, []).append(wheel)
+    todo = [canonicalize_name(package_name(r)) for r in requirements]
     seen: set[str] = set()
     while todo:
         name = todo.pop()

@@ -7,6 +7,7 @@ are typed in. TTFT statistics use successful requests only; errors are counted b
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 from collections import defaultdict
@@ -175,12 +176,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+PLOTS_MISSING = ("matplotlib is not installed, so the report will have no plots (the CSV, JSON and "
+                 "markdown table are written as usual); `pip install 'stackctl[bench]'` adds them.")
+
+
+def plots_available() -> bool:
+    """matplotlib is optional (the ``bench`` extra): without it the report has everything but PNGs."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_report(out_dir: str | Path, records: Sequence[Record], point_metrics: Sequence[PointResult],
                  availability: Sequence[AvailabilityResult] = (), baseline_profile: str | None = None,
                  title: str = "stackctl benchmark: multi-round QA") -> dict[str, Path]:
-    """Write requests.csv, summary.json, summary.md and the plots; return their paths by name."""
-    from stackctl.bench import plots  # matplotlib is imported only when a report is written
-
+    """Write requests.csv, summary.json, summary.md and, with matplotlib, the plots; return their
+    paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = point_rows(records, point_metrics)
@@ -194,6 +203,10 @@ def write_report(out_dir: str | Path, records: Sequence[Record], point_metrics: 
     paths["summary_json"].write_text(json.dumps(_json_safe(summary), indent=2), encoding="utf-8")
     paths["summary_md"] = out / "summary.md"
     paths["summary_md"].write_text(markdown(rows, baseline, comparison, availability, title), encoding="utf-8")
+    if not plots_available():
+        return paths
+    from stackctl.bench import plots  # matplotlib is imported only when a report is written
+
     if rows:
         paths["ttft_plot"] = plots.ttft_vs_qps(rows, out / "ttft_vs_qps.png")
         paths["throughput_plot"] = plots.throughput_vs_qps(rows, out / "throughput_vs_qps.png")

@@ -88,6 +88,7 @@ class Stack:
         hosts += [{"name": h.name, "address": h.address} for h in self.engine_hosts]
         inventory = {
             "cluster": "e2e", "deploy_dir": self.testbed.deploy_dir, "python": sys.executable, "install": True,
+            "service_user": None,  # programs run as the SSH user, root (sys.executable may be root's only)
             "ssh": self.testbed.inventory_ssh_block(),
             "model": {"name": MODEL, "hf_token_env": HF_ENV},
             "engine": self.engine,
@@ -416,6 +417,7 @@ def small_inventory(path: Path, testbed, host, *, ssh: dict, port_base: int = 83
     """One host running one engine and the router, programs run with this interpreter (no venv)."""
     inventory = {
         "cluster": "small", "deploy_dir": testbed.deploy_dir, "python": sys.executable, "install": False,
+        "service_user": None,  # as the SSH user (root): sys.executable may be readable by root only
         "ssh": ssh, "model": {"name": MODEL},
         "engine": {"kind": "sim", "port": port_base, "bind": "0.0.0.0", "health_timeout_s": 60,
                    "lmcache": {"enabled": False}, "sim": {"hardware": "a100-80gb", "time_scale": 10}},

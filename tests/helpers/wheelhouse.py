@@ -2,7 +2,8 @@
 
 Cached under $STACKCTL_WHEEL_CACHE (default ~/.cache/stackctl-tests/wheelhouse) in two parts:
   deps-<hash of install_requires + python>/    dependency wheels, reused until requirements change
-  project-<hash of setup.cfg + sources>/        the stackctl wheel, rebuilt when any source changes
+  project-<hash of setup.cfg + sources>/        the stackctl wheel (stackctl.wheels), rebuilt when any
+                                                source changes
 build_wheelhouse(dest) hard-links (or copies) both into dest, so dest is a plain --find-links dir.
 """
 
@@ -17,8 +18,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+from stackctl.wheels import build_stackctl_wheel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("stackctl", "roles", "templates")
@@ -95,36 +97,6 @@ def _build_deps(out: Path, repo: Path) -> None:
     _pip("wheel", "--wheel-dir", str(out), "-r", str(requirements))
 
 
-def build_requirements(repo: Path = REPO_ROOT) -> list[str]:
-    """[build-system] requires from pyproject.toml (what pip's isolated build would install)."""
-    with open(repo / "pyproject.toml", "rb") as file:
-        return list(tomllib.load(file).get("build-system", {}).get("requires", ["setuptools", "wheel"]))
-
-
-def _build_env(root: Path, repo: Path) -> Path:
-    """A cached venv holding the build requirements: an isolated build per wheel costs ~3x more."""
-    key = hashlib.sha256("\n".join(build_requirements(repo)).encode() + sys.implementation.cache_tag.encode())
-
-    def make(out: Path) -> None:
-        subprocess.run([sys.executable, "-m", "venv", str(out)], check=True, capture_output=True)
-        _pip("install", "--quiet", *build_requirements(repo), python=out / "bin" / "python")
-
-    env = build_once(root / f"buildenv-{key.hexdigest()[:16]}", make)
-    return env / "bin" / "python"
-
-
-def _build_project(out: Path, repo: Path, python: Path) -> None:
-    work = Path(tempfile.mkdtemp(prefix="stackctl-src-"))
-    try:
-        # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
-        shutil.copytree(repo, work / "src", ignore=shutil.ignore_patterns(
-            ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", "venv", ".pytest_cache"))
-        _pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(work / "src"),
-             python=python)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def _prune_projects(root: Path, keep: Path, newest: int = 3) -> None:
     """Sources change all day: keep only the few newest project wheels."""
     projects = sorted((p for p in root.glob("project-*") if p.is_dir() and "." not in p.name),
@@ -151,9 +123,8 @@ def build_wheelhouse(dest: Path | str | None = None, repo: Path = REPO_ROOT) -> 
     with locked(root):
         deps = build_once(root / f"deps-{deps_key(repo)}", lambda out: _build_deps(out, repo))
         project_dir = root / f"project-{project_key(repo)}"
-        if not project_dir.is_dir():
-            python = _build_env(root, repo)
-            build_once(project_dir, lambda out: _build_project(out, repo, python))
+        if not project_dir.is_dir():  # the wheel `up` itself would send (stackctl.wheels)
+            build_once(project_dir, lambda out: build_stackctl_wheel(out))
             _prune_projects(root, keep=project_dir)
         project = project_dir
     dest = Path(dest) if dest is not None else root / f"house-{deps.name[5:]}-{project.name[8:]}"

@@ -7,7 +7,9 @@ Layout (run id R, subnet slot S):
                    and UTS namespaces (deploy dir bind-mounted, hostname = host name),
                    and an sshd entered into those namespaces.
 Every process started over SSH inherits the host's namespaces, so each host has its own
-loopback, addresses, hostname and deploy dir. Cleanup kills every process in each netns,
+loopback, addresses, hostname and deploy dir; the rest of the filesystem is shared, so SSH
+sessions get the host's own ``bin`` dir first on their PATH for per-host stand-ins (a fake
+nvidia-smi). Cleanup kills every process in each netns,
 which also drops the private mounts, then deletes the netns, links, temp dir and state file.
 """
 
@@ -39,6 +41,8 @@ SUBNET_TEMPLATE = "10.213.{slot}.0/24"
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 BASTION_NAME = "bastion"
+ROOT_SSH_DIR = Path("/root/.ssh")  # each host gets its own, bind-mounted over this one
+SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sshd's own default for root
 
 
 class TestbedError(RuntimeError):
@@ -71,6 +75,16 @@ class TestHost:
     @property
     def sshd_config(self) -> Path:
         return self.dir / "sshd_config"
+
+    @property
+    def root_ssh_dir(self) -> Path:
+        """The host's own /root/.ssh (bind-mounted there inside the host's namespaces)."""
+        return self.dir / "root-ssh"
+
+    @property
+    def bin_dir(self) -> Path:
+        """First on the PATH of the host's SSH sessions (empty: tests put stand-ins here, e.g. a fake nvidia-smi)."""
+        return self.dir / "bin"
 
     @property
     def host_key(self) -> Path:
@@ -142,6 +156,37 @@ def _pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---------------------------------------------------------------- non-root SSH users
+
+# The hosts share the machine's /etc, so these accounts exist on every host once made. Both log
+# in with the testbed's client key (sshd's AuthorizedKeysFile is the testbed's own file).
+SUDO_USER = "stktb-sudo"  # passwordless sudo (NOPASSWD), as on a cloud image's ubuntu user
+SUDO_PASSWORD_USER = "stktb-sudopw"  # sudo asks for a password
+SUDOERS_FILE = Path("/etc/sudoers.d/stackctl-testbed")
+
+
+def ensure_test_users() -> None:
+    """Create the two non-root SSH users and their sudo rules (idempotent; kept afterwards,
+    since parallel testbeds share them)."""
+    if shutil.which("sudo") is None:
+        raise TestbedError("sudo is not installed (apt-get install sudo): the become tests need it")
+    with _registry_lock():
+        for user in (SUDO_USER, SUDO_PASSWORD_USER):
+            if run(["id", "-u", user], check=False).returncode != 0:
+                run(["useradd", "--create-home", "--shell", "/bin/bash", user])
+        # sshd (UsePAM no) refuses locked accounts ("!" in shadow): no password, not locked...
+        run(["usermod", "-p", "*", SUDO_USER])
+        # ...and a real password for the one whose sudo asks for it (nobody ever types it).
+        run(["chpasswd"], input=f"{SUDO_PASSWORD_USER}:{secrets.token_hex(16)}\n")
+        rules = f"{SUDO_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n{SUDO_PASSWORD_USER} ALL=(ALL:ALL) ALL\n"
+        if not SUDOERS_FILE.exists() or SUDOERS_FILE.read_text() != rules:
+            tmp = SUDOERS_FILE.with_name(".stackctl-testbed.tmp")  # sudo ignores names with a '.'
+            tmp.write_text(rules)
+            os.chmod(tmp, 0o440)
+            run(["visudo", "-cf", str(tmp)])
+            os.replace(tmp, SUDOERS_FILE)
 
 
 # ---------------------------------------------------------------- the testbed
@@ -268,6 +313,9 @@ class Testbed:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{PREFIX}-client",
              "-f", str(self.client_key)])
         self.authorized_keys.write_text(Path(f"{self.client_key}.pub").read_text())
+        # sshd reads authorized_keys as the logging-in user: let non-root users reach it.
+        os.chmod(self.dir, 0o711)
+        os.chmod(self.authorized_keys, 0o644)
         run(["ip", "link", "add", self.bridge, "type", "bridge"])
         run(["ip", "addr", "add", f"{self.root_address}/24", "dev", self.bridge])
         run(["ip", "link", "set", self.bridge, "up"])
@@ -275,12 +323,14 @@ class Testbed:
             os.makedirs(self.deploy_dir)
             self._made_mountpoint = True
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        ROOT_SSH_DIR.mkdir(mode=0o700, exist_ok=True)  # the mount point of each host's own ~/.ssh
 
     def _veth(self, host: TestHost) -> str:
         return f"{PREFIX}{self.run_id}v{host.netns.rsplit('-', 1)[1]}"
 
     def _create_host(self, host: TestHost) -> None:
         host.deploy_source.mkdir(parents=True)
+        host.bin_dir.mkdir()
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.name, "-f", str(host.host_key)])
         host.sshd_config.write_text(self._sshd_config(host))
         self._plumb_network(host)
@@ -301,10 +351,19 @@ class Testbed:
     def _start_holder(self, host: TestHost) -> None:
         """A sleep process owning the host's private mount + UTS namespaces (survives sshd restarts)."""
         ready = host.dir / "holder.ready"
-        script = ('hostname "$1" && mount --bind "$2" "$3" && : > "$4" && exec sleep infinity')
+        # Its own /etc/hosts naming every testbed host, as a real host resolves its own name
+        # (sudo warns "unable to resolve host" on every call otherwise).
+        hosts_file = host.dir / "hosts"
+        hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{h.address} {h.name}\n" for h in self.all_hosts))
+        # And its own ~/.ssh for root (sshd also reads .ssh/authorized_keys, as on a real host: `up`
+        # authorizes its host-to-host model copies there), never the machine's real one.
+        host.root_ssh_dir.mkdir(mode=0o700)
+        script = ('hostname "$1" && mount --bind "$2" "$3" && mount --bind "$5" /etc/hosts && mount --bind "$6" "$7" '
+                  '&& : > "$4" && exec sleep infinity')
         proc = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--propagation", "private",
-             "sh", "-c", script, "holder", host.name, str(host.deploy_source), self.deploy_dir, str(ready)],
+             "sh", "-c", script, "holder", host.name, str(host.deploy_source), self.deploy_dir, str(ready), str(hosts_file),
+             str(host.root_ssh_dir), str(ROOT_SSH_DIR)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(host.dir / "holder.log", "w"),
             start_new_session=True)
         self._procs[f"holder:{host.name}"] = proc
@@ -317,11 +376,12 @@ class Testbed:
         lines = [
             "Port 22", "ListenAddress 0.0.0.0",
             f"HostKey {host.host_key}", f"PidFile {host.dir / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.authorized_keys}",
+            f"AuthorizedKeysFile {self.authorized_keys} .ssh/authorized_keys",
             "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no", "UseDNS no",
             "AllowTcpForwarding yes", "MaxStartups 200", "MaxSessions 100", "LogLevel VERBOSE",
             f"Subsystem sftp {SFTP_SERVER}",
+            f"SetEnv PATH={host.bin_dir}:{SESSION_PATH}",  # the hosts share /usr: per-host tools go in bin_dir
         ]
         if host.proxy_jump:
             bastion = self.host(host.proxy_jump) if self.bastion_host else None
@@ -439,9 +499,10 @@ class Testbed:
         return host if isinstance(host, TestHost) else self.host(host)
 
     # ----------------------------------------------------------- for stackctl's inventory
-    def inventory_ssh_block(self) -> dict:
-        """The ``ssh:`` block of a stackctl inventory for these hosts."""
-        return {"user": "root", "port": 22, "key": str(self.client_key),
+    def inventory_ssh_block(self, user: str = "root") -> dict:
+        """The ``ssh:`` block of a stackctl inventory for these hosts (``user``: e.g.
+        SUDO_USER, after ensure_test_users())."""
+        return {"user": user, "port": 22, "key": str(self.client_key),
                 "known_hosts": str(self.known_hosts), "config": str(self.ssh_config)}
 
     def inventory_hosts(self) -> list[dict]:

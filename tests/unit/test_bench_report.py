@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +138,32 @@ def test_saved_sweeps_reload(tmp_path):
     records, points, availability = load_results(tmp_path)
     assert sorted(r.profile for r in records) == ["naive", "opt/1"]
     assert len(points) == 2 and availability == []
+
+
+def test_without_matplotlib_the_report_has_everything_but_plots(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    records = [record(p, 1.0, ttft=t) for p, t in (("naive", 1.0), ("optimized", 0.5))]
+    paths = write_report(tmp_path, records, [point(p, 1.0) for p in ("naive", "optimized")])
+    assert sorted(paths) == ["requests_csv", "summary_json", "summary_md"]
+    assert "naive/optimized" in paths["summary_md"].read_text()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_bench_says_plots_are_missing_before_it_deploys(tmp_path, monkeypatch):
+    from stackctl import benchcmd
+    from stackctl.errors import StackctlError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    said = []
+
+    def up(*args, **kwargs):
+        said.append("deploying")
+        raise StackctlError("stop here")
+
+    monkeypatch.setattr(benchcmd, "up", up)
+    options = benchcmd.BenchOptions(inventory=Path(__file__).parents[2] / "inventory" / "local.yaml",
+                                    profiles=["naive"], out_dir=tmp_path)
+    with pytest.raises(StackctlError):
+        benchcmd.run_bench(options, lambda message: True, said.append)
+    assert "matplotlib is not installed" in said[0] and "stackctl[bench]" in said[0]
+    assert said.index("deploying") > 0

@@ -1,21 +1,49 @@
-"""A plain, non-editable install from a wheel finds the role defaults and templates."""
+"""The wheel stackctl writes for its hosts: reproducible, installable by plain pip, complete
+(roles and templates), and writable again from a plain, non-editable install of itself."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
+from email.parser import HeaderParser
 from pathlib import Path
 
 import pytest
 
+from stackctl.wheels import build_stackctl_wheel, wheel_bytes
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _members(wheel: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(wheel) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def _requires(members: dict[str, bytes]) -> list[str]:
+    metadata = next(data for name, data in members.items() if name.endswith(".dist-info/METADATA"))
+    return sorted(HeaderParser().parsestr(metadata.decode()).get_all("Requires-Dist") or [])
+
+
+def test_wheel_is_reproducible_and_records_every_file(tmp_path):
+    first = build_stackctl_wheel(tmp_path / "a")
+    second = build_stackctl_wheel(tmp_path / "b")
+    assert first.name == "stackctl-0.1.0-py3-none-any.whl"
+    assert first.read_bytes() == second.read_bytes() == wheel_bytes()[1]
+    members = _members(first)
+    record = members["stackctl-0.1.0.dist-info/RECORD"].decode().splitlines()
+    assert sorted(line.split(",")[0] for line in record) == sorted(members)
+    assert "stackctl/_roles/engine/defaults.yaml" in members
+    assert "stackctl/_templates/supervisord.conf.j2" in members
+    assert not [n for n in members if "__pycache__" in n or n.endswith(".pyc")]
+    assert "stackctl = stackctl.cli:main" in members["stackctl-0.1.0.dist-info/entry_points.txt"].decode()
+    assert any(r.startswith("supervisor>=") for r in _requires(members))
+
+
 @pytest.mark.slow
-def test_wheel_installs_and_plans(tmp_path):
-    dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)], check=True)
-    wheel = next(dist.glob("stackctl-*.whl"))
+def test_wheel_installs_plans_and_rewrites_itself_from_the_plain_install(tmp_path):
+    wheel = build_stackctl_wheel(tmp_path / "dist")
     venv = tmp_path / "venv"
     # Dependencies come from this interpreter's site-packages; stackctl itself only from the wheel.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
@@ -31,3 +59,13 @@ def test_wheel_installs_and_plans(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "[program:engine-0]" in result.stdout
     assert "max_local_cpu_size: 120.0" in result.stdout
+    # The installed copy (no setup.cfg, no sources) writes the wheel for the hosts from its own files.
+    again = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import sys; from pathlib import Path; from stackctl.wheels import build_stackctl_wheel as b; print(b(Path(sys.argv[1])))", str(tmp_path / "again")],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert again.returncode == 0, again.stderr
+    original, rewritten = _members(wheel), _members(Path(again.stdout.strip()))
+    code = lambda members: {n: d for n, d in members.items() if not n.startswith("stackctl-0.1.0.dist-info/")}  # noqa: E731
+    assert code(rewritten) == code(original)
+    assert _requires(rewritten) == _requires(original)
