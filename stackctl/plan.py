@@ -6,6 +6,7 @@ host against this and applies the difference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from . import __version__
-from .inventory import Cluster, Engine, Host
+from .inventory import ENGINE_KINDS, Cluster, Engine, Host, env_secret
 from .roles import render
 
 LMCACHE_CONNECTOR = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
@@ -112,6 +113,15 @@ def host_dirs(deploy_dir: str) -> dict[str, str]:
     return {name: f"{deploy_dir}/{name}" for name in names}
 
 
+def venv_dir(deploy_dir: str) -> str:
+    return f"{deploy_dir}/venv"
+
+
+def owned_entries(deploy_dir: str) -> list[str]:
+    """Everything `up` makes in a deploy dir (what `down --purge` removes, and nothing else)."""
+    return [*host_dirs(deploy_dir).values(), venv_dir(deploy_dir)]
+
+
 def plan_cluster(cluster: Cluster, only_hosts: list[str] | None = None) -> list[HostPlan]:
     """The desired state of every host (or only the named ones), in inventory order."""
     plans = [plan_host(cluster, host) for host in cluster.hosts]
@@ -123,7 +133,7 @@ def plan_cluster(cluster: Cluster, only_hosts: list[str] | None = None) -> list[
 def plan_host(cluster: Cluster, host: Host) -> HostPlan:
     deploy_dir = host.deploy_dir.rstrip("/") or "/"
     dirs = host_dirs(deploy_dir)
-    venv = f"{deploy_dir}/venv" if host.install else None
+    venv = venv_dir(deploy_dir) if host.install else None
     python = f"{venv}/bin/python" if venv else _interpreter(host.python)
     plan = HostPlan(host=host, deploy_dir=deploy_dir, python=python, venv=venv, packages=[], dirs=dirs)
     context = {"host": host, "deploy_dir": deploy_dir, "dirs": dirs}
@@ -217,6 +227,9 @@ def _plan_engines(cluster: Cluster, host: Host, plan: HostPlan, context: dict) -
     plan.model = _model_spec(cluster, host, plan.dirs)
     if cluster.model.get("hf_token_env") and plan.model.action == "download":
         plan.secrets.append(SecretSpec(f"{plan.dirs['secrets']}/hf_token", cluster.model["hf_token_env"], "Hugging Face token"))
+    for key, value in settings["env"].items():
+        if env_secret(value) is not None:
+            plan.secrets.append(SecretSpec(env_secret_file(plan, key), env_secret(value), f"engine environment variable {key}"))
     for engine in host.engines:
         lmcache_file = None
         if lmcache["enabled"]:
@@ -262,6 +275,29 @@ def engine_argv(cluster: Cluster, host: Host, engine: Engine, python: str, model
     return argv + list(s["extra_args"])
 
 
+# Flags engine_argv renders whose inventory key is not engine.<flag with '_' for '-'>.
+FLAG_KEYS = {
+    "--host": "engine.bind", "--model": "model.path (or model.name)", "--served-model-name": "model.name",
+    "--kv-transfer-config": "engine.lmcache.enabled", "--enable-prefix-caching": None,  # always on
+    "--hardware": "engine.sim.hardware", "--time-scale": "engine.sim.time_scale", "--model-profile": "engine.sim.model_profile",
+}
+
+
+def managed_engine_flags(cluster: Cluster, host: Host) -> dict[str, str | None]:
+    """Every flag engine_argv can render, whatever the settings, with the inventory key that
+    sets it (None: always on): engine_argv itself is the list, rendered with every option on."""
+    flags = {}
+    for kind in ENGINE_KINDS:
+        s = host.engine
+        everything = dict(s, kind=kind, max_num_seqs=1, max_num_batched_tokens=1, dtype="auto", enforce_eager=True, extra_args=[],
+                          lmcache=dict(s["lmcache"], enabled=True), sim=dict(s["sim"], model_profile="any"))
+        argv = engine_argv(cluster, dataclasses.replace(host, engine=everything), Engine(host.name, 0, 1, (0,)), "python", "model")
+        for arg in argv:
+            if arg.startswith("--"):
+                flags[arg] = FLAG_KEYS.get(arg, "engine." + arg[2:].replace("-", "_"))
+    return flags
+
+
 # vLLM forks EngineCore and worker processes that outlive a SIGKILLed API server and keep its
 # port and memory. supervisord gives each program its own process group, so the engine's
 # launcher records that group and, before starting again, kills what is left of the last one
@@ -271,6 +307,24 @@ REAP_AND_EXEC = 'f="$1"; shift; if [ -s "$f" ]; then pkill -9 -i -g "$(cat "$f")
 
 def _launcher(program: str, pgid_file: str, argv: list[str]) -> tuple[str, ...]:
     return ("/bin/sh", "-c", REAP_AND_EXEC, program, pgid_file, *argv)
+
+
+# Secret engine.env values ({from_env: VAR}) never go into supervisor's environment= (a 0644
+# file): each is a 0600 file in the secrets dir, exported by this wrapper just before the exec.
+# Arguments: NAME FILE pairs, then --, then the command.
+EXPORT_SECRETS = 'while [ "$1" != -- ]; do v="$(cat -- "$2")" || exit 1; export "$1=$v"; shift 2; done; shift; exec "$@"'
+
+
+def env_secret_file(plan: HostPlan, key: str) -> str:
+    return f"{plan.dirs['secrets']}/env.{key}"
+
+
+def _with_secret_env(plan: HostPlan, env: dict, argv: list[str]) -> list[str]:
+    secret_keys = [k for k, v in env.items() if env_secret(v) is not None]
+    if not secret_keys:
+        return argv
+    pairs = [item for k in secret_keys for item in (k, env_secret_file(plan, k))]
+    return ["/bin/sh", "-c", EXPORT_SECRETS, "export-secrets", *pairs, "--", *argv]
 
 
 def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, lmcache_file: str | None) -> ProgramSpec:
@@ -296,7 +350,7 @@ def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan
         env["LMCACHE_CONFIG_FILE"] = lmcache_file
     if any(s.env_var == cluster.model.get("hf_token_env") for s in plan.secrets):
         env["HF_TOKEN_PATH"] = f"{plan.dirs['secrets']}/hf_token"
-    env.update({k: str(v) for k, v in host.engine["env"].items()})
+    env.update({k: str(v) for k, v in host.engine["env"].items() if env_secret(v) is None})
     gpus = ",".join(str(g) for g in engine.gpus)
     return ProgramSpec(
         name=engine.program,
@@ -311,7 +365,7 @@ def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan
 
 
 def _engine_command(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, model_ref: str) -> tuple[str, ...]:
-    argv = engine_argv(cluster, host, engine, plan.python, model_ref)
+    argv = _with_secret_env(plan, host.engine["env"], engine_argv(cluster, host, engine, plan.python, model_ref))
     if host.engine["kind"] != "vllm":  # the simulator is one process: nothing to reap
         return tuple(argv)
     return _launcher(engine.program, plan.engine_pgid_file(engine.program), argv)

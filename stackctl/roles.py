@@ -7,11 +7,24 @@ shared ones. Rendering is strict (an undefined variable is an error, not an empt
 from __future__ import annotations
 
 import functools
+import re
 import shlex
+import unicodedata
 
 import jinja2
 
 from .resources import roles_dir, templates_dir
+
+
+def _ini_safe_quote(arg: str) -> str:
+    """shlex-quote one argument so that supervisor reads it back unchanged: its config parser
+    cuts a value at whitespace followed by ``;`` or ``#`` (an inline comment), and replaces
+    ``%(here)s`` in every value as it reads the file, even where ``%`` was doubled. Such a
+    ``;``/``#``, and the ``(`` after a ``%``, start a separately quoted piece."""
+    pieces = re.split(r"(?<=\s)(?=[;#])|(?<=%)(?=\()", arg)
+    if len(pieces) == 1:
+        return shlex.quote(arg)
+    return "".join(shlex.quote(piece) for piece in pieces if piece)
 
 
 def supervisor_command(argv: list[str]) -> str:
@@ -20,15 +33,45 @@ def supervisor_command(argv: list[str]) -> str:
     supervisord splits ``command`` with shlex and expands ``%(name)s`` in it, so an argument
     such as a JSON --kv-transfer-config must be quoted and any ``%`` doubled.
     """
-    return shlex.join(argv).replace("%", "%%")
+    return " ".join(_ini_safe_quote(str(arg)) for arg in argv).replace("%", "%%")
+
+
+def control_char(text: str) -> str | None:
+    """The first control character or line break in ``text`` (what would end an INI line, a
+    systemd directive or a shell word), or None."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+
+
+def supervisor_env_problem(value: str) -> str | None:
+    """Why ``value`` cannot be written in supervisor's ``environment=``, or None.
+
+    supervisor splits ``environment=`` with a non-POSIX shlex (no escapes: a value is quoted
+    with a quote character it does not contain), strips quote characters from both ends of
+    each value, and its config parser cuts the line at whitespace followed by ``;`` or ``#``.
+    """
+    if control_char(value) is not None:
+        return "it holds a control character or a line break"
+    if '"' in value and "'" in value:
+        return "it holds both ' and \" quotes"
+    if value[:1] in ("'", '"') or value[-1:] in ("'", '"'):
+        return "it starts or ends with a quote character"
+    if re.search(r"\s[;#]", value):
+        return "it has whitespace before a ';' or '#' (supervisor would cut the line there)"
+    if "%(here)s" in value:
+        return "it holds %(here)s, which supervisor replaces in every value"
+    return None
 
 
 def supervisor_env(environment: dict[str, str]) -> str:
     """``KEY="value",...`` for supervisor's ``environment=``, quoted and %-escaped."""
     items = []
     for key, value in environment.items():
-        text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-        items.append(f'{key}="{text}"')
+        text = str(value)
+        problem = supervisor_env_problem(text)
+        if problem:  # the inventory check refuses these first; never write a config that misreads
+            raise ValueError(f"environment variable {key}: cannot be written for supervisor: {problem}")
+        quote = "'" if '"' in text else '"'
+        items.append(f"{key}={quote}{text.replace('%', '%%')}{quote}")
     return ",".join(items)
 
 

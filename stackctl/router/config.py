@@ -154,6 +154,12 @@ def _policy_options(policy: str, raw: Any) -> dict[str, Any]:
     return options
 
 
+def check_policy_options(policy: str, raw: Any) -> dict[str, Any]:
+    """``policy_options`` of ``policy`` with defaults filled in, or RouterConfigError: the one
+    schema, used by the router when it loads its config and by ``stackctl validate``."""
+    return _policy_options(policy, raw)
+
+
 def parse_config(raw: Any, source: str = "<config>") -> RouterConfig:
     """Validate a parsed YAML document; errors are prefixed with ``source``."""
     try:

@@ -70,13 +70,15 @@ def test_a100_8_unit_passes_systemd_analyze_verify(tmp_path):
 
 
 def test_unit_with_an_existing_interpreter_verifies_clean(tmp_path):
-    """The same template for a deploy dir with a venv that exists (spaces and % in the path)."""
+    """The same template for an interpreter that exists (spaces and % in its path; a deploy
+    dir may hold neither: it is written bare into supervisord.conf, so validate refuses that)."""
     tool = systemd_analyze()
-    deploy = tmp_path / "deploy 100%"
-    (deploy / "venv" / "bin").mkdir(parents=True)
-    os.symlink(shutil.which("python3"), deploy / "venv" / "bin" / "python")
+    python = tmp_path / "py 100%" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    os.symlink(shutil.which("python3"), python)
     data = yaml.safe_load((REPO / "inventory" / "a100-8.yaml").read_text())
-    data["deploy_dir"] = str(deploy)
+    data["deploy_dir"] = str(tmp_path / "deploy")
+    data["install"], data["python"] = False, str(python)
     inventory = tmp_path / "inv.yaml"
     inventory.write_text(yaml.safe_dump(data))
     plan = plan_cluster(load_inventory(inventory))[0]
