@@ -6,7 +6,8 @@ and through each router, side by side in one run.
 
 Targets: ``direct`` (the client spreads requests over the engines itself), ``ours-rr`` and
 ``ours-kv`` (stackctl router, round_robin / kv_aware), ``ours-kv-aiohttp`` (kv_aware with
-aiohttp's ClientSession as the upstream client instead of the lean one), ``vllm-rr`` and ``vllm-cache``
+aiohttp's ClientSession as the upstream client instead of the lean one: the router run by
+benchmarks/aiohttp_upstream.py), ``vllm-rr`` and ``vllm-cache``
 (``vllm-router`` from PyPI, round_robin / cache_aware; skipped when not installed, pass
 ``--vllm-router PATH`` or put ``vllm-router`` on PATH).
 
@@ -87,7 +88,9 @@ def router_command(target: str, vllm_router: str | None, directory: str,
                    kv_options: dict | None = None) -> list[str] | None:
     if target.startswith("ours-"):
         policy = "round_robin" if target == "ours-rr" else "kv_aware"
-        return [sys.executable, "-m", "stackctl.router", "--config",
+        # ours-kv-aiohttp: the same router with aiohttp's ClientSession as upstream client
+        module = "benchmarks.aiohttp_upstream" if target == "ours-kv-aiohttp" else "stackctl.router"
+        return [sys.executable, "-m", module, "--config",
                 write_our_config(policy, directory, kv_options), "--log-level", "WARNING"]
     if target in ("vllm-rr", "vllm-cache"):
         if not vllm_router:
@@ -279,11 +282,8 @@ async def run_target(target, args, bodies, directory):
             print(f"skipping {target}: vllm-router not found", file=sys.stderr)
             return rows
         log = open(os.path.join(directory, f"{target}.log"), "w")
-        env = dict(os.environ)
-        if target == "ours-kv-aiohttp":  # A/B: aiohttp's ClientSession as upstream client
-            env["STACKCTL_ROUTER_UPSTREAM"] = "aiohttp"
         proc = subprocess.Popen(_taskset(args.router_core) + cmd, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                                stderr=subprocess.STDOUT, start_new_session=True)
         await wait_ready(f"http://127.0.0.1:{ROUTER_PORT}/health")
         urls = [f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"]
     try:

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stackctl.sim.config import parse_args  # noqa: E402
-from stackctl.sim.engine import Engine, SimRequest  # noqa: E402
+from stackctl.sim.engine import SimEngine, SimRequest  # noqa: E402
 from stackctl.sim.timing import TimingModel  # noqa: E402
 from tests.helpers.sim_fleet import start_sim, stop_sim  # noqa: E402
 
@@ -77,7 +77,7 @@ def ideal_means(prompts: list[str], results: list[tuple], args) -> tuple[float, 
     """Mean TTFT and e2e (real seconds) of the same requests, arriving when the client sent
     them, on the engine's virtual clock: the timing model with zero overhead."""
     config = parse_args(["--time-scale", str(args.time_scale), *SIM_FLAGS, *args.sim_args], environ={})
-    engine = Engine(config.engine_config(), TimingModel(config.hardware, config.model_profile))
+    engine = SimEngine(config.engine_config(), TimingModel(config.hardware, config.model_profile))
     requests = [SimRequest(str(i), p.split(), args.max_tokens) for i, p in enumerate(prompts)]
     engine.replay([(r[4] * args.time_scale, req) for r, req in zip(results, requests)])
     ttft = statistics.fmean(req.first_token_time - req.arrival for req in requests)

@@ -174,7 +174,7 @@ def _program_changes(plan: HostPlan, facts: Facts, diff: HostDiff, changed_files
 def _program_inputs(plan: HostPlan, program: ProgramSpec) -> list[str]:
     """Files a program reads at start (besides its supervisor section); the router also
     re-reads its API keys file on SIGHUP."""
-    keys = [s.path for s in plan.secrets if program.kind == "router" and Path(s.path).name == "router_api_keys"]
+    keys = [s.path for s in plan.secrets if program.kind == "router" and s.path == plan.router_keys_file]
     secret_files = {s.path for s in plan.secrets}  # engine.env secrets: read by the command at start
     return [arg for arg in program.command if arg.startswith(plan.dirs["config"]) or arg in secret_files] + [
         v for v in program.environment.values() if str(v).startswith(plan.dirs["config"])
@@ -283,7 +283,7 @@ class Applier:
                 existed = self.diff.facts.raw.get("deploy_dir_uid") is not None
                 self.conn.run(own_dir_command(plan.deploy_dir, self.diff.facts.raw["account"]["user"], recursive=existed), as_root=True, timeout=600)
         self._do("directories")
-        dirs = " ".join(q(d) for d in [plan.deploy_dir, *plan.dirs.values(), f"{plan.dirs['supervisor']}/conf.d", *self._model_parents()])
+        dirs = " ".join(q(d) for d in [plan.deploy_dir, *plan.dirs.values(), plan.program_dir, *self._model_parents()])
         self.run(f"mkdir -p {dirs} && chmod 700 {q(plan.dirs['secrets'])}")
         if diff.has("venv"):
             self._do("venv")
@@ -363,7 +363,7 @@ class Applier:
             if not self.diff.has("venv"):  # a rebuilt wheel of the same version: pip skipped it above
                 self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + stackctl_wheel.name)}", timeout=600, hangup=True)
             marker = hashlib.sha256(stackctl_wheel.read_bytes()).hexdigest()
-            self.conn.put_bytes(marker.encode(), f"{plan.dirs['wheels']}/installed.txt")
+            self.conn.put_bytes(marker.encode(), plan.installed_marker)
 
     def _install_model(self) -> None:
         """Through the run's ModelDistributor (stackctl/models.py): from the operator or the Hub,
@@ -431,5 +431,5 @@ class Applier:
             raise DeployError(f"supervisord did not report every program RUNNING within {limit} s:\n{result.stdout.strip()}")
 
     def log_tail(self, program: str, lines: int = 30) -> str:
-        path = f"{self.plan.dirs['logs']}/{program}.log"
+        path = self.plan.log_file(program)
         return self.conn.run(f"tail -n {int(lines)} {q(path)} 2>/dev/null || true").stdout

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shlex
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -47,6 +49,26 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.exited == 0
+
+
+_verbosity = 0  # `-v`: the transports echo each command to stderr (set_verbosity)
+_trace_lock = threading.Lock()
+_BLOB = re.compile(r"[A-Za-z0-9+/=]{120,}")  # the packed probe in a command line: shown as its size
+
+
+def set_verbosity(level: int) -> None:
+    """``-v`` and up: every command a connector runs, and every upload's path, on stderr. Only
+    commands and paths are shown, never their output or an upload's bytes (secrets travel as
+    uploads, and commands never carry secret values)."""
+    global _verbosity
+    _verbosity = level
+
+
+def trace(host: Host, what: str) -> None:
+    if _verbosity > 0:
+        text = _BLOB.sub(lambda m: f"<{len(m.group())} chars>", what)
+        with _trace_lock:
+            print(f"[{host.name}] {text}", file=sys.stderr, flush=True)
 
 
 class Connector:
@@ -88,6 +110,7 @@ class LocalConnector(Connector):
         # ``hangup`` needs nothing here: a local command is this process's child, in the
         # terminal's process group, so the same Ctrl-C reaches it.
         kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "in_stream": io.StringIO(stdin) if stdin is not None else False}
+        trace(self.host, f"$ {command}")
         try:
             res = self._context.run(command, **kwargs)
         except Exception as exc:  # invoke.CommandTimedOut and friends
@@ -97,6 +120,7 @@ class LocalConnector(Connector):
         return self._check(command, Result(res.stdout, res.stderr, res.exited if res.exited is not None else -1), check)
 
     def put_bytes(self, data, path, mode=0o644):
+        trace(self.host, f"put {path} (mode {mode:04o}, {len(data)} bytes)")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -185,6 +209,7 @@ class SSHConnector(Connector):
         self.open()
         kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "pty": hangup,
                   "in_stream": io.StringIO(stdin) if stdin is not None else False}
+        trace(self.host, f"$ {command}")
         try:
             res = self._conn.run(command, **kwargs)
         except Exception as exc:
@@ -195,6 +220,7 @@ class SSHConnector(Connector):
 
     def put_bytes(self, data, path, mode=0o644):
         """Upload to a temporary name, set the mode, then rename over the target (atomic)."""
+        trace(self.host, f"put {path} (mode {mode:04o}, {len(data)} bytes)")
         self.open()
         tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
         sftp = self._conn.sftp()
@@ -204,6 +230,7 @@ class SSHConnector(Connector):
         sftp.posix_rename(tmp, path)
 
     def put_file(self, local, path, mode=0o644):
+        trace(self.host, f"put {path} (mode {mode:04o}, from {local})")
         self.open()
         tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
         sftp = self._conn.sftp()

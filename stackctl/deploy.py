@@ -18,14 +18,14 @@ from typing import Callable
 import yaml
 
 from .apply import Applier, HostDiff, attach_content_diffs, compute_diff, format_diff, sha256
-from .connect import BecomeError, CommandError, Connector, connect, q
+from .connect import BecomeError, CommandError, Connector, connect
 from .errors import StackctlError
 from .facts import gather, run_probe
 from .inventory import Cluster, check_secrets
 from .metrics import engine_summary
 from .models import ModelDistributor, check_operator, model_bytes
 from .parallel import Cancellation, Interrupted, each
-from .plan import HostPlan, plan_cluster
+from .plan import HostPlan, plan_cluster, router_config_text
 from .progress import Progress
 from .wheels import wheels_for_upload
 
@@ -36,7 +36,7 @@ INTERRUPTED = "interrupted (Ctrl-C) during this step; `stackctl up` again finish
 @dataclass
 class HostOutcome:
     name: str
-    status: str = "pending"  # unchanged | changed | failed | refused | unreachable | interrupted
+    status: str = "pending"  # unchanged | changed | failed | refused | unreachable | interrupted | would-change (--check)
     step: str = ""
     error: str = ""
     changes: int = 0
@@ -65,6 +65,7 @@ class UpOptions:
     wheelhouse: Path | None = None
     verify: bool = True
     show_diff: bool = False  # also show line diffs of changed files
+    check: bool = False  # `up --check`: gather and show the diff only; nothing is confirmed or applied
 
 
 def _needs_stackctl(plans: list[HostPlan]) -> bool:
@@ -121,6 +122,10 @@ class Deployment:
                 outcome.status, outcome.step, outcome.error = "refused", "checks", "; ".join(diff.problems)
             elif not diff.changes:
                 outcome.status = "unchanged"
+        if self.options.check:  # the diff shown is the answer (the CLI's exit code says whether it is empty)
+            for plan in todo:
+                self.result.outcomes[plan.host.name].status = "would-change"
+            return
         if todo and not self.confirm(f"Apply {sum(len(self.diffs[p.host.name].changes) for p in todo)} change(s) on {len(todo)} host(s)?"):
             raise StackctlError("nothing was changed (not confirmed).", exit_code=1)
         engine_hosts = [p for p in todo if p.host.name != self.cluster.router["host"]]
@@ -245,18 +250,18 @@ class Deployment:
             self.result.verify_error = f"router host {router_host} was {self.result.outcomes[router_host].status}"
             return
         router_plan = next(p for p in plan_cluster(self.cluster, [router_host]))
-        port = self.cluster.router["port"]
+        router = router_plan.program("router")
         self.progress.update(router_host, "verify: router health")
-        health = run_probe(conn, router_plan.python, {"action": "wait", "urls": [f"http://127.0.0.1:{port}/health"], "timeout": 60, "interval": 0.5}, timeout=120)
+        health = run_probe(conn, router_plan.python, {"action": "wait", "urls": [router.health_url], "timeout": 60, "interval": 0.5}, timeout=120)
         if health["unhealthy"]:
-            last = health["last"].get(f"http://127.0.0.1:{port}/health", {})
+            last = health["last"].get(router.health_url, {})
             self.result.verify_error = f"the router's /health did not answer 200 within 60 s (last: {last.get('status')} {last.get('body', '')[:300]})"
             self.progress.update(router_host, "verify failed")
             return
         self.progress.update(router_host, "verify: completion")
         body = json.dumps({"model": self.cluster.model["name"], "prompt": "stackctl deployment check", "max_tokens": 4})
-        keys_file = next((s.path for s in router_plan.secrets if s.env_var == self.cluster.router.get("api_keys_env")), None)
-        request = {"url": f"http://127.0.0.1:{port}/v1/completions", "body": body, "timeout": 300, "bearer_file": keys_file}
+        keys_file = router_plan.router_keys_file if self.cluster.router.get("api_keys_env") else None
+        request = {"url": router.url("/v1/completions"), "body": body, "timeout": 300, "bearer_file": keys_file}
         answer = run_probe(conn, router_plan.python, {"action": "http", "requests": [request]}, timeout=360)[0]
         if answer["status"] != 200:
             self.result.verify_error = f"a completion through the router failed: {answer['status']} {answer['body'][:300]}"
@@ -267,57 +272,56 @@ class Deployment:
 
 
 class RouterDrain:
-    """Rolling updates: take a host's engines out of the running router (its config minus
-    them, SIGHUP) and let their requests finish before they restart; put them back after.
+    """Rolling updates: take a host's engines out of the running router (router.yaml rendered
+    without them, SIGHUP) and let their requests finish before they restart; put them back
+    after (the full planned router.yaml).
 
     Without this, requests in flight on an engine when supervisord stops it are cut (an
     engine may abort them at SIGTERM, and supervisord signals its whole process group).
     """
 
     IDLE_TIMEOUT_S = 60.0
+    RELOAD_TIMEOUT_S = 30.0
 
-    def __init__(self, deployment: "Deployment", conn: Connector | None, plan: HostPlan | None, config: str | None):
-        self.deployment, self.conn, self.plan, self.config = deployment, conn, plan, config
+    def __init__(self, deployment: "Deployment", conn: Connector | None, plan: HostPlan | None):
+        self.deployment, self.conn, self.plan = deployment, conn, plan
 
     @classmethod
     def open(cls, deployment: "Deployment") -> "RouterDrain":
-        """The running router's config, when there is a running router to drain through."""
+        """Drains through the router host's connection when its router runs (else a no-op)."""
         name = deployment.cluster.router["host"]
         conn, diff = deployment.conns.get(name), deployment.diffs.get(name)
         if conn is None or diff is None or diff.facts.program_state("router") != "RUNNING":
-            return cls(deployment, None, None, None)
-        path = f"{diff.plan.dirs['config']}/router.yaml"
-        current = conn.run(f"cat {q(path)}", check=False)
-        return cls(deployment, conn, diff.plan, current.stdout if current.ok else None)
+            return cls(deployment, None, None)
+        return cls(deployment, conn, diff.plan)
 
     @contextlib.contextmanager
     def without(self, plan: HostPlan, diff: HostDiff):
         engines = {p.name for p in plan.programs if p.kind == "engine"}
         names = {e.name for e in plan.host.engines}
         restarts = any(c.kind == "restart" and c.target in engines for c in diff.changes)
-        if self.config is None or not restarts:
+        if self.conn is None or not restarts:
             yield
             return
         progress = self.deployment.progress
-        data = yaml.safe_load(self.config)
-        data["engines"] = [e for e in data.get("engines") or [] if e.get("name") not in names]
+        cluster = self.deployment.cluster
         progress.update(plan.host.name, "drain: out of the router")
-        self._load(yaml.safe_dump(data, sort_keys=False), absent=names)
+        self._load(router_config_text(cluster, self.plan, without=names), absent=names)
         try:
             progress.update(plan.host.name, "drain: finishing requests")
             self._wait_idle(plan)
             yield
         finally:
             progress.update(plan.host.name, "drain: back in the router")
-            self._load(self.config, absent=set())
+            self._load(router_config_text(cluster, self.plan), absent=set())
 
     def _load(self, text: str, absent: set[str]) -> None:
         """Write the router's config, SIGHUP it, wait until its /engines shows the change."""
-        path = f"{self.plan.dirs['config']}/router.yaml"
-        self.conn.put_bytes(text.encode(), path)
+        self.conn.put_bytes(text.encode(), self.plan.router_config)
         self.conn.run(shlex.join(self.plan.supervisorctl("signal", "HUP", "router")))
-        url = f"http://127.0.0.1:{self.deployment.cluster.router['port']}/engines"
-        deadline = time.monotonic() + 30
+        url = self.plan.program("router").url("/engines")
+        expected = len(yaml.safe_load(text).get("engines") or [])
+        deadline = time.monotonic() + self.RELOAD_TIMEOUT_S
         while time.monotonic() < deadline:
             answer = run_probe(self.conn, self.plan.python, {"action": "http", "requests": [{"url": url, "timeout": 5}]})[0]
             try:
@@ -327,15 +331,15 @@ class RouterDrain:
             listed = listed.get("engines", listed) if isinstance(listed, dict) else listed
             if isinstance(listed, list):
                 names = {e.get("name") for e in listed}
-                if not names & absent and (absent or len(names) >= len(yaml.safe_load(text).get("engines") or [])):
+                if not names & absent and (absent or len(names) >= expected):
                     return
             time.sleep(0.2)
-        raise StackctlError(f"the router on {self.plan.host.name} did not reload its config within 30 s")
+        raise StackctlError(f"the router on {self.plan.host.name} did not reload its config within {self.RELOAD_TIMEOUT_S:.0f} s")
 
     def _wait_idle(self, plan: HostPlan) -> None:
         """Until the host's engines run and queue no request (their /metrics), or a timeout."""
         conn = self.deployment.conns[plan.host.name]
-        urls = [f"http://127.0.0.1:{p.port}/metrics" for p in plan.programs if p.kind == "engine"]
+        urls = [p.url("/metrics") for p in plan.programs if p.kind == "engine"]
         deadline = time.monotonic() + self.IDLE_TIMEOUT_S
         while time.monotonic() < deadline:
             answers = run_probe(conn, plan.python, {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]})

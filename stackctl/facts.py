@@ -71,22 +71,26 @@ def account_facts(conn: Connector) -> dict:
     return {"manage": True, "user": identity.service_user, "uid": identity.service_uid, "exists": identity.service_uid is not None}
 
 
+def supervisor_request(plan: HostPlan) -> dict:
+    """The probe's ``facts`` request for supervisord and the unit only (`status`, `down`);
+    `gather` adds the rest."""
+    return {
+        "action": "facts", "deploy_dir": plan.deploy_dir, "python": plan.python,
+        "supervisor_conf": plan.supervisor_conf, "supervisor_pidfile": plan.supervisor_pidfile,
+        "unit": plan.unit_name, "unit_path": plan.system_unit_path,
+    }
+
+
 def gather(conn: Connector, plan: HostPlan, needs_gpus: bool) -> Facts:
-    conf_dir = f"{plan.dirs['supervisor']}/conf.d"
+    conf_dir = plan.program_dir
     request = {
-        "action": "facts",
-        "deploy_dir": plan.deploy_dir,
-        "python": plan.python,
+        **supervisor_request(plan),
         "files": [f.path for f in plan.files],
         "secrets": [s.path for s in plan.secrets],
         "packages": [package_name(p) for p in plan.packages] + plan.remove_packages,
-        "installed_marker": f"{plan.dirs['wheels']}/installed.txt",
+        "installed_marker": plan.installed_marker,
         "model": {"path": plan.model.remote_path, "name": plan.model.name, "managed": plan.model.action in ("upload", "download")}
         if plan.model and plan.model.action != "none" else None,
-        "supervisor_conf": plan.supervisor_conf,
-        "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",
-        "unit": plan.unit_name,
-        "unit_path": plan.system_unit_path,
         "gpus": needs_gpus,
         "engine_pgid_files": [plan.engine_pgid_file(p.name) for p in plan.programs if p.kind == "engine"],
     }

@@ -359,7 +359,12 @@ def _read_yaml(path: Path) -> tuple[Any, _Doc]:
 
 
 def _load_role_defaults(role: str) -> dict:
-    return yaml.safe_load((roles_dir() / role / "defaults.yaml").read_text()) or {}
+    defaults = yaml.safe_load((roles_dir() / role / "defaults.yaml").read_text()) or {}
+    if role == "router":  # what router.yaml carries defaults to the router's own config
+        from .router_document import inventory_defaults
+
+        defaults = {**inventory_defaults(), **defaults}
+    return defaults
 
 
 # --------------------------------------------------------------------------- checking

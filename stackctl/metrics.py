@@ -4,17 +4,29 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# status field -> vLLM sample name (counters are read from their `_total` samples)
+# vLLM 0.32's sample names, the one place they are spelled on the deploy side (status, the
+# rolling drain, bench); counters are read from their `_total` samples.
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+PREFIX_QUERIES = "vllm:prefix_cache_queries_total"  # GPU prefix cache lookups, in tokens
+PREFIX_HITS = "vllm:prefix_cache_hits_total"
+EXTERNAL_QUERIES = "vllm:external_prefix_cache_queries_total"  # the KV connector's (LMCache's CPU tier)
+EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+
+# status field -> vLLM sample name
 ENGINE_SAMPLES = {
-    "running": "vllm:num_requests_running",
-    "waiting": "vllm:num_requests_waiting",
-    "kv_cache_usage": "vllm:kv_cache_usage_perc",
-    "prefix_queries": "vllm:prefix_cache_queries_total",
-    "prefix_hits": "vllm:prefix_cache_hits_total",
-    "lmcache_queries": "vllm:external_prefix_cache_queries_total",
-    "lmcache_hits": "vllm:external_prefix_cache_hits_total",
-    "prompt_tokens": "vllm:prompt_tokens_total",
-    "generation_tokens": "vllm:generation_tokens_total",
+    "running": RUNNING,
+    "waiting": WAITING,
+    "kv_cache_usage": KV_CACHE_USAGE,
+    "prefix_queries": PREFIX_QUERIES,
+    "prefix_hits": PREFIX_HITS,
+    "lmcache_queries": EXTERNAL_QUERIES,
+    "lmcache_hits": EXTERNAL_HITS,
+    "prompt_tokens": PROMPT_TOKENS,
+    "generation_tokens": GENERATION_TOKENS,
 }
 
 

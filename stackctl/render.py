@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from rich.console import Console
@@ -34,6 +35,14 @@ def render_up_summary(result: UpResult) -> None:
         console.print(f"router: {result.router_url} (verified with a completion)")
     elif result.verify_error:
         console.print(f"router: {result.router_url} NOT verified: {result.verify_error}", markup=False)
+
+
+def up_document(result: UpResult) -> dict:
+    """`up -o json|yaml`: the outcome per host, the router and whether it was verified."""
+    return {
+        "ok": result.ok, "router_url": result.router_url, "verified": result.verified, "verify_error": result.verify_error,
+        "interrupted": result.interrupted, "hosts": [dataclasses.asdict(o) for o in result.outcomes.values()],
+    }
 
 
 def _pct(value) -> str:

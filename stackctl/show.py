@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from .inventory import Cluster
 from .plan import HostPlan
 
 MASK = "********"
@@ -52,3 +53,22 @@ def write_plan_tree(plans: list[HostPlan], out_dir: Path) -> list[Path]:
         summary.write_text(format_host_plan(plan, with_files=False) + "\n")
         written.append(summary)
     return written
+
+
+def plan_document(cluster: Cluster, plans: list[HostPlan]) -> dict:
+    """`plan -o json|yaml`: what the text view shows, as data. Secrets appear as the path and
+    the variable they come from, never a value (planned files and environments hold none)."""
+    def host(plan: HostPlan) -> dict:
+        model = plan.model if plan.model and plan.model.action != "none" else None
+        return {
+            "host": plan.host.name, "address": None if plan.host.is_local else plan.host.address, "roles": list(plan.host.roles),
+            "deploy_dir": plan.deploy_dir, "python": plan.python, "venv": plan.venv, "packages": list(plan.packages),
+            "service_user": plan.host.service_user,
+            "model": {"name": model.name, "path": model.remote_path, "action": model.action} if model else None,
+            "secrets": [{"purpose": s.purpose, "path": s.path, "from_env": s.env_var} for s in plan.secrets],
+            "programs": [{"name": p.name, "kind": p.kind, "description": p.description, "command": list(p.command),
+                          "environment": dict(p.environment), "port": p.port, "health_url": p.health_url} for p in plan.programs],
+            "files": [{"path": f.path, "mode": f"{f.mode:04o}", "content": f.content} for f in plan.files],
+        }
+
+    return {"cluster": cluster.name, "profile": cluster.profile, "router_url": cluster.router_url, "hosts": [host(p) for p in plans]}

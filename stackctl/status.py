@@ -11,7 +11,7 @@ import re
 
 from .connect import connect
 from .errors import StackctlError
-from .facts import bootstrap_interpreter, run_probe
+from .facts import bootstrap_interpreter, run_probe, supervisor_request
 from .inventory import Cluster
 from .metrics import engine_summary
 from .parallel import Cancellation, each
@@ -38,14 +38,14 @@ def _program_row(plan: HostPlan, program, supervisor: dict, http: dict[str, dict
         row["healthy"] = health.get("status") == 200
     if program.kind == "engine":
         row["model"] = model
-        metrics = http.get(f"http://127.0.0.1:{program.port}/metrics", {})
+        metrics = http.get(program.url("/metrics"), {})
         if metrics.get("status") == 200:
             try:
                 row["metrics"] = engine_summary(metrics["body"])
             except Exception as exc:  # a malformed exposition must not hide the rest
                 row["metrics_error"] = f"unparseable /metrics: {exc}"
     if program.kind == "router":
-        engines = http.get(f"http://127.0.0.1:{program.port}/engines", {})
+        engines = http.get(program.url("/engines"), {})
         if engines.get("status") == 200:
             try:
                 row["engines"] = json.loads(engines["body"])
@@ -72,11 +72,7 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
         return entry
     try:
         interpreter = bootstrap_interpreter(plan)
-        facts = run_probe(conn, interpreter, {
-            "action": "facts", "deploy_dir": plan.deploy_dir, "python": plan.python,
-            "supervisor_conf": plan.supervisor_conf, "supervisor_pidfile": f"{plan.dirs['run']}/supervisord.pid",
-            "unit": plan.unit_name, "unit_path": plan.system_unit_path,
-        })
+        facts = run_probe(conn, interpreter, supervisor_request(plan))
         entry["reachable"] = True
         entry["supervisord"] = {"running": facts["supervisor"]["running"], "pid": facts["supervisor"]["pid"]}
         entry["systemd"] = _systemd_row(facts.get("systemd") or {})
@@ -85,9 +81,9 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
             if program.health_url:
                 urls.append(program.health_url)
             if program.kind == "engine":
-                urls.append(f"http://127.0.0.1:{program.port}/metrics")
+                urls.append(program.url("/metrics"))
             if program.kind == "router":
-                urls.append(f"http://127.0.0.1:{program.port}/engines")
+                urls.append(program.url("/engines"))
         answers = run_probe(conn, interpreter, {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]}) if urls else []
         http = {a["url"]: a for a in answers}
         entry["programs"] = [_program_row(plan, p, facts["supervisor"], http, cluster.model["name"]) for p in plan.programs]

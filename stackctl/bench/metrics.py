@@ -12,15 +12,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from stackctl.metrics import parse_samples
+from stackctl.metrics import EXTERNAL_HITS, EXTERNAL_QUERIES, GENERATION_TOKENS, PREFIX_HITS, PREFIX_QUERIES, parse_samples
 
-COUNTERS = (
-    "vllm:prefix_cache_queries_total",
-    "vllm:prefix_cache_hits_total",
-    "vllm:external_prefix_cache_queries_total",
-    "vllm:external_prefix_cache_hits_total",
-    "vllm:generation_tokens_total",
-)
+COUNTERS = (PREFIX_QUERIES, PREFIX_HITS, EXTERNAL_QUERIES, EXTERNAL_HITS, GENERATION_TOKENS)
 
 
 def metrics_url(url: str) -> str:
@@ -93,9 +87,9 @@ def cache_stats(before: dict[str, dict | str], after: dict[str, dict | str]) -> 
             stats.errors[url] = end if isinstance(end, str) else str(start or "not scraped before")
             continue
         stats.engines += 1
-        stats.gpu_queries += _delta(start, end, "vllm:prefix_cache_queries_total")
-        stats.gpu_hits += _delta(start, end, "vllm:prefix_cache_hits_total")
-        stats.cpu_queries += _delta(start, end, "vllm:external_prefix_cache_queries_total")
-        stats.cpu_hits += _delta(start, end, "vllm:external_prefix_cache_hits_total")
-        stats.generation_tokens += _delta(start, end, "vllm:generation_tokens_total")
+        stats.gpu_queries += _delta(start, end, PREFIX_QUERIES)
+        stats.gpu_hits += _delta(start, end, PREFIX_HITS)
+        stats.cpu_queries += _delta(start, end, EXTERNAL_QUERIES)
+        stats.cpu_hits += _delta(start, end, EXTERNAL_HITS)
+        stats.generation_tokens += _delta(start, end, GENERATION_TOKENS)
     return stats

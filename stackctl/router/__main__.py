@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .app import Router
 from .config import RouterConfigError, load_api_keys, load_config
+from .upstream import UpstreamPool
 
 log = logging.getLogger("stackctl.router")
 
@@ -46,7 +47,9 @@ async def serve(router: Router) -> None:
         await runner.cleanup()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, upstream_factory=UpstreamPool) -> int:
+    """Run the router; ``upstream_factory`` builds its proxy client (an UpstreamClient from
+    connect and first-byte timeouts), replaced only by benchmarks/aiohttp_upstream.py."""
     parser = argparse.ArgumentParser(prog="stackctl router",
                                      description="KV-aware OpenAI-compatible router")
     parser.add_argument("--config", required=True, help="router.yaml")
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except RouterConfigError as exc:
         print(f"stackctl router: error: {exc}", file=sys.stderr)
         return 2
-    router = Router(config, config_path=args.config, api_keys=keys)
+    router = Router(config, config_path=args.config, api_keys=keys,
+                    upstream_factory=upstream_factory)
     try:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             runner.run(serve(router))

@@ -14,26 +14,26 @@ import json
 import logging
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
 
+from .backends import Backend, BackendPool
 from .config import RouterConfig, RouterConfigError, load_api_keys, load_config
-from .engines import Engine, EnginePool
 from .health import HealthMonitor
-from .metrics import RouterMetrics
+from .telemetry import RouterMetrics
 from .policies import Policy, RouteRequest, make_policy
-from .upstream import make_pool
+from .upstream import UpstreamClient, UpstreamPool
 
 log = logging.getLogger("stackctl.router")
 
 RETRYABLE_STATUS = frozenset((502, 503, 504))
 ENGINE_HEADER = "x-stackctl-engine"
 _PASS_BACK = ("content-type", "content-encoding", "cache-control")
-# Connection refused/reset, TLS and DNS failures (OSError), our UpstreamError (a
-# ConnectionError), timeouts, and aiohttp's errors when the A/B aiohttp pool is in use.
-_UPSTREAM_ERRORS = (OSError, asyncio.TimeoutError, aiohttp.ClientError)
+# What an UpstreamClient raises: connection refused/reset, TLS and DNS failures (OSError),
+# UpstreamError (a ConnectionError: closed early, malformed answer) and timeouts.
+_UPSTREAM_ERRORS = (OSError, asyncio.TimeoutError)
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
@@ -49,16 +49,22 @@ class Router:
     """Routing state shared by the handlers; swapped in place on reload."""
 
     def __init__(self, config: RouterConfig, config_path: str | None = None,
-                 api_keys: tuple[bytes, ...] | None = None):
+                 api_keys: tuple[bytes, ...] | None = None,
+                 upstream_factory: Callable[[float, float], UpstreamClient] = UpstreamPool):
         self.config_path = config_path
         self.config = config
-        self.pool = EnginePool(config)
-        self.policy: Policy = make_policy(config.policy, config.policy_options)
+        self.pool = BackendPool(config, make_policy(config.policy, config.policy_options))
         self.api_keys = api_keys if api_keys is not None else load_api_keys(config.api_keys_file)
-        self.metrics = RouterMetrics(weakref.ref(self.pool), lambda: self.policy.name)
+        self.metrics = RouterMetrics(weakref.ref(self.pool), lambda: self.pool.policy.name)
         self.session: aiohttp.ClientSession | None = None  # health checks
-        self.upstream = None  # the proxy's pooled connections (upstream.py)
+        # The proxy's client, built at start from (connect_s, first_byte_s); benchmarks swap it.
+        self.upstream_factory = upstream_factory
+        self.upstream: UpstreamClient | None = None
         self.health: HealthMonitor | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self.pool.policy
 
     # -- lifecycle -------------------------------------------------------------------------
     def build_app(self) -> web.Application:
@@ -77,8 +83,8 @@ class Router:
         return app
 
     async def _start(self, app: web.Application) -> None:
-        self.upstream = make_pool(self.config.timeouts.connect_s,
-                                  self.config.timeouts.first_byte_s)
+        self.upstream = self.upstream_factory(self.config.timeouts.connect_s,
+                                              self.config.timeouts.first_byte_s)
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self.health = HealthMonitor(self.pool, self.config.health, self.session,
                                     on_change=self._health_changed)
@@ -92,7 +98,7 @@ class Router:
         if self.upstream:
             self.upstream.close()
 
-    def _health_changed(self, engine: Engine) -> None:
+    def _health_changed(self, engine: Backend) -> None:
         self.metrics.health_changed(engine.name, engine.healthy)
 
     def reload(self) -> bool:
@@ -115,9 +121,8 @@ class Router:
         added, removed = self.pool.update(config)
         if (config.policy, config.policy_options) != (self.config.policy,
                                                       self.config.policy_options):
-            self.policy = make_policy(config.policy, config.policy_options)
-            for engine in self.pool.engines.values():
-                engine.prefix_index = None  # hashes depend on the policy's options
+            # A new policy starts with no state (kv_aware's hashes depend on its options).
+            self.pool.set_policy(make_policy(config.policy, config.policy_options))
         self.api_keys = api_keys
         if self.upstream:
             self.upstream.connect_s = config.timeouts.connect_s
@@ -126,7 +131,7 @@ class Router:
             self.health.config = config.health
         self.config = config
         log.info("reloaded: policy %s, %d engines (added %s, removed %s)", config.policy,
-                 len(self.pool.engines), added or "none", removed or "none")
+                 len(self.pool.backends), added or "none", removed or "none")
 
     # -- helpers ---------------------------------------------------------------------------
     def _authorized(self, request: web.Request) -> bool:
@@ -187,17 +192,19 @@ class Router:
             return self._reject(404, f"The model `{model}` does not exist.", param="model",
                                 code="model_not_found")
         route = RouteRequest(payload, request.headers)
-        tried: list[Engine] = []
+        tried: list[Backend] = []
         attempts = 1 + self.config.retries
         last_reason = None
+        policy = self.pool.policy
         for attempt in range(attempts):
             candidates = [e for e in engines if e.healthy and e not in tried]
             if not candidates:
                 break
-            engine = self.policy.choose(candidates, route)
+            choice = policy.choose(candidates, route)
+            engine = choice.backend
             tried.append(engine)
-            self.metrics.routed(engine.name, route.predicted_cached_tokens,
-                                route.prompt_tokens_estimate)
+            self.metrics.routed(engine.name, choice.predicted_cached_tokens,
+                                choice.prompt_tokens_estimate)
             final = attempt == attempts - 1 or len(candidates) == 1
             response, last_reason = await self._forward(request, engine, body, started, final)
             if response is not None:
@@ -213,7 +220,7 @@ class Router:
         self.metrics.finished("none", status, None, 0.0)
         return error_response(status, message, **kw)
 
-    async def _forward(self, request: web.Request, engine: Engine, body: bytes,
+    async def _forward(self, request: web.Request, engine: Backend, body: bytes,
                        started: float, final: bool):
         """One attempt. Returns (response, None) when the client got an answer, or
         (None, reason) when nothing reached the client and another engine may be tried."""
@@ -295,17 +302,14 @@ class Router:
     async def engines_endpoint(self, request: web.Request) -> web.Response:
         now = time.monotonic()
         out = []
-        policy = self.policy
-        chunk_tokens = getattr(policy, "chunk_chars", 0) / getattr(policy, "chars_per_token", 1)
-        for e in self.pool.engines.values():
-            chunks = len(e.prefix_index) if e.prefix_index is not None else 0
+        policy = self.pool.policy
+        for e in self.pool.backends.values():
             out.append({
-                "name": e.name, "url": e.url, "model": e.model, "healthy": e.healthy,
-                "inflight": e.inflight, "served": e.served, "failures": e.failures,
-                "last_error": e.last_error,
+                "name": e.name, "url": e.url, "model": e.model, "models": list(e.models),
+                "healthy": e.healthy, "inflight": e.inflight, "served": e.served,
+                "failures": e.failures, "last_error": e.last_error,
                 "retry_in_s": None if e.healthy else round(max(0.0, e.retry_at - now), 3),
                 "cache_capacity_tokens": e.capacity_tokens,
-                "prefix_index_chunks": chunks,
-                "cached_tokens_estimate": round(chunks * chunk_tokens),
+                **policy.describe(e),
             })
-        return web.json_response({"policy": self.policy.name, "engines": out})
+        return web.json_response({"policy": policy.name, "engines": out})

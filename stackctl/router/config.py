@@ -41,7 +41,9 @@ class RouterConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class BackendConfig:
+    """One ``engines:`` entry: an engine the router sends requests to."""
+
     name: str
     url: str
     model: str
@@ -65,7 +67,7 @@ class TimeoutsConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    engines: tuple[EngineConfig, ...]
+    engines: tuple[BackendConfig, ...]
     host: str = "0.0.0.0"
     port: int = 8080
     policy: str = "kv_aware"
@@ -114,9 +116,9 @@ def _section(where: str, raw: Any, cls, *, integers: set[str] = frozenset(),
     return cls(**values)
 
 
-def _engine(where: str, raw: Any) -> EngineConfig:
+def _engine(where: str, raw: Any) -> BackendConfig:
     raw = _mapping(where, raw)
-    unknown = set(raw) - set(EngineConfig.__dataclass_fields__)
+    unknown = set(raw) - set(BackendConfig.__dataclass_fields__)
     if unknown:
         raise RouterConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     for key in ("name", "url", "model"):
@@ -129,7 +131,7 @@ def _engine(where: str, raw: Any) -> EngineConfig:
     capacity = raw.get("cache_capacity_tokens")
     if capacity is not None:
         _number(f"{where}.cache_capacity_tokens", capacity, integer=True, positive=True)
-    return EngineConfig(name=raw["name"], url=url, model=raw["model"],
+    return BackendConfig(name=raw["name"], url=url, model=raw["model"],
                         cache_capacity_tokens=capacity)
 
 

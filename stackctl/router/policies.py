@@ -1,8 +1,11 @@
-"""Routing policies: one interface, one class each.
+"""Routing policies: one interface, one class each, each owning its own state.
 
-``choose`` gets the healthy, not-yet-tried engines serving the request's model (never empty)
-and the parsed request, and returns one engine. Policies run on the event loop on every
-request, so they do O(engines) cheap work and no I/O.
+``choose`` gets the healthy, not-yet-tried backends serving the request's model (never
+empty) and the parsed request, and returns a :class:`Choice`. Policies run on the event loop
+on every request, so they do O(backends) cheap work and no I/O. A policy that keeps state per
+backend (kv_aware's prefix indexes) keeps it in the policy object, and the backend pool calls
+its hooks when a backend is added, removed, ejected, re-admitted or changes capacity;
+``describe`` reports that state for ``/engines`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -11,23 +14,20 @@ import hashlib
 from typing import Any, Mapping, Sequence
 
 from ..tokenizer import render_chat
-from .engines import Engine
+from .backends import Backend
 from .prefix_index import PrefixIndex, chunk_hashes
 
 
 class RouteRequest:
     """What routing needs from one request, derived lazily and at most once (retries reuse it)."""
 
-    __slots__ = ("body", "headers", "_prompt", "_hashes", "predicted_cached_tokens",
-                 "prompt_tokens_estimate")
+    __slots__ = ("body", "headers", "_prompt", "_hashes")
 
     def __init__(self, body: Mapping[str, Any], headers: Mapping[str, str]):
         self.body = body
         self.headers = headers
         self._prompt: str | None = None
         self._hashes: list[int] | None = None
-        self.predicted_cached_tokens = 0.0
-        self.prompt_tokens_estimate = 0.0
 
     @property
     def prompt(self) -> str:
@@ -40,6 +40,23 @@ class RouteRequest:
         if self._hashes is None:
             self._hashes = chunk_hashes(self.prompt, chunk_chars)
         return self._hashes
+
+
+class Choice:
+    """A policy's answer: the backend, and what the policy predicts of it (for metrics)."""
+
+    __slots__ = ("backend", "predicted_cached_tokens", "prompt_tokens_estimate")
+
+    def __init__(self, backend: Backend, predicted_cached_tokens: float = 0.0,
+                 prompt_tokens_estimate: float = 0.0):
+        self.backend = backend
+        self.predicted_cached_tokens = predicted_cached_tokens  # of the chosen backend
+        self.prompt_tokens_estimate = prompt_tokens_estimate  # 0: the policy does not predict
+
+    def __repr__(self) -> str:
+        return (f"Choice({self.backend.name}, predicted_cached_tokens="
+                f"{self.predicted_cached_tokens:g}, prompt_tokens_estimate="
+                f"{self.prompt_tokens_estimate:g})")
 
 
 def prompt_text(body: Mapping[str, Any]) -> str:
@@ -58,7 +75,7 @@ def prompt_text(body: Mapping[str, Any]) -> str:
 
 
 class Policy:
-    """Chooses an engine for a request."""
+    """Chooses a backend for a request. The hooks do nothing unless a policy keeps state."""
 
     name = "policy"
 
@@ -66,32 +83,53 @@ class Policy:
         self.options = options
         self._turn = 0
 
-    def choose(self, engines: Sequence[Engine], request: RouteRequest) -> Engine:
+    def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
         raise NotImplementedError
 
+    # -- hooks, called by BackendPool ---------------------------------------------------------
+    def backend_added(self, backend: Backend) -> None:
+        """A new backend joined (start, reload); also every backend when this policy is new."""
+
+    def backend_removed(self, backend: Backend) -> None:
+        """The backend left the configuration: drop what is kept for it."""
+
+    def backend_ejected(self, backend: Backend) -> None:
+        """The backend failed and was taken out of rotation; a restarted engine is cold."""
+
+    def backend_readmitted(self, backend: Backend) -> None:
+        """The backend passed a health check again after an ejection."""
+
+    def capacity_changed(self, backend: Backend) -> None:
+        """``backend.capacity_tokens`` changed (configured, learned, or forgotten)."""
+
+    def describe(self, backend: Backend) -> dict[str, Any]:
+        """This policy's view of ``backend`` for ``/engines`` (same keys for every policy)."""
+        return {"prefix_index_chunks": 0, "cached_tokens_estimate": 0}
+
+    # -- helpers -------------------------------------------------------------------------------
     def _rotate(self) -> int:
         self._turn += 1
         return self._turn
 
-    def _least_loaded(self, engines: Sequence[Engine]) -> Engine:
-        """Fewest in-flight requests; ties go round the ring so idle engines share work."""
-        n = len(engines)
+    def _least_loaded(self, backends: Sequence[Backend]) -> Backend:
+        """Fewest in-flight requests; ties go round the ring so idle backends share work."""
+        n = len(backends)
         start = self._rotate() % n
-        best = engines[start]
+        best = backends[start]
         for i in range(1, n):
-            e = engines[(start + i) % n]
-            if e.inflight < best.inflight:
-                best = e
+            b = backends[(start + i) % n]
+            if b.inflight < best.inflight:
+                best = b
         return best
 
 
 class RoundRobinPolicy(Policy):
-    """Naive baseline: the next engine in turn, blind to load and cache."""
+    """Naive baseline: the next backend in turn, blind to load and cache."""
 
     name = "round_robin"
 
-    def choose(self, engines, request):
-        return engines[self._rotate() % len(engines)]
+    def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
+        return Choice(backends[self._rotate() % len(backends)])
 
 
 class LeastLoadedPolicy(Policy):
@@ -99,8 +137,8 @@ class LeastLoadedPolicy(Policy):
 
     name = "least_loaded"
 
-    def choose(self, engines, request):
-        return self._least_loaded(engines)
+    def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
+        return Choice(self._least_loaded(backends))
 
 
 def _stable_hash(text: str) -> int:
@@ -131,17 +169,17 @@ class SessionPolicy(Policy):
             key = user if isinstance(user, str) and user else None
         return key
 
-    def choose(self, engines, request):
+    def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
         key = self.session_key(request)
         if key is None:
-            return self._least_loaded(engines)
-        total = sum(e.inflight for e in engines) + 1
-        bound = self.load_factor * total / len(engines)
-        ranked = sorted(engines, key=lambda e: _stable_hash(f"{key}\0{e.name}"), reverse=True)
-        for engine in ranked:
-            if engine.inflight < bound:
-                return engine
-        return self._least_loaded(engines)
+            return Choice(self._least_loaded(backends))
+        total = sum(b.inflight for b in backends) + 1
+        bound = self.load_factor * total / len(backends)
+        ranked = sorted(backends, key=lambda b: _stable_hash(f"{key}\0{b.name}"), reverse=True)
+        for backend in ranked:
+            if backend.inflight < bound:
+                return Choice(backend)
+        return Choice(self._least_loaded(backends))
 
 
 class KvAwarePolicy(Policy):
@@ -162,7 +200,9 @@ class KvAwarePolicy(Policy):
     lately, so conversations are spread evenly by count rather than by a momentary in-flight
     snapshot (an uneven split of long-lived conversations is what later forces spills). The
     chosen engine's index then records the prompt: the engine caches it while serving it. No
-    network round trip.
+    network round trip. The indexes and placement counts live here, keyed by backend, and
+    follow the pool's hooks (cleared on ejection, resized on a capacity change, dropped with
+    the backend).
     """
 
     name = "kv_aware"
@@ -178,81 +218,101 @@ class KvAwarePolicy(Policy):
         self.beta = beta
         self.load_factor = load_factor
         self.default_capacity_tokens = default_capacity_tokens
-        self._placed: dict[str, float] = {}  # engine name -> recent new-prompt placements
+        self._indexes: dict[Backend, PrefixIndex] = {}  # what each backend is predicted to hold
+        self._placed: dict[Backend, float] = {}  # recent new-prompt placements per backend
 
-    def capacity_chunks(self, engine: Engine) -> int:
-        tokens = engine.capacity_tokens or self.default_capacity_tokens
+    # -- state ---------------------------------------------------------------------------------
+    def capacity_chunks(self, backend: Backend) -> int:
+        tokens = backend.capacity_tokens or self.default_capacity_tokens
         return int(tokens * self.chars_per_token / self.chunk_chars)
 
-    def index(self, engine: Engine) -> PrefixIndex:
-        """The engine's index, created or resized when its known capacity changes."""
-        index = engine.prefix_index
-        tokens = engine.capacity_tokens
-        if index is not None and index.capacity_tokens == tokens:
-            return index  # the common case: one attribute compare
-        capacity = self.capacity_chunks(engine)
+    def index(self, backend: Backend) -> PrefixIndex:
+        """The backend's index, created (sized to its capacity) on first use."""
+        index = self._indexes.get(backend)
         if index is None:
-            index = engine.prefix_index = PrefixIndex(capacity)
-        else:
-            index.resize(capacity)
-        index.capacity_tokens = tokens
+            index = self._indexes[backend] = PrefixIndex(self.capacity_chunks(backend))
         return index
 
-    def _place_new(self, engines: Sequence[Engine], mean: float) -> Engine:
-        """Fewest recent placements among the engines at or below the mean load."""
+    def backend_removed(self, backend: Backend) -> None:
+        self._indexes.pop(backend, None)
+        self._placed.pop(backend, None)
+
+    def backend_ejected(self, backend: Backend) -> None:
+        index = self._indexes.get(backend)
+        if index is not None:
+            index.clear()  # a restarted engine comes back with a cold cache
+
+    def capacity_changed(self, backend: Backend) -> None:
+        index = self._indexes.get(backend)
+        if index is not None:
+            index.resize(self.capacity_chunks(backend))
+
+    def describe(self, backend: Backend) -> dict[str, Any]:
+        index = self._indexes.get(backend)
+        chunks = len(index) if index is not None else 0
+        return {"prefix_index_chunks": chunks,
+                "cached_tokens_estimate": round(chunks * self.chunk_chars / self.chars_per_token)}
+
+    # -- choice --------------------------------------------------------------------------------
+    def _place_new(self, backends: Sequence[Backend], mean: float) -> Backend:
+        """Fewest recent placements among the backends at or below the mean load."""
         placed = self._placed
         best = None
-        for engine in engines:
-            if engine.inflight > mean:
+        for backend in backends:
+            if backend.inflight > mean:
                 continue
-            count = placed.get(engine.name, 0.0)
+            count = placed.get(backend, 0.0)
             if best is None or count < best_count or (
-                    count == best_count and engine.inflight < best.inflight):
-                best, best_count = engine, count
-        if best is None:  # unreachable: some engine is at or below the mean
-            best = self._least_loaded(engines)
-        for name in placed:  # forget old placements: those conversations end
-            placed[name] *= self.PLACEMENT_DECAY
-        placed[best.name] = placed.get(best.name, 0.0) + 1.0
+                    count == best_count and backend.inflight < best.inflight):
+                best, best_count = backend, count
+        if best is None:  # unreachable: some backend is at or below the mean
+            best = self._least_loaded(backends)
+        for key in placed:  # forget old placements: those conversations end
+            placed[key] *= self.PLACEMENT_DECAY
+        placed[best] = placed.get(best, 0.0) + 1.0
         return best
 
-    def choose(self, engines, request):
+    def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
         hashes = request.hashes(self.chunk_chars)
         prompt_chars = len(request.prompt) or 1
-        n = len(engines)
-        mean = sum(e.inflight for e in engines) / n
+        n = len(backends)
+        mean = sum(b.inflight for b in backends) / n
         cap = self.load_factor * mean + 1
         norm = mean + 1
         beta = self.beta
         chunk = self.chunk_chars
+        indexes = self._indexes
         start = (hashes[0] if hashes else self._rotate()) % n
         best = None
         best_score = best_matched = 0
         least_matched = None
         for i in range(n):
-            engine = engines[(start + i) % n]
-            load = engine.inflight
+            backend = backends[(start + i) % n]
+            load = backend.inflight
             if load > cap:
                 continue
-            matched = self.index(engine).match(hashes) if hashes else 0
+            if hashes:
+                index = indexes.get(backend)
+                matched = (index if index is not None else self.index(backend)).match(hashes)
+            else:
+                matched = 0
             if least_matched is None or matched < least_matched:
                 least_matched = matched
             score = matched * chunk / prompt_chars
             if load > mean:
                 score -= beta * (load - mean) / norm
             if best is None or score > best_score:
-                best, best_score, best_matched = engine, score, matched
+                best, best_score, best_matched = backend, score, matched
         if best is None or best_matched == least_matched:
-            # The cache tells the engines apart for none of this prompt (a new conversation,
-            # or only a system prompt every engine holds): place it for balance. (best is
-            # never None: the least loaded engine is never above the cap.)
-            best = self._place_new(engines, mean)
+            # The cache tells the backends apart for none of this prompt (a new conversation,
+            # or only a system prompt every backend holds): place it for balance. (best is
+            # never None: the least loaded backend is never above the cap.)
+            best = self._place_new(backends, mean)
             best_matched = self.index(best).match(hashes) if hashes else 0
         if hashes:
             self.index(best).insert(hashes)
-        request.predicted_cached_tokens = best_matched * chunk / self.chars_per_token
-        request.prompt_tokens_estimate = prompt_chars / self.chars_per_token
-        return best
+        chars_per_token = self.chars_per_token
+        return Choice(best, best_matched * chunk / chars_per_token, prompt_chars / chars_per_token)
 
 
 POLICY_CLASSES: dict[str, type[Policy]] = {

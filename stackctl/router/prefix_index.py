@@ -31,12 +31,11 @@ def chunk_hashes(text: str, chunk_chars: int) -> list[int]:
 class PrefixIndex:
     """LRU set of chained chunk hashes that one engine is predicted to hold."""
 
-    __slots__ = ("_entries", "capacity_chunks", "capacity_tokens")
+    __slots__ = ("_entries", "capacity_chunks")
 
     def __init__(self, capacity_chunks: int):
         self._entries: OrderedDict[int, None] = OrderedDict()
         self.capacity_chunks = max(1, int(capacity_chunks))
-        self.capacity_tokens = None  # the engine capacity this bound was derived from
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -3,9 +3,16 @@
 The router forwards one POST and streams back its answer, which needs a small fraction of
 what ``aiohttp.ClientSession`` does per request (request/response objects, header
 multidicts, cookie jar, tracing, timers): measured on the router benchmark, aiohttp's client
-was about half of the router's CPU per request. This client writes the request head and the
-original body bytes in one ``writelines`` and parses only the status line, the headers it
-needs and the body framing (Content-Length, chunked, or until close).
+was about half of the router's CPU per request (benchmarks/aiohttp_upstream.py keeps that
+comparison). This client writes the request head and the original body bytes in one
+``writelines`` and parses only the status line, the headers it needs and the body framing
+(Content-Length, chunked, or until close).
+
+Three layers: :class:`ResponseParser` turns bytes into a status, headers and body pieces and
+does no I/O (a state machine, :class:`ParseState`, property-tested in
+tests/unit/test_router_upstream.py); :class:`UpstreamConnection` is the thin asyncio Protocol
+that feeds it, applies flow control and wakes the reader; :class:`UpstreamPool` keeps idle
+connections. The router depends only on :class:`UpstreamClient` / :class:`UpstreamResponse`.
 
 Pooling: idle keep-alive connections per engine, no cap on connections (like
 ``TCPConnector(limit=0)``). An idle connection is dropped after ``idle_s`` (below uvicorn's
@@ -18,12 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import socket
 import ssl as ssl_module
 import time
+from typing import Mapping, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-_MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024  # status line + headers, and separately the trailers
+_MAX_CHUNK_LINE = 1024
 _HIGH_WATER = 1 << 20
 
 
@@ -31,17 +41,273 @@ class UpstreamError(ConnectionError):
     """The engine closed or broke the connection, or sent a malformed response."""
 
 
+class ParseError(UpstreamError):
+    """The bytes are not a well-formed HTTP/1.1 response (the only error the parser raises)."""
+
+
 class _StaleConnection(UpstreamError):
     """A reused idle connection died before any response byte: safe to resend."""
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection; carries at most one request at a time."""
+# -- the declared interface the router uses ---------------------------------------------------
+class UpstreamResponse(Protocol):
+    """One engine answer being received. ``headers`` has lower-case names."""
 
-    __slots__ = ("transport", "closed", "loop", "_head", "_head_waiter", "_chunks", "_waiter",
-                 "_done", "_exc", "_framing", "_remaining", "_chunk_buf", "_buffered",
-                 "_paused", "status", "headers", "content_length", "keep_alive", "reused",
-                 "idle_since", "_timer", "_got_bytes")
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has been received and handed out by ``read``."""
+        ...
+
+    async def read(self, timeout: float) -> bytes:
+        """The next body piece as it arrived; b"" at the end. Raises like ``request``."""
+        ...
+
+
+R = TypeVar("R", bound=UpstreamResponse)
+
+
+class UpstreamClient(Protocol[R]):
+    """What the proxy needs from an HTTP client: POST bytes, stream the answer back.
+
+    Errors are ``OSError`` (refused, reset, DNS, TLS), :class:`UpstreamError` (closed early,
+    malformed) or ``asyncio.TimeoutError`` (connect or first-byte timeout), nothing else: the
+    router retries or ejects on exactly these.
+    """
+
+    connect_s: float  # connect timeout, updated on reload
+    read_s: float  # first-byte (and between-bytes) timeout, updated on reload
+
+    async def request(self, url: str, path: str, body: bytes) -> R:
+        """Send ``body`` as a JSON POST to ``url + path``; return once the head arrived."""
+        ...
+
+    def release(self, response: R, url: str) -> None:
+        """Done with ``response``: keep its connection if it was read to the end, else close."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# -- the pure parser ---------------------------------------------------------------------------
+class ParseState(enum.Enum):
+    HEAD = "head"  # status line and headers, up to the blank line
+    BODY_LENGTH = "body with Content-Length"
+    BODY_UNTIL_CLOSE = "body until the engine closes"
+    CHUNK_SIZE = "chunk size line"
+    CHUNK_DATA = "chunk data"
+    CHUNK_DATA_END = "CRLF after chunk data"
+    TRAILERS = "trailer lines after the last chunk"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# Module-level aliases: the hot path compares states by identity without attribute lookups.
+_HEAD_S = ParseState.HEAD
+_LENGTH = ParseState.BODY_LENGTH
+_UNTIL_CLOSE = ParseState.BODY_UNTIL_CLOSE
+_CHUNK_SIZE = ParseState.CHUNK_SIZE
+_CHUNK_DATA = ParseState.CHUNK_DATA
+_CHUNK_END = ParseState.CHUNK_DATA_END
+_TRAILERS = ParseState.TRAILERS
+_DONE = ParseState.DONE
+_FAILED = ParseState.FAILED
+
+
+class ResponseParser:
+    """One HTTP/1.1 response, fed bytes in pieces of any size; no I/O, no clock.
+
+    ``feed`` returns the body bytes found in the piece (de-chunked) and raises only
+    :class:`ParseError`; after an error every further call raises it again. ``feed_eof`` says
+    the peer closed: that ends a body framed by the close, and is an error anywhere else
+    before the end. Bytes after the end mean the connection cannot be reused
+    (``keep_alive`` becomes false) and are otherwise ignored.
+    """
+
+    __slots__ = ("state", "status", "headers", "content_length", "keep_alive", "_buf",
+                 "_remaining")
+
+    def __init__(self) -> None:
+        self.state = _HEAD_S
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.content_length: int | None = None
+        self.keep_alive = True
+        self._buf = b""
+        self._remaining = 0  # body bytes left (Content-Length) or left in the current chunk
+
+    @property
+    def head_complete(self) -> bool:
+        return self.state is not _HEAD_S and self.state is not _FAILED
+
+    @property
+    def done(self) -> bool:
+        return self.state is _DONE
+
+    def _error(self, message: str) -> ParseError:
+        self.state = _FAILED
+        self.keep_alive = False
+        self._buf = b""
+        return ParseError(message)
+
+    def feed(self, data: bytes) -> bytes:
+        state = self.state
+        if state is _LENGTH:
+            remaining = self._remaining
+            if len(data) < remaining:
+                self._remaining = remaining - len(data)
+                return data
+            self._remaining = 0
+            self.state = _DONE
+            if len(data) > remaining:
+                self.keep_alive = False
+                return data[:remaining]
+            return data
+        if state is _UNTIL_CLOSE:
+            return data
+        if state is _HEAD_S:
+            buf = self._buf + data if self._buf else data
+            end = buf.find(b"\r\n\r\n", max(0, len(self._buf) - 3))
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise self._error("response head too large")
+                self._buf = buf
+                return b""
+            self._buf = b""
+            self._parse_head(buf[:end])
+            rest = buf[end + 4:]
+            return self.feed(rest) if rest else b""
+        if state is _DONE:
+            if data:
+                self.keep_alive = False
+            return b""
+        if state is _FAILED:
+            raise ParseError("the response was already malformed")
+        return self._dechunk(data)
+
+    def feed_eof(self) -> None:
+        if self.state is _UNTIL_CLOSE:
+            self.state = _DONE
+        elif self.state is _FAILED:
+            raise ParseError("the response was already malformed")
+        elif self.state is not _DONE:
+            raise self._error(f"connection closed in {self.state.value}")
+
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+            raise self._error(f"malformed status line {lines[0][:80]!r}")
+        version, status = parts[0], parts[1]
+        if len(status) != 3 or not (status.isascii() and status.isdigit()):
+            raise self._error(f"malformed status code {status[:80]!r}")
+        self.status = code = int(status)
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            name = name.strip()
+            if not colon or not name:
+                raise self._error(f"malformed header line {line[:80]!r}")
+            headers[name.lower()] = value.strip()
+        self.headers = headers
+        connection = headers.get("connection", "").lower()
+        self.keep_alive = ("close" not in connection) if version == "HTTP/1.1" \
+            else ("keep-alive" in connection)
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self.state = _CHUNK_SIZE
+        elif "content-length" in headers:
+            length = headers["content-length"]
+            if not (length.isascii() and length.isdigit()):
+                raise self._error(f"malformed Content-Length {length[:80]!r}")
+            self._remaining = self.content_length = int(length)
+            self.state = _LENGTH if self._remaining else _DONE
+        elif code in (204, 304) or 100 <= code < 200:
+            self.content_length = 0
+            self.state = _DONE
+        else:
+            self.state = _UNTIL_CLOSE
+            self.keep_alive = False
+
+    def _dechunk(self, data: bytes) -> bytes:
+        buf = self._buf + data if self._buf else data
+        pos, size = 0, len(buf)
+        state, remaining = self.state, self._remaining
+        out = []
+        while pos < size:
+            if state is _CHUNK_DATA:
+                take = min(remaining, size - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                remaining -= take
+                if remaining == 0:
+                    state = _CHUNK_END
+            elif state is _CHUNK_END:
+                if size - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise self._error("malformed chunk: no CRLF after the data")
+                pos += 2
+                state = _CHUNK_SIZE
+            elif state is _CHUNK_SIZE:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if size - pos > _MAX_CHUNK_LINE:
+                        raise self._error("malformed chunk size")
+                    break
+                digits = buf[pos:end]
+                if b";" in digits:  # a chunk extension: ignored
+                    digits = digits.split(b";", 1)[0].rstrip(b" \t")
+                # int() alone would also take "+5", " 5", "5_0" and "0x5": ASCII letters and
+                # digits only (int rejects g-z), at most 16 of them, no "0x".
+                if not digits.isalnum() or len(digits) > 16 or digits[1:2] in (b"x", b"X"):
+                    raise self._error(f"malformed chunk size {buf[pos:end][:80]!r}")
+                try:
+                    remaining = int(digits, 16)
+                except ValueError:
+                    raise self._error(f"malformed chunk size {buf[pos:end][:80]!r}") from None
+                pos = end + 2
+                state = _CHUNK_DATA if remaining else _TRAILERS
+            elif state is _TRAILERS:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if size - pos > MAX_HEAD:
+                        raise self._error("trailers too large")
+                    break
+                last = end == pos  # the blank line that ends the message
+                pos = end + 2
+                if last:
+                    state = _DONE
+                    if pos < size:
+                        self.keep_alive = False  # bytes after the end: do not reuse
+                    pos = size
+            else:  # unreachable: feed only calls this in a chunked state
+                raise self._error(f"internal: dechunk in {state.value}")
+        self.state, self._remaining = state, remaining
+        self._buf = buf[pos:] if pos < size else b""
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+# -- the protocol ------------------------------------------------------------------------------
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection; carries at most one request at a time.
+
+    Feeds the parser, buffers body pieces for ``read`` (pausing the transport above 1 MiB)
+    and wakes whoever waits for the head or the next piece. Implements UpstreamResponse.
+    """
+
+    __slots__ = ("transport", "closed", "loop", "parser", "_head_waiter", "_chunks",
+                 "_waiter", "_done", "_exc", "_buffered", "_paused", "reused", "idle_since",
+                 "_got_bytes")
 
     def __init__(self, loop):
         self.loop = loop
@@ -52,23 +318,36 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self):
-        self._head = b""
+        self.parser = ResponseParser()
         self._head_waiter = None
         self._chunks = collections.deque()
         self._waiter = None
         self._done = False
         self._exc = None
-        self._framing = None  # "length" | "chunked" | "close"
-        self._remaining = 0
-        self._chunk_buf = b""
         self._buffered = 0
         self._paused = False
-        self._timer = None
         self._got_bytes = False
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.content_length = None
-        self.keep_alive = True
+
+    # -- UpstreamResponse -------------------------------------------------------------------
+    @property
+    def status(self) -> int:
+        return self.parser.status
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.parser.headers
+
+    @property
+    def content_length(self) -> int | None:
+        return self.parser.content_length
+
+    @property
+    def keep_alive(self) -> bool:
+        return self.parser.keep_alive
+
+    @property
+    def complete(self) -> bool:
+        return self._done and self._exc is None and not self._chunks
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport):
@@ -82,136 +361,39 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
-        if self._framing == "close" and self._exc is None:
-            self._finish()
-        elif not self._done:
+        if self._done or self._exc is not None:
+            return
+        try:
+            self.parser.feed_eof()
+        except ParseError:
             if not self._got_bytes and self.reused:
                 self._fail(_StaleConnection("idle connection closed by the engine"))
             else:
                 self._fail(UpstreamError(f"engine closed the connection: {exc or 'EOF'}"))
+        else:
+            self._finish()  # a body framed by the close
 
     def data_received(self, data):
         self._got_bytes = True
-        if self._framing is None:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._head) > _MAX_HEAD:
-                    self._fail(UpstreamError("response head too large"))
-                return
-            head, data = self._head[:end], self._head[end + 4:]
-            self._head = b""
-            try:
-                self._parse_head(head)
-            except (ValueError, IndexError) as exc:
-                self._fail(UpstreamError(f"malformed response head: {exc}"))
-                return
-            waiter = self._head_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            if self._framing == "length" and self._remaining == 0:
-                self._finish()
-                return
-        if self._framing == "length":
-            if len(data) >= self._remaining:
-                data = data[:self._remaining]
-                self._remaining = 0
-                self._push(data)
-                self._finish()
-            else:
-                self._remaining -= len(data)
-                self._push(data)
-        elif self._framing == "chunked":
-            self._dechunk(data)
-        elif data:
-            self._push(data)
+        parser = self.parser
+        try:
+            body = parser.feed(data)
+        except ParseError as exc:
+            self._fail(exc)
+            return
+        waiter = self._head_waiter
+        if waiter is not None and parser.state is not _HEAD_S and not waiter.done():
+            waiter.set_result(None)
+        if body:
+            self._push(body)
+        if parser.state is _DONE:
+            self._finish()
 
     def eof_received(self):
         return False  # close the transport; connection_lost does the rest
 
-    # -- parsing ----------------------------------------------------------------------------
-    def _parse_head(self, head: bytes):
-        lines = head.decode("latin-1").split("\r\n")
-        version, status = lines[0].split(" ", 2)[:2]
-        self.status = int(status)
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        self.headers = headers
-        connection = headers.get("connection", "").lower()
-        self.keep_alive = ("close" not in connection) if version == "HTTP/1.1" \
-            else ("keep-alive" in connection)
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            self._framing = "chunked"
-        elif "content-length" in headers:
-            self._framing = "length"
-            self._remaining = self.content_length = int(headers["content-length"])
-        elif self.status in (204, 304) or 100 <= self.status < 200:
-            self._framing, self._remaining, self.content_length = "length", 0, 0
-        else:
-            self._framing = "close"
-            self.keep_alive = False
-
-    def _dechunk(self, data: bytes):
-        buf = self._chunk_buf + data if self._chunk_buf else data
-        pos, size = 0, len(buf)
-        out = []
-        while pos < size:
-            if self._remaining > 0:  # inside a chunk's data
-                take = min(self._remaining, size - pos)
-                out.append(buf[pos:pos + take])
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._remaining = -2  # expect the CRLF after the data
-                continue
-            if self._remaining == -2:
-                if size - pos < 2:
-                    break
-                if buf[pos:pos + 2] != b"\r\n":
-                    self._fail(UpstreamError("malformed chunk: no CRLF after the data"))
-                    return
-                pos += 2
-                self._remaining = 0
-                continue
-            if self._remaining == -3:  # after the last chunk: trailer lines, then CRLF
-                end = buf.find(b"\r\n", pos)
-                if end < 0:
-                    break
-                trailer_empty = end == pos
-                pos = end + 2
-                if not trailer_empty:
-                    continue
-                self._chunk_buf = b""
-                if out:
-                    self._push(b"".join(out))
-                self._finish()
-                return
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                if size - pos > 1024:
-                    self._fail(UpstreamError("malformed chunk size"))
-                    return
-                break
-            try:
-                length = int(buf[pos:end].split(b";", 1)[0], 16)
-            except ValueError:
-                self._fail(UpstreamError("malformed chunk size"))
-                return
-            pos = end + 2
-            if length == 0:
-                self._remaining = -3
-            else:
-                self._remaining = length
-        self._chunk_buf = buf[pos:] if pos < size else b""
-        if out:
-            self._push(b"".join(out) if len(out) > 1 else out[0])
-
     # -- delivery -----------------------------------------------------------------------------
     def _push(self, data: bytes):
-        if not data:
-            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -241,9 +423,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _timed_out(self):
         self._fail(asyncio.TimeoutError("no byte from the engine within the timeout"))
 
-    # -- API used by UpstreamPool / the proxy ---------------------------------------------------
+    # -- waiting ------------------------------------------------------------------------------
     async def wait_head(self, timeout: float):
-        if self._framing is not None:
+        if self.parser.head_complete:
             return
         if self._exc is not None:
             raise self._exc
@@ -279,13 +461,12 @@ class UpstreamConnection(asyncio.Protocol):
                 timer.cancel()
                 self._waiter = None
 
-    @property
-    def complete(self) -> bool:
-        return self._done and self._exc is None and not self._chunks
-
 
 class UpstreamPool:
-    """Idle keep-alive connections per engine URL; no cap on how many are open."""
+    """Idle keep-alive connections per engine URL; no cap on how many are open.
+
+    The router's :class:`UpstreamClient` (responses are :class:`UpstreamConnection`).
+    """
 
     def __init__(self, connect_s: float, first_byte_s: float, idle_s: float = 4.0):
         self.connect_s = connect_s
@@ -377,61 +558,3 @@ class UpstreamPool:
         for conn in list(self._open):
             self._discard(conn)
         self._idle.clear()
-
-
-class _AiohttpResponse:
-    """aiohttp's ClientResponse behind the UpstreamConnection interface (for A/B runs)."""
-
-    __slots__ = ("resp", "status", "headers", "content_length")
-
-    def __init__(self, resp):
-        self.resp = resp
-        self.status = resp.status
-        self.headers = {k.lower(): v for k, v in resp.headers.items()}
-        self.content_length = resp.content_length
-
-    async def read(self, timeout: float) -> bytes:
-        return await self.resp.content.readany()
-
-    @property
-    def complete(self) -> bool:
-        return self.resp.content.at_eof()
-
-
-class AiohttpUpstreamPool:
-    """The same interface on one aiohttp ClientSession with TCPConnector(limit=0).
-
-    Selected with ``STACKCTL_ROUTER_UPSTREAM=aiohttp``; kept to measure the lean client
-    against it side by side (benchmarks/router_overhead.py, target ``ours-kv-aiohttp``).
-    """
-
-    def __init__(self, connect_s: float, first_byte_s: float, idle_s: float = 4.0):
-        import aiohttp
-        self._aiohttp = aiohttp
-        self.connect_s, self.read_s = connect_s, first_byte_s
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=idle_s),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s,
-                                              sock_read=first_byte_s)
-
-    async def request(self, url: str, path: str, body: bytes):
-        resp = await self.session.post(url + path, data=body, timeout=self._timeout,
-                                       headers={"Content-Type": "application/json"})
-        return _AiohttpResponse(resp)
-
-    def release(self, conn, url: str) -> None:
-        if conn.complete:
-            conn.resp.release()
-        else:
-            conn.resp.close()
-
-    def close(self) -> None:
-        asyncio.get_event_loop().create_task(self.session.close())
-
-
-def make_pool(connect_s: float, first_byte_s: float):
-    import os
-    if os.environ.get("STACKCTL_ROUTER_UPSTREAM") == "aiohttp":
-        return AiohttpUpstreamPool(connect_s, first_byte_s)
-    return UpstreamPool(connect_s, first_byte_s)

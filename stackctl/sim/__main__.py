@@ -1,4 +1,4 @@
-"""Entry point: ``python -m stackctl.sim [vLLM flags] [--hardware --model-profile --time-scale]``."""
+"""Entry point: ``python -m stackctl.sim [serve] [MODEL] [vLLM flags] [--hardware --model-profile --time-scale]``."""
 
 from __future__ import annotations
 

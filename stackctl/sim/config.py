@@ -11,13 +11,14 @@ import argparse
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import yaml
 
 from stackctl.sim import profiles
-from stackctl.sim.engine import EngineConfig
+from stackctl.sim.engine import SimEngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class SimConfig:
     def served_model_name(self) -> str:
         return self.served_model_names[0]
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self) -> SimEngineConfig:
         cpu_chunks = None
         if self.lmcache is not None:
             # LMCache runs one local CPU backend per tensor-parallel rank, each of
@@ -73,7 +74,7 @@ class SimConfig:
                 self.model_profile, self.lmcache.max_local_cpu_size * self.tensor_parallel_size, self.lmcache.chunk_size
             )
             cpu_chunks = tokens // self.lmcache.chunk_size
-        return EngineConfig(
+        return SimEngineConfig(
             num_gpu_blocks=self.num_gpu_blocks,
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
@@ -131,6 +132,7 @@ def _json_object(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stackctl sim",
+        usage="%(prog)s [serve] [MODEL] [vLLM flags] [simulator flags]",
         description="Simulated vLLM OpenAI-compatible server with a physical timing model.",
         allow_abbrev=False,
     )
@@ -198,7 +200,13 @@ def load_lmcache_settings(environ: Mapping[str, str]) -> LMCacheSettings:
 def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) -> SimConfig:
     """Parse the command line; bad flags exit 2 with argparse's message (no traceback)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # `vllm serve MODEL ...`: stackctl renders one command line for both
+        argv = argv[1:]
+    model_tag = argv.pop(0) if argv and not argv[0].startswith("-") else None  # vLLM's positional model
     args, unknown = parser.parse_known_args(argv)
+    if model_tag is not None:
+        args.model = model_tag  # as vLLM: the positional model wins over --model
     try:
         return _resolve(args, unknown, os.environ if environ is None else environ)
     except ConfigError as exc:

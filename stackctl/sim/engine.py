@@ -1,10 +1,10 @@
 """The simulated engine: vLLM v1's continuous-batching scheduler over the two KV tiers.
 
-:class:`Engine` is clock-free: ``schedule(now)`` plans one step (which requests compute how
+:class:`SimEngine` is clock-free: ``schedule(now)`` plans one step (which requests compute how
 many tokens, which blocks they take, what the CPU tier loads) and returns its modelled
 duration; ``complete(step, end)`` applies the step's results at its end time (KV becomes
 cached, tokens are sampled). :class:`EngineLoop` drives it in real time with asyncio, and
-tests drive it with a virtual clock (:meth:`Engine.run_until_idle`).
+tests drive it with a virtual clock (:meth:`SimEngine.run_until_idle`).
 
 Scheduling follows vLLM v1: running requests first, in admission order, each getting its
 pending tokens (1 for a decode, up to the token budget for a chunked prefill), then waiting
@@ -97,7 +97,7 @@ class SimRequest:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class SimEngineConfig:
     num_gpu_blocks: int
     block_size: int = 16
     max_num_seqs: int = 256
@@ -114,7 +114,7 @@ class EngineObserver:
     def token(self, req: SimRequest, now: float, first: bool) -> None: ...
     def finished(self, req: SimRequest) -> None: ...
     def preempted(self, req: SimRequest) -> None: ...
-    def step_done(self, engine: "Engine", step: "Step") -> None: ...
+    def step_done(self, engine: "SimEngine", step: "Step") -> None: ...
 
 
 @dataclass(slots=True)
@@ -128,8 +128,8 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class Engine:
-    def __init__(self, config: EngineConfig, timing: TimingModel, observer: EngineObserver | None = None):
+class SimEngine:
+    def __init__(self, config: SimEngineConfig, timing: TimingModel, observer: EngineObserver | None = None):
         self.config = config
         self.timing = timing
         self.observer = observer or EngineObserver()
@@ -380,7 +380,7 @@ class Engine:
 
 
 class EngineLoop:
-    """Runs an :class:`Engine` in real time: each step sleeps until its modelled deadline.
+    """Runs a :class:`SimEngine` in real time: each step sleeps until its modelled deadline.
 
     Engine time is simulated seconds; real time is simulated time / ``time_scale``. A busy
     engine starts each step at the previous step's deadline (not when it woke up), so the
@@ -392,7 +392,7 @@ class EngineLoop:
     # steps that begin after their arrival, so catching up never shortens a modelled time.
     RESYNC_AFTER_S = 1.0
 
-    def __init__(self, engine: Engine, time_scale: float = 1.0):
+    def __init__(self, engine: SimEngine, time_scale: float = 1.0):
         self.engine = engine
         self.time_scale = time_scale
         self._loop = asyncio.get_running_loop()

@@ -18,9 +18,9 @@ from typing import Any
 from aiohttp import web
 
 from stackctl.sim.config import SimConfig
-from stackctl.sim.engine import Engine, EngineLoop, SimRequest
-from stackctl.sim.metrics import CONTENT_TYPE, SimMetrics
+from stackctl.sim.engine import EngineLoop, SimEngine, SimRequest
 from stackctl.sim.timing import TimingModel
+from stackctl.sim.vllm_metrics import CONTENT_TYPE, SimMetrics
 from stackctl.tokenizer import render_chat, tokenize
 
 try:  # orjson is faster when present; the standard library is enough
@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = web.AppKey("sim_config", SimConfig)
-ENGINE_KEY = web.AppKey("sim_engine", Engine)
+ENGINE_KEY = web.AppKey("sim_engine", SimEngine)
 LOOP_KEY = web.AppKey("sim_loop", EngineLoop)
 DRAINING_KEY = web.AppKey("sim_draining", asyncio.Event)  # set on SIGTERM: refuse new work
 METRICS_KEY = web.AppKey("sim_metrics", SimMetrics)
@@ -107,7 +107,7 @@ async def _start_engine(app: web.Application) -> None:
     config = app[CONFIG_KEY]
     metrics_ = SimMetrics(config.served_model_name, _cache_info(config), external_cache=config.lmcache is not None)
     timing = TimingModel(config.hardware, config.model_profile, config.tensor_parallel_size)
-    engine = Engine(config.engine_config(), timing, observer=metrics_)
+    engine = SimEngine(config.engine_config(), timing, observer=metrics_)
     metrics_.refresh(engine)
     loop = EngineLoop(engine, config.time_scale)
     loop.start()

@@ -93,7 +93,7 @@ def test_sudo_user_deploys_and_programs_run_as_the_service_user(bed, env, wheelh
     service = pwd.getpwnam(SERVICE_USER)
     assert service.pw_uid != 0 and service.pw_shell.endswith("nologin")
 
-    status = stackctl("status", str(inventory), "--json", env=env)
+    status = stackctl("status", str(inventory), "-o", "json", env=env)
     assert status.returncode == 0, status.stdout + status.stderr
     for entry in json.loads(status.stdout)["hosts"]:
         host = bed.host(entry["host"])
@@ -121,11 +121,11 @@ def test_sudo_user_deploys_and_programs_run_as_the_service_user(bed, env, wheelh
 
     power_loss_then_unit_start(bed, (h1, h2), service.pw_uid, env)
     deadline = time.monotonic() + 30  # RUNNING once up for startsecs
-    while (status := stackctl("status", str(inventory), "--json", env=env)).returncode != 0:
+    while (status := stackctl("status", str(inventory), "-o", "json", env=env)).returncode != 0:
         assert time.monotonic() < deadline, status.stdout + status.stderr  # healthy, without `up`
         time.sleep(1)
 
-    down = stackctl("down", str(inventory), "--purge", env=env)
+    down = stackctl("down", str(inventory), "--purge", "--yes", env=env)
     assert down.returncode == 0, down.stdout + down.stderr
     for host in (h1, h2):
         assert not any(host.deploy_source.iterdir()), (host.name, list(host.deploy_source.iterdir()))

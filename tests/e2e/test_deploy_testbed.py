@@ -112,7 +112,7 @@ class Stack:
         return self.stackctl("up", str(self.inventory), "--yes", "--wheelhouse", str(self.wheelhouse), *args)
 
     def status(self, *args: str) -> tuple[Run, dict]:
-        run = self.stackctl("status", str(self.inventory), "--json", *args, timeout=120)
+        run = self.stackctl("status", str(self.inventory), "-o", "json", *args, timeout=120)
         status = json.loads(run.stdout)
         if not args:
             self.last_status = status
@@ -179,7 +179,7 @@ def stack(testbed_factory, wheelhouse, tmp_path_factory):
         yield stack
     finally:
         if not any(r.args[:1] == ["down"] and r.returncode == 0 for r in stack.runs):
-            subprocess.run([sys.executable, "-m", "stackctl", "down", str(stack.inventory), "--purge"],
+            subprocess.run([sys.executable, "-m", "stackctl", "down", str(stack.inventory), "--purge", "--yes"],
                            capture_output=True, timeout=180, env=env, cwd=REPO_ROOT)
         testbed.cleanup()
 
@@ -390,7 +390,7 @@ def test_secrets_stay_secret_and_router_requires_the_key(stack):
 
 
 def test_down_purge_leaves_nothing(stack):
-    run = stack.stackctl("down", str(stack.inventory), "--purge", timeout=240)
+    run = stack.stackctl("down", str(stack.inventory), "--purge", "--yes", timeout=240)
     report_timing(stack, "down --purge", run.seconds)
     assert run.returncode == 0, run
     for host in stack.testbed.hosts:
@@ -407,7 +407,7 @@ def test_down_purge_leaves_nothing(stack):
         assert strays == {}, (host.name, strays)
         assert not any(host.deploy_source.iterdir()), (host.name, list(host.deploy_source.iterdir()))
         assert stack.testbed.exec_in(host, f"ls -A {stack.testbed.deploy_dir}").stdout == ""
-    again = stack.stackctl("down", str(stack.inventory), "--purge", "--hosts", stack.head.name, timeout=120)
+    again = stack.stackctl("down", str(stack.inventory), "--purge", "--yes", "--hosts", stack.head.name, timeout=120)
     assert again.returncode == 0, again  # idempotent: an empty (or absent) deploy dir is purged already
 
 
@@ -452,12 +452,12 @@ def test_proxyjump_up_status_down_through_the_bastion(bastion_bed, tmp_path):
     up = stackctl("up", str(inventory), "--yes")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "verified with a completion" in up.stdout
-    status = stackctl("status", str(inventory), "--json")
+    status = stackctl("status", str(inventory), "-o", "json")
     assert status.returncode == 0, status.stdout + status.stderr
     assert_all_healthy(json.loads(status.stdout), 1)
     again = stackctl("up", str(inventory), "--yes")
     assert again.returncode == 0 and f"{host.name}: no changes" in again.stdout + again.stderr, again.stdout + again.stderr
-    down = stackctl("down", str(inventory), "--purge")
+    down = stackctl("down", str(inventory), "--purge", "--yes")
     assert down.returncode == 0, down.stdout + down.stderr
     assert not any(host.deploy_source.iterdir())
 
@@ -472,7 +472,7 @@ def test_host_keys_unknown_refused_accepted_on_request_changed_refused(bastion_b
 
     refused = stackctl("status", str(inventory))
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    text = json.loads(stackctl("status", str(inventory), "--json").stdout)["hosts"][0]["error"]
+    text = json.loads(stackctl("status", str(inventory), "-o", "json").stdout)["hosts"][0]["error"]
     assert target.name in text and "host key is not in" in text and "--accept-new-host-keys" in text, text
     assert known_hosts.read_text() == ""
     up = stackctl("up", str(inventory), "--yes")
@@ -487,7 +487,7 @@ def test_host_keys_unknown_refused_accepted_on_request_changed_refused(bastion_b
 
     other = Path(f"{bastion_bed.hosts[0].host_key}.pub").read_text().split()  # a different, valid key
     known_hosts.write_text(f"{recorded[0]} {other[0]} {other[1]}\n")
-    changed = stackctl("status", str(inventory), "--json", "--accept-new-host-keys")
+    changed = stackctl("status", str(inventory), "-o", "json", "--accept-new-host-keys")
     assert changed.returncode == 2, changed.stdout + changed.stderr
     error = json.loads(changed.stdout)["hosts"][0]["error"]
     assert "CHANGED" in error and target.name in error, error

@@ -72,10 +72,10 @@ def test_plain_install_deploys_to_ssh_hosts_without_a_stackctl_wheel(fresh_insta
         assert "verified with a completion" in up.stdout
         shipped = list((root / "cache" / "wheels").rglob("stackctl-*.whl"))
         assert len(shipped) == 1, shipped  # written by the plain install itself
-        status = _run([stackctl, "status", inventory, "--json"], cwd=root, env=env)
+        status = _run([stackctl, "status", inventory, "-o", "json"], cwd=root, env=env)
         assert status.returncode == 0, status.stdout + status.stderr
         assert json.loads(status.stdout)["overall"] == "healthy"
         again = _run([stackctl, "up", inventory, "--yes", "--wheelhouse", fresh_install["deps"]], cwd=root, env=env)
         assert again.returncode == 0 and f"{engine.name}: no changes" in again.stdout + again.stderr, again.stdout + again.stderr
     finally:
-        _run([stackctl, "down", inventory, "--purge"], cwd=root, env=env)
+        _run([stackctl, "down", inventory, "--purge", "--yes"], cwd=root, env=env)

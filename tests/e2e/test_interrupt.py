@@ -97,5 +97,5 @@ def test_first_ctrl_c_stops_within_2s_and_next_up_repairs(testbed_factory, wheel
         assert again.returncode == 0, again.stdout + again.stderr
         assert "verified with a completion" in again.stdout
     finally:
-        subprocess.run([sys.executable, "-m", "stackctl", "down", str(inventory), "--purge"], capture_output=True,
+        subprocess.run([sys.executable, "-m", "stackctl", "down", str(inventory), "--purge", "--yes"], capture_output=True,
                        timeout=180, env=env, cwd=REPO_ROOT)

@@ -57,11 +57,11 @@ def fleet(tmp_path_factory):
     path = root / "local.yaml"
     path.write_text(yaml.safe_dump(inventory))
     yield path, root
-    stackctl("down", path, "--purge", timeout=120)
+    stackctl("down", path, "--purge", "--yes", timeout=120)
 
 
 def status_json(path: Path) -> dict:
-    result = stackctl("status", path, "--json")
+    result = stackctl("status", path, "-o", "json")
     return {"code": result.returncode, **json.loads(result.stdout)}
 
 
@@ -71,6 +71,9 @@ def pids(status: dict) -> dict[tuple[str, str], int]:
 
 def test_up_status_idempotent_bench_down(fleet, tmp_path):
     path, root = fleet
+    check = stackctl("up", path, "--check")  # CI's question: would `up` change anything? (it changes nothing)
+    assert check.returncode == 3, check.stdout + check.stderr
+    assert "would-change" in check.stdout and not any((root / name).exists() for name in ("head", "sim1", "sim2"))
     first = stackctl("up", path, "--yes")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "verified with a completion" in first.stdout
@@ -86,6 +89,21 @@ def test_up_status_idempotent_bench_down(fleet, tmp_path):
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("no changes") == 3, second.stderr
     assert pids(status_json(path)) == before  # nothing restarted
+    check = stackctl("up", path, "--check", "-o", "json")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert {h["status"] for h in json.loads(check.stdout)["hosts"]} == {"unchanged"}
+
+    rolled = stackctl("restart", path, "--rolling", "--yes", "-l", "sim*")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert rolled.stderr.count("drain: out of the router") == 2 and rolled.stderr.count("drain: back in the router") == 2, rolled.stderr
+    after = status_json(path)
+    assert after["code"] == 0, after
+    now = pids(after)
+    assert now[("head", "router")] == before[("head", "router")]  # the router was not restarted, only told
+    assert all(now[key] != before[key] for key in before if key[0] != "head"), (before, now)
+    before = now
+    log = stackctl("logs", path, "-l", "sim1", "--program", "engine-0", "-n", "5")
+    assert log.returncode == 0 and log.stdout.strip(), log.stderr
 
     scenario = tmp_path / "tiny.yaml"
     scenario.write_text(yaml.safe_dump({
@@ -101,7 +119,7 @@ def test_up_status_idempotent_bench_down(fleet, tmp_path):
     assert "naive/optimized" in (out / "summary.md").read_text()
     assert summary  # the report's own tests check its numbers
 
-    down = stackctl("down", path, "--purge")
+    down = stackctl("down", path, "--purge", "--yes")
     assert down.returncode == 0, down.stderr
     assert not any((root / name).exists() for name in ("head", "sim1", "sim2"))
     gone = status_json(path)

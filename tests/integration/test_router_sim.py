@@ -160,7 +160,7 @@ async def test_a_killed_engine_causes_no_errors_for_new_requests():
             replies = await asyncio.gather(*(c.completions.create(
                 model=MODEL, prompt=f"after the kill {i}", max_tokens=3) for i in range(24)))
             assert len(replies) == 24 and all(r.choices[0].text for r in replies)
-            assert router.pool.engines["sim0"].healthy is False
+            assert router.pool.backends["sim0"].healthy is False
 
 
 async def test_a_hung_engine_is_ejected_within_the_timeout_and_requests_go_elsewhere():
@@ -176,7 +176,7 @@ async def test_a_hung_engine_is_ejected_within_the_timeout_and_requests_go_elsew
             start = loop.time()
 
             async def time_to_ejection():
-                while router.pool.engines["sim0"].healthy and loop.time() - start < 10:
+                while router.pool.backends["sim0"].healthy and loop.time() - start < 10:
                     await asyncio.sleep(0.02)
                 return loop.time() - start
 
@@ -186,7 +186,7 @@ async def test_a_hung_engine_is_ejected_within_the_timeout_and_requests_go_elsew
                     model=MODEL, prompt=f"while hung {i}", max_tokens=3) for i in range(9)))
                 assert all(r.choices[0].text for r in replies)
                 ejected_after = await watcher
-                assert not router.pool.engines["sim0"].healthy
+                assert not router.pool.backends["sim0"].healthy
                 # health interval + health timeout (0.8 s), or the 1.5 s first-byte timeout
                 assert ejected_after < 1.5 + 1.0
             finally:

@@ -60,7 +60,7 @@ def test_the_rendered_command_exports_the_secret_file(kind, tmp_path):
     argv = shlex.split(parser.get(f"program:{engine.name}", "command").replace("%%", "%"))
     assert argv == list(engine.command)
     cut = argv.index("--") + 1  # what follows is the engine's own argv
-    assert argv[cut:cut + 3] == ["/usr/bin/python3", "-m", "stackctl.sim" if kind == "sim" else "vllm.entrypoints.openai.api_server"]
+    assert argv[cut:cut + 4] == ["/usr/bin/python3", "-m", "stackctl.sim" if kind == "sim" else "vllm.entrypoints.cli.main", "serve"]
     for d in plan.dirs.values():
         os.makedirs(d, exist_ok=True)
     secret = Path(plan.secrets[0].path)

@@ -208,8 +208,8 @@ def test_unknown_sim_hardware(tmp_path, capsys):
 
 
 def test_unknown_host_in_plan_filter(tmp_path, capsys):
-    code, out, err = run_cli(["plan", str(write(tmp_path, GOOD)), "--host", "gpu09"], capsys)
-    assert code == 2 and "unknown host(s): gpu09" in err
+    code, out, err = run_cli(["plan", str(write(tmp_path, GOOD)), "--hosts", "gpu09"], capsys)
+    assert code == 2 and "--hosts: no host named or matching gpu09" in err
 
 
 def test_loopback_engines_unreachable_from_the_router(tmp_path, capsys):

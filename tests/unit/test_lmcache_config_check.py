@@ -100,17 +100,49 @@ def test_rendered_plan_configs_pass_lmcache_loader(tmp_path, venv_python):
 
     repo = Path(__file__).resolve().parents[2]
     reference = repo / "inventory" / "a100-8.yaml"
-    server_mode = tmp_path / "server.yaml"
-    server_mode.write_text(reference.read_text().replace("chunk_size: 256}", "chunk_size: 256, mode: server}"))
-    paths = []
-    for name, inventory in (("local", reference), ("server", server_mode)):
-        plan = next(p for p in plan_cluster(load_inventory(inventory)) if p.host.name == "gpu01")
-        spec = next(f for f in plan.files if f.path.endswith(".lmcache.yaml"))
-        paths.append(tmp_path / f"{name}.lmcache.yaml")
-        paths[-1].write_text(spec.content)
-    local, server = check_lmcache_configs(paths, python=venv_python)
+    plan = next(p for p in plan_cluster(load_inventory(reference)) if p.host.name == "gpu01")
+    spec = next(f for f in plan.files if f.path.endswith(".lmcache.yaml"))
+    path = tmp_path / "local.lmcache.yaml"
+    path.write_text(spec.content)
+    (local,) = check_lmcache_configs([path], python=venv_python)
     assert not isinstance(local, Exception), local
-    assert not isinstance(server, Exception), server
     assert local["values"]["max_local_cpu_size"] == 120.0 and local["values"]["chunk_size"] == 256
-    assert server["values"]["remote_url"] == "lm://127.0.0.1:65432"
-    assert yaml.safe_load(paths[0].read_text())["local_cpu"] is True
+    assert yaml.safe_load(path.read_text())["local_cpu"] is True
+
+
+def test_server_mode_renders_what_lmcache_server_and_vllm_accept(tmp_path, venv_python):
+    """lmcache.mode: server is LMCache 0.5.x's multi-process mode: `lmcache server` (its
+    arguments parsed by LMCache's own parser and config builders) and engines whose
+    LMCacheMPConnector points at it; no LMCache YAML file."""
+    import json
+    from pathlib import Path
+
+    from stackctl.inventory import load_inventory
+    from stackctl.plan import plan_cluster
+    from tests.helpers.lmcache_check import check_lmcache_server_args
+
+    repo = Path(__file__).resolve().parents[2]
+    server_mode = tmp_path / "server.yaml"
+    server_mode.write_text((repo / "inventory" / "a100-8.yaml").read_text().replace("chunk_size: 256}", "chunk_size: 256, mode: server}"))
+    plan = next(p for p in plan_cluster(load_inventory(server_mode)) if p.host.name == "gpu01")
+    assert not any(f.path.endswith(".lmcache.yaml") for f in plan.files)
+    server = plan.program("lmcache-server")
+    assert server.command[1:4] == ("-m", "lmcache.cli.main", "server")
+    checked = check_lmcache_server_args(list(server.command[4:]), python=venv_python)
+    assert checked["mp"] == {"host": "127.0.0.1", "port": 65432, "chunk_size": 256}
+    assert checked["http"]["port"] == 65433 and checked["l1_size_gb"] == 120.0 and checked["eviction_policy"] == "LRU"
+    engine = plan.program("engine-0")
+    argv = list(engine.command)
+    kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert kv["kv_connector"] == "LMCacheMPConnector"
+    assert kv["kv_connector_extra_config"] == {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": 65432}
+    assert "--disable-hybrid-kv-cache-manager" in argv and "LMCACHE_CONFIG_FILE" not in engine.environment
+
+
+def test_lmcache_server_args_check_rejects_what_lmcache_refuses(venv_python):
+    from tests.helpers.lmcache_check import check_lmcache_server_args
+
+    with pytest.raises(LMCacheConfigError, match="eviction-policy"):
+        check_lmcache_server_args(["--port", "65432", "--l1-size-gb", "4"], python=venv_python)
+    with pytest.raises(LMCacheConfigError, match="unrecognized arguments"):
+        check_lmcache_server_args(["--port", "65432", "--l1-size-gb", "4", "--eviction-policy", "LRU", "--l1-size-tb", "4"], python=venv_python)

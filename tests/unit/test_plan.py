@@ -48,7 +48,9 @@ def test_engine_program_command_and_env():
     launcher, argv = list(engine.command[:6]), list(engine.command[6:])
     assert launcher[:2] == ["/bin/sh", "-c"] and launcher[3:] == ["engine-0", "/opt/stackctl/run/engine-0.pgid", "/opt/stackctl/venv/bin/python"]
     argv = launcher[5:] + argv
-    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/opt/stackctl/models/meta-llama/Llama-3.1-8B-Instruct"]
+    assert "--model" not in argv  # vllm serve takes the model positionally (it warns about --model)
+    assert engine.environment["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # nvidia-smi's numbering
     assert argv[argv.index("--kv-transfer-config") + 1] == '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
     assert "--enable-prefix-caching" in argv
     assert engine.environment["CUDA_VISIBLE_DEVICES"] == "0"
@@ -86,8 +88,13 @@ def test_lmcache_server_mode(tmp_path):
     plans = {p.host.name: p for p in plan_cluster(load_inventory(path))}
     names = [p.name for p in plans["gpu01"].programs]
     assert names == ["engine-0", "lmcache-server"]
-    lmcache = yaml.safe_load(next(f for f in plans["gpu01"].files if f.path.endswith("lmcache.yaml")).content)
-    assert lmcache["remote_url"] == "lm://127.0.0.1:65432" and lmcache["local_cpu"] is False
+    # LMCache 0.5.x's multi-process mode: `lmcache server` on loopback, engines on LMCacheMPConnector
+    server = plans["gpu01"].program("lmcache-server")
+    assert list(server.command[1:4]) == ["-m", "lmcache.cli.main", "server"] and server.port == 65432
+    assert server.health_url == "http://127.0.0.1:65433/healthcheck"
+    assert not any(f.path.endswith("lmcache.yaml") for f in plans["gpu01"].files)
+    argv = list(plans["gpu01"].program("engine-0").command)
+    assert '"kv_connector":"LMCacheMPConnector"' in argv[argv.index("--kv-transfer-config") + 1]
 
 
 def test_secrets_are_masked_in_plan_output(capsys, monkeypatch):
@@ -99,7 +106,7 @@ def test_secrets_are_masked_in_plan_output(capsys, monkeypatch):
 
 
 def test_plan_output_dir(tmp_path, capsys):
-    assert main(["plan", str(A100), "--host", "gpu01", "--output", str(tmp_path)]) == 0
+    assert main(["plan", str(A100), "--hosts", "gpu01", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "gpu01" / "opt/stackctl/supervisor/conf.d/engine-0.conf").is_file()
     assert (tmp_path / "gpu01" / "PLAN.txt").is_file()
     assert not (tmp_path / "head").exists()

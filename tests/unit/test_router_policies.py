@@ -5,15 +5,15 @@ from __future__ import annotations
 import collections
 import random
 
-from stackctl.router.config import POLICY_OPTION_DEFAULTS, EngineConfig
-from stackctl.router.engines import Engine
+from stackctl.router.backends import Backend
+from stackctl.router.config import POLICY_OPTION_DEFAULTS, BackendConfig
 from stackctl.router.policies import (KvAwarePolicy, LeastLoadedPolicy, RoundRobinPolicy,
                                       RouteRequest, SessionPolicy, make_policy, prompt_text)
 from stackctl.tokenizer import render_chat
 
 
 def engines(n=4, capacity=None):
-    return [Engine(EngineConfig(f"e{i}", f"http://127.0.0.1:{9000 + i}", "m", capacity))
+    return [Backend(BackendConfig(f"e{i}", f"http://127.0.0.1:{9000 + i}", "m", capacity))
             for i in range(n)]
 
 
@@ -49,7 +49,7 @@ def test_prompt_text_renders_chat_and_reads_completions():
 def test_round_robin_cycles():
     es = engines(3)
     policy = RoundRobinPolicy()
-    picks = [policy.choose(es, chat("x")).name for _ in range(6)]
+    picks = [policy.choose(es, chat("x")).backend.name for _ in range(6)]
     assert collections.Counter(picks) == {"e0": 2, "e1": 2, "e2": 2}
     assert picks[:3] != [picks[0]] * 3
 
@@ -57,33 +57,33 @@ def test_round_robin_cycles():
 def test_least_loaded_picks_fewest_inflight_and_spreads_ties():
     es = engines(3)
     es[0].inflight, es[1].inflight, es[2].inflight = 5, 1, 3
-    assert LeastLoadedPolicy().choose(es, chat("x")) is es[1]
+    assert LeastLoadedPolicy().choose(es, chat("x")).backend is es[1]
     for e in es:
         e.inflight = 0
     policy = LeastLoadedPolicy()
-    assert {policy.choose(es, chat("x")).name for _ in range(3)} == {"e0", "e1", "e2"}
+    assert {policy.choose(es, chat("x")).backend.name for _ in range(3)} == {"e0", "e1", "e2"}
 
 
 def test_session_is_sticky_consistent_and_bounded():
     es = engines(4)
     policy = SessionPolicy(header="x-session-id", load_factor=1.25)
     by_header = RouteRequest({"model": "m"}, {"x-session-id": "alice"})
-    home = policy.choose(es, by_header)
-    assert all(policy.choose(es, by_header) is home for _ in range(5))
+    home = policy.choose(es, by_header).backend
+    assert all(policy.choose(es, by_header).backend is home for _ in range(5))
     # the body's user field is a key too
-    home_u = policy.choose(es, RouteRequest({"model": "m", "user": "bob"}, {}))
-    assert policy.choose(es, RouteRequest({"model": "m", "user": "bob"}, {})) is home_u
+    home_u = policy.choose(es, RouteRequest({"model": "m", "user": "bob"}, {})).backend
+    assert policy.choose(es, RouteRequest({"model": "m", "user": "bob"}, {})).backend is home_u
     # consistent: removing another engine does not move the session
     others = [e for e in es if e is not home]
-    assert policy.choose([home] + others[1:], by_header) is home
+    assert policy.choose([home] + others[1:], by_header).backend is home
     # bounded: an overloaded home sends the session elsewhere
     home.inflight = 10
-    assert policy.choose(es, by_header) is not home
+    assert policy.choose(es, by_header).backend is not home
     # spread: many sessions use every engine
     for e in es:
         e.inflight = 0
     spread = collections.Counter(
-        policy.choose(es, RouteRequest({"model": "m"}, {"x-session-id": f"s{i}"})).name
+        policy.choose(es, RouteRequest({"model": "m"}, {"x-session-id": f"s{i}"})).backend.name
         for i in range(400))
     assert len(spread) == 4 and min(spread.values()) > 50
 
@@ -92,38 +92,38 @@ def test_kv_aware_follows_a_growing_conversation():
     es = engines(4)
     policy = KvAwarePolicy()
     turns = [words(i) for i in range(5)]
-    first = policy.choose(es, chat(turns[0]))
+    first = policy.choose(es, chat(turns[0])).backend
     for k in range(2, 6):
-        req = chat(*turns[:k])
-        assert policy.choose(es, req) is first
-        assert req.predicted_cached_tokens > 0
+        choice = policy.choose(es, chat(*turns[:k]))
+        assert choice.backend is first
+        assert choice.predicted_cached_tokens > 0
 
 
 def test_kv_aware_prefers_cache_over_small_load_differences_only():
     es = engines(2)
     policy = KvAwarePolicy(beta=0.5, load_factor=2.0)
     convo = [words(1, 400), words(2, 100)]  # the first turn is ~80% of the second prompt
-    home = policy.choose(es, chat(convo[0]))
+    home = policy.choose(es, chat(convo[0])).backend
     other = es[1] if home is es[0] else es[0]
     home.inflight, other.inflight = 5, 2  # penalty 0.5 * (5 - 3.5) / 4.5 = 0.17 < 0.83 cached
-    assert policy.choose(es, chat(*convo)) is home  # cache wins over a small imbalance
-    assert policy.choose(es, chat(*convo)) is home
+    assert policy.choose(es, chat(*convo)).backend is home  # cache wins over a small imbalance
+    assert policy.choose(es, chat(*convo)).backend is home
     policy.beta = 2.0  # load weighs more: a clear imbalance now beats the cached prefix
     home.inflight, other.inflight = 6, 0  # penalty 2 * (6 - 3) / 4 = 1.5 > 0.83
-    assert policy.choose(es, chat(*convo)) is other
+    assert policy.choose(es, chat(*convo)).backend is other
 
 
 def test_kv_aware_skips_engines_above_the_load_cap_whatever_their_cache():
     es = engines(2)
     policy = KvAwarePolicy(beta=0.0, load_factor=2.0)  # beta 0: only the cap balances
     prompt = {"model": "m", "prompt": words(3, 400)}
-    home = policy.choose(es, RouteRequest(prompt, {}))
+    home = policy.choose(es, RouteRequest(prompt, {})).backend
     other = es[1] if home is es[0] else es[0]
     home.inflight, other.inflight = 5, 0  # cap = 2 * 2.5 + 1 = 6: home still allowed
-    assert policy.choose(es, RouteRequest(prompt, {})) is home
-    es.append(Engine(EngineConfig("e9", "http://127.0.0.1:1", "m")))
+    assert policy.choose(es, RouteRequest(prompt, {})).backend is home
+    es.append(Backend(BackendConfig("e9", "http://127.0.0.1:1", "m")))
     home.inflight, other.inflight = 20, 0  # cap = 2 * 6.7 + 1 = 14.3: home skipped
-    assert policy.choose(es, RouteRequest(prompt, {})) is not home
+    assert policy.choose(es, RouteRequest(prompt, {})).backend is not home
 
 
 def test_kv_aware_spreads_a_hot_shared_prefix():
@@ -133,7 +133,7 @@ def test_kv_aware_spreads_a_hot_shared_prefix():
     counts = collections.Counter()
     inflight: list = []
     for i in range(400):
-        engine = policy.choose(es, chat(words(i, 30)))
+        engine = policy.choose(es, chat(words(i, 30))).backend
         engine.inflight += 1
         inflight.append(engine)
         counts[engine.name] += 1
@@ -148,15 +148,15 @@ def test_kv_aware_a_spilled_prefix_is_not_split_between_equal_engines():
     es = engines(4)
     policy = KvAwarePolicy()
     convo = [words(5, 400), words(6, 100)]  # the same prompt again, e.g. a shared document
-    home = policy.choose(es, chat(*convo))
+    home = policy.choose(es, chat(*convo)).backend
     home.inflight = 10  # far above the others: the next one spills
-    spill = policy.choose(es, chat(*convo))
+    spill = policy.choose(es, chat(*convo)).backend
     assert spill is not home
     chosen = collections.Counter()
     for _ in range(40):
         for e in es:
             e.inflight = 2
-        chosen[policy.choose(es, chat(*convo)).name] += 1
+        chosen[policy.choose(es, chat(*convo)).backend.name] += 1
     assert len(chosen) == 1 and set(chosen) <= {home.name, spill.name}
 
 
@@ -171,7 +171,7 @@ def test_kv_aware_balances_new_conversations_by_count_not_by_load_snapshot():
     for i in range(40):
         for e in es:  # a noisy momentary load that least-loaded placement would chase
             e.inflight = rng.randrange(4)
-        placed[policy.choose(es, chat(words(200 + i, 100))).name] += 1
+        placed[policy.choose(es, chat(words(200 + i, 100))).backend.name] += 1
     assert max(placed.values()) - min(placed.values()) <= 2, placed
 
 
@@ -179,7 +179,7 @@ def test_kv_aware_new_conversations_spread_when_idle():
     es = engines(4)
     policy = KvAwarePolicy()
     firsts = collections.Counter(policy.choose(es, RouteRequest(
-        {"model": "m", "prompt": words(100 + i)}, {})).name for i in range(40))
+        {"model": "m", "prompt": words(100 + i)}, {})).backend.name for i in range(40))
     assert len(firsts) == 4 and max(firsts.values()) <= 20
 
 
@@ -187,22 +187,24 @@ def test_kv_aware_index_is_bounded_by_capacity():
     es = engines(1, capacity=1000)  # 1000 tokens * 4 chars / 256 = 15 chunks
     policy = KvAwarePolicy(chunk_chars=256, chars_per_token=4.0)
     for i in range(20):
-        policy.choose(es, RouteRequest({"model": "m", "prompt": words(i, 400)}, {}))
-    assert len(es[0].prefix_index) == 15
+        policy.choose(es, RouteRequest({"model": "m", "prompt": words(i, 400)}, {})).backend
+    assert len(policy.index(es[0])) == 15
     es[0].learned_capacity_tokens = 2000  # learned capacity only applies without config
+    policy.capacity_changed(es[0])  # what BackendPool calls on a change
     policy.choose(es, RouteRequest({"model": "m", "prompt": words(0, 400)}, {}))
-    assert es[0].prefix_index.capacity_chunks == 15
+    assert policy.index(es[0]).capacity_chunks == 15
     es[0].configured_capacity_tokens = None
+    policy.capacity_changed(es[0])
     policy.choose(es, RouteRequest({"model": "m", "prompt": words(0, 400)}, {}))
-    assert es[0].prefix_index.capacity_chunks == 31
+    assert policy.index(es[0]).capacity_chunks == 31
 
 
 def test_ejection_forgets_the_cache_estimate():
     es = engines(2)
     policy = KvAwarePolicy()
     req = chat(words(7, 400))
-    home = policy.choose(es, req)
-    home.forget_cache()
+    home = policy.choose(es, req).backend
+    policy.backend_ejected(home)  # what BackendPool calls when the health checker ejects
     req2 = chat(words(7, 400))
-    policy.choose(es, req2)
-    assert req2.predicted_cached_tokens == 0
+    choice = policy.choose(es, req2)
+    assert choice.predicted_cached_tokens == 0

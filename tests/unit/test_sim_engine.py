@@ -2,7 +2,7 @@
 
 import pytest
 
-from stackctl.sim.engine import Engine, EngineConfig, EngineObserver, SimRequest
+from stackctl.sim.engine import EngineObserver, SimEngine, SimEngineConfig, SimRequest
 from stackctl.sim.profiles import A100_80GB, LLAMA_31_8B
 from stackctl.sim.timing import TimingModel
 
@@ -13,11 +13,11 @@ def prompt(n: int, tag: str) -> list[str]:
     return [f"{tag}{i}" for i in range(n)]
 
 
-def make_engine(blocks: int = 2000, cpu_chunks: int | None = None, **kw) -> Engine:
-    return Engine(EngineConfig(num_gpu_blocks=blocks, cpu_capacity_chunks=cpu_chunks, **kw), TIMING)
+def make_engine(blocks: int = 2000, cpu_chunks: int | None = None, **kw) -> SimEngine:
+    return SimEngine(SimEngineConfig(num_gpu_blocks=blocks, cpu_capacity_chunks=cpu_chunks, **kw), TIMING)
 
 
-def serve(engine: Engine, tokens: list[str], now: float = 0.0, max_tokens: int = 1) -> tuple[SimRequest, float]:
+def serve(engine: SimEngine, tokens: list[str], now: float = 0.0, max_tokens: int = 1) -> tuple[SimRequest, float]:
     req = SimRequest("r", list(tokens), max_tokens)
     engine.add_request(req, now)
     return req, engine.run_until_idle(now)
@@ -45,7 +45,7 @@ def test_repeat_is_a_gpu_hit_at_least_ten_times_faster():
     assert ttft(hot) * 10 < ttft(cold)
 
 
-def evict_with_other_traffic(engine: Engine, now: float, rounds: int = 3) -> float:
+def evict_with_other_traffic(engine: SimEngine, now: float, rounds: int = 3) -> float:
     for k in range(rounds):
         _, now = serve(engine, prompt(20_000, f"other{k}_"), now)
     return now
@@ -140,7 +140,7 @@ def test_a_full_cache_preempts_the_newest_request_and_everyone_finishes():
             events.append(req.request_id)
 
     # 64 blocks = 1024 tokens for 4 requests that grow to 400 tokens each
-    engine = Engine(EngineConfig(num_gpu_blocks=64), TIMING, observer=Recorder())
+    engine = SimEngine(SimEngineConfig(num_gpu_blocks=64), TIMING, observer=Recorder())
     reqs = [SimRequest(f"r{i}", prompt(200, f"p{i}_"), 200) for i in range(4)]
     for req in reqs:
         engine.add_request(req, 0.0)

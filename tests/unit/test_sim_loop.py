@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from stackctl.sim.engine import Engine, EngineConfig, EngineLoop, SimRequest
+from stackctl.sim.engine import EngineLoop, SimEngine, SimEngineConfig, SimRequest
 from stackctl.sim.profiles import A100_80GB, LLAMA_31_8B
 from stackctl.sim.timing import TimingModel
 
@@ -22,7 +22,7 @@ async def finished(req: SimRequest) -> None:
 
 async def test_a_lone_request_takes_its_modelled_time_divided_by_the_scale():
     scale = 20.0
-    engine_loop = EngineLoop(Engine(EngineConfig(num_gpu_blocks=4000), TIMING), time_scale=scale)
+    engine_loop = EngineLoop(SimEngine(SimEngineConfig(num_gpu_blocks=4000), TIMING), time_scale=scale)
     engine_loop.start()
     try:
         req = SimRequest("r", [f"w{i}" for i in range(8000)], 10)
@@ -40,7 +40,7 @@ async def test_a_lone_request_takes_its_modelled_time_divided_by_the_scale():
 async def test_staggered_arrivals_never_stall_and_match_the_virtual_replay():
     scale = 100.0
     rng = random.Random(1)
-    engine_loop = EngineLoop(Engine(EngineConfig(num_gpu_blocks=4000), TIMING), time_scale=scale)
+    engine_loop = EngineLoop(SimEngine(SimEngineConfig(num_gpu_blocks=4000), TIMING), time_scale=scale)
     engine_loop.start()
     reqs = [SimRequest(f"r{i}", [f"p{i}w{j}" for j in range(rng.randint(10, 600))], rng.randint(1, 4)) for i in range(40)]
     try:
@@ -58,7 +58,7 @@ async def test_staggered_arrivals_never_stall_and_match_the_virtual_replay():
 
 
 def test_a_step_never_admits_a_request_that_arrives_after_it_began():
-    engine = Engine(EngineConfig(num_gpu_blocks=100), TIMING)
+    engine = SimEngine(SimEngineConfig(num_gpu_blocks=100), TIMING)
     late = SimRequest("late", ["a", "b", "c"], 1)
     engine.add_request(late, 5.0)
     assert engine.schedule(4.0) is None  # the loop is catching up on its timeline
@@ -66,7 +66,7 @@ def test_a_step_never_admits_a_request_that_arrives_after_it_began():
 
 
 def test_replay_serves_arrivals_in_time_order():
-    engine = Engine(EngineConfig(num_gpu_blocks=1000), TIMING)
+    engine = SimEngine(SimEngineConfig(num_gpu_blocks=1000), TIMING)
     a = SimRequest("a", [f"a{i}" for i in range(2000)], 5)
     b = SimRequest("b", [f"b{i}" for i in range(2000)], 5)
     end = engine.replay([(10.0, b), (0.0, a)])
@@ -76,7 +76,7 @@ def test_replay_serves_arrivals_in_time_order():
 
 
 async def test_a_request_arriving_while_the_loop_was_late_is_not_left_waiting():
-    engine_loop = EngineLoop(Engine(EngineConfig(num_gpu_blocks=100), TIMING), time_scale=1.0)
+    engine_loop = EngineLoop(SimEngine(SimEngineConfig(num_gpu_blocks=100), TIMING), time_scale=1.0)
     engine_loop.start()
     try:
         first = SimRequest("first", ["a"] * 16, 1)  # one ~12 ms step

@@ -55,7 +55,7 @@ def test_wheel_installs_plans_and_rewrites_itself_from_the_plain_install(tmp_pat
         cwd=tmp_path, capture_output=True, text=True, check=True,
     ).stdout.split()
     assert where[0].startswith(str(venv)) and where[1].startswith(str(venv)), where
-    result = subprocess.run([str(venv / "bin/stackctl"), "plan", str(inventory), "--host", "gpu01"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([str(venv / "bin/stackctl"), "plan", str(inventory), "-l", "gpu01"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "[program:engine-0]" in result.stdout
     assert "max_local_cpu_size: 120.0" in result.stdout

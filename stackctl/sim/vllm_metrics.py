@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from stackctl.sim.engine import Engine, EngineObserver, SimRequest, Step
+from stackctl.sim.engine import EngineObserver, SimEngine, SimRequest, Step
 
 # vLLM v1's bucket boundaries for these histograms.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -129,10 +129,10 @@ class SimMetrics(EngineObserver):
     def preempted(self, req: SimRequest) -> None:
         self.preemptions.inc()
 
-    def step_done(self, engine: Engine, step: Step) -> None:
+    def step_done(self, engine: SimEngine, step: Step) -> None:
         self.refresh(engine)
 
-    def refresh(self, engine: Engine) -> None:
+    def refresh(self, engine: SimEngine) -> None:
         self.running.set(len(engine.running))
         self.waiting.set(len(engine.waiting))
         self.kv_usage.set(engine.gpu.usage)

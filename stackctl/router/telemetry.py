@@ -4,8 +4,9 @@ prometheus-client's labelled metrics cost a lock, a label lookup and several cal
 update; with six updates per request that was measured at ~15 us per request, a visible
 share of the router's budget. So the request path only bumps plain Python numbers (dicts of
 counters, bucket arrays for histograms) and a custom collector turns them into Prometheus
-families at scrape time, together with what the engine objects already hold (in-flight,
-health, prefix index size). The event loop is single-threaded, so no locks are needed.
+families at scrape time, together with what the backends already hold (in-flight, health)
+and what the policy describes of them (prefix index size). The event loop is
+single-threaded, so no locks are needed.
 """
 
 from __future__ import annotations
@@ -121,11 +122,11 @@ class RouterMetrics:
                                     "Prompt chunks the router predicts the engine holds",
                                     labels=["engine"])
         if pool is not None:
-            for engine in pool.engines.values():
-                inflight.add_metric([engine.name], engine.inflight)
-                healthy.add_metric([engine.name, engine.model], 1.0 if engine.healthy else 0.0)
-                size = len(engine.prefix_index) if engine.prefix_index is not None else 0
-                indexed.add_metric([engine.name], size)
+            describe = pool.policy.describe
+            for backend in pool.backends.values():
+                inflight.add_metric([backend.name], backend.inflight)
+                healthy.add_metric([backend.name, backend.model], 1.0 if backend.healthy else 0.0)
+                indexed.add_metric([backend.name], describe(backend)["prefix_index_chunks"])
         yield inflight
         yield healthy
         yield indexed
