@@ -251,6 +251,9 @@ class SSHConnector(Connector):
         self._conn.close()
 
 
+STAGE_CLEANUP_TIMEOUT_S = 15  # a loaded host may take seconds to run one command; 1 s leaked dirs
+
+
 class BecomeConnector(Connector):
     """A connector that runs each command as the service user (``as_root=True``: as root through
     ``become``; ``raw=True``: as the SSH user), and hands uploads over to the service user.
@@ -306,7 +309,7 @@ class BecomeConnector(Connector):
     def close(self):
         if self._stage:  # staged files are removed as they are installed: only the empty dir is left
             with contextlib.suppress(Exception):
-                self.inner.run(f"rm -rf -- {q(self._stage)}", check=False, timeout=1)
+                self.inner.run(f"rm -rf -- {q(self._stage)}", check=False, timeout=STAGE_CLEANUP_TIMEOUT_S)
         self.inner.close()
 
     def __getattr__(self, name):  # anything else the transport offers
