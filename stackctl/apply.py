@@ -26,7 +26,7 @@ from .models import ModelDistributor
 from .parallel import Cancellation
 from .plan import HostPlan, ProgramSpec, SecretSpec
 from .privilege import own_dir_command
-from .wheels import package_name, wheels_needed
+from .wheels import package_name, requires_stackctl, stackctl_wheel, wheels_needed
 
 GIB = hostchecks.GIB
 MEMORY_MARGIN_GIB = 8  # beyond LMCache's CPU offload: vLLM's own host memory and the OS
@@ -348,12 +348,12 @@ class Applier:
                     self.conn.put_file(wheel, f"{plan.dirs['wheels']}/{wheel.name}")
             index_args = ("--no-index " if self.offline else "") + f"--find-links {q(plan.dirs['wheels'])}"
             self._do("packages")
-        stackctl_wheel = next((w for w in self.wheels if w.name.startswith("stackctl-")), None)
-        needs_stackctl = any(package_name(r) == "stackctl" for r in plan.packages)
+        ours = stackctl_wheel(self.wheels)
+        needs_stackctl = requires_stackctl(plan.packages)
         if needs_stackctl:
-            if stackctl_wheel is None:
-                raise DeployError("no stackctl wheel to install: pass --wheelhouse DIR with a stackctl-*.whl in it, or run stackctl from a source checkout so it can build one.")
-            requirements.append(f"{plan.dirs['wheels']}/{stackctl_wheel.name}")
+            if ours is None:  # wheels_for_upload adds it whenever a plan needs it
+                raise DeployError("no stackctl wheel to install: this is a bug in stackctl (wheels_for_upload was not asked for it); pass --wheelhouse DIR with a stackctl-*.whl in it meanwhile.")
+            requirements.append(f"{plan.dirs['wheels']}/{ours.name}")
         # --no-compile: byte-compiling all of torch and vLLM up front costs minutes per host;
         # Python compiles the modules a program really imports when it first starts.
         self.run(f"{pip} install -q --disable-pip-version-check --no-compile {index_args} {' '.join(q(r) for r in requirements)}", timeout=3600, hangup=True)
@@ -361,8 +361,8 @@ class Applier:
             self.run(f"{pip} uninstall -q -y {' '.join(q(n) for n in plan.remove_packages)}", timeout=600, hangup=True)
         if needs_stackctl:
             if not self.diff.has("venv"):  # a rebuilt wheel of the same version: pip skipped it above
-                self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + stackctl_wheel.name)}", timeout=600, hangup=True)
-            marker = hashlib.sha256(stackctl_wheel.read_bytes()).hexdigest()
+                self.run(f"{pip} install -q --disable-pip-version-check --no-deps --force-reinstall {index_args} {q(plan.dirs['wheels'] + '/' + ours.name)}", timeout=600, hangup=True)
+            marker = hashlib.sha256(ours.read_bytes()).hexdigest()
             self.conn.put_bytes(marker.encode(), plan.installed_marker)
 
     def _install_model(self) -> None:

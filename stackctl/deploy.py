@@ -27,7 +27,7 @@ from .models import ModelDistributor, check_operator, model_bytes
 from .parallel import Cancellation, Interrupted, each
 from .plan import HostPlan, plan_cluster, router_config_text
 from .progress import Progress
-from .wheels import wheels_for_upload
+from .wheels import requires_stackctl, stackctl_wheel, wheels_for_upload
 
 
 INTERRUPTED = "interrupted (Ctrl-C) during this step; `stackctl up` again finishes it"
@@ -69,7 +69,7 @@ class UpOptions:
 
 
 def _needs_stackctl(plans: list[HostPlan]) -> bool:
-    return any(p.venv and any(r.startswith("stackctl") for r in p.packages) for p in plans)
+    return any(p.venv and requires_stackctl(p.packages) for p in plans)
 
 
 class Deployment:
@@ -93,7 +93,8 @@ class Deployment:
         plans = plan_cluster(self.cluster, self.options.hosts)
         check_operator(plans)
         wheels = wheels_for_upload(self.options.wheelhouse, _needs_stackctl(plans))
-        stackctl_sha = next((_file_sha(w) for w in wheels if w.name.startswith("stackctl-")), None)
+        ours = stackctl_wheel(wheels)
+        stackctl_sha = _file_sha(ours) if ours else None
         for plan in plans:
             self.result.outcomes[plan.host.name] = HostOutcome(plan.host.name)
         try:

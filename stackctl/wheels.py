@@ -152,9 +152,18 @@ def wheels_for_upload(wheelhouse: Path | None, need_stackctl: bool) -> list[Path
         if not wheelhouse.is_dir():
             raise DeployError(f"--wheelhouse {wheelhouse}: no such directory.")
         files = sorted(p for p in wheelhouse.iterdir() if p.is_file() and p.suffix in (".whl", ".gz", ".zip"))
-    if need_stackctl and not any(_wheel_project(p) == PACKAGE for p in files):
+    if need_stackctl and stackctl_wheel(files) is None:
         files.append(build_stackctl_wheel())
     return files
+
+
+def stackctl_wheel(files: list[Path]) -> Path | None:
+    """The stackctl wheel among ``files`` (what ``wheels_for_upload`` returned), if any."""
+    return next((f for f in files if _wheel_project(f) == PACKAGE), None)
+
+
+def requires_stackctl(requirements: list[str]) -> bool:
+    return any(canonicalize_name(package_name(r)) == PACKAGE for r in requirements)
 
 
 def _wheel_project(path: Path) -> str | None:
