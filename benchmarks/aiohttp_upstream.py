@@ -48,14 +48,21 @@ class AiohttpUpstreamClient:
         self.connect_s, self.read_s = connect_s, first_byte_s
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=idle_s),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s,
-                                              sock_read=first_byte_s)
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_s, sock_read=first_byte_s
+        )
 
     async def request(self, url: str, path: str, body: bytes) -> AiohttpResponse:
         try:
-            resp = await self.session.post(url + path, data=body, timeout=self._timeout,
-                                           headers={"Content-Type": "application/json"})
+            resp = await self.session.post(
+                url + path,
+                data=body,
+                timeout=self._timeout,
+                headers={"Content-Type": "application/json"},
+            )
         except aiohttp.ClientConnectorError as exc:
             raise ConnectionRefusedError(str(exc)) from exc
         except aiohttp.ClientError as exc:

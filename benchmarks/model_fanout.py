@@ -11,7 +11,7 @@ peer, wiping the hosts' copies in between. It measures the bytes the operator's 
 traffic does not cross it) and the wall time, checks every copy against the source, writes a
 markdown table, and removes the testbed and the model.
 
-    python benchmarks/model_fanout.py [--hosts 8] [--gib 2] [--out benchmarks/results/model_fanout.md]
+    python -m benchmarks.model_fanout [--hosts 8] [--gib 2] [--out benchmarks/results/model_fanout.md]
 """
 
 from __future__ import annotations
@@ -19,24 +19,23 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stackctl.models import local_model_files  # noqa: E402
-from stackctl.probe import MODEL_MANIFEST  # noqa: E402
-from tests.helpers import model_fanout as mf  # noqa: E402
-from tests.testbed.netns import Testbed, environment_problem  # noqa: E402
+from stackctl.models import local_model_files
+from stackctl.probe import MODEL_MANIFEST
+from tests.helpers import model_fanout as mf
+from tests.testbed.netns import Testbed, environment_problem
 
 
 def run_mode(bed, inventory: Path, expected: dict) -> dict:
     mf.wipe_models(bed)
     result = mf.apply_models(inventory, bed, timeout=1800)
     if result["problems"] or result["errors"] or result["stuck"]:
-        raise SystemExit(f"distribution failed: {result['problems'] or result['errors'] or result['stuck']}")
+        raise SystemExit(
+            f"distribution failed: {result['problems'] or result['errors'] or result['stuck']}"
+        )
     for host in bed.hosts:
         digests = mf.digest(mf.model_dir(bed, host))
         digests.pop(MODEL_MANIFEST, None)
@@ -49,7 +48,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--gib", type=float, default=2.0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model_fanout.md")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "model_fanout.md"
+    )
     args = parser.parse_args()
     problem = environment_problem()
     if problem:
@@ -60,14 +61,19 @@ def main() -> None:
         source = mf.make_model(work / mf.MODEL_NAME_DIR, int(args.gib * 1024**3))
         print(f"generated {args.gib} GiB in {time.monotonic() - started:.1f} s", flush=True)
         total = sum(local_model_files(source).values())
-        expected = {rel: d for rel, d in mf.digest(source).items() if not rel.startswith("original/")}
+        expected = {
+            rel: d for rel, d in mf.digest(source).items() if not rel.startswith("original/")
+        }
         rows = {}
         with Testbed(args.hosts) as bed:
             for mode in ("direct", "peer"):
                 inventory = mf.write_inventory(bed, work / f"{mode}.yaml", source, mode)
                 rows[mode] = run_mode(bed, inventory, expected)
                 r = rows[mode]
-                print(f"{mode}: {r['seconds']:.1f} s, operator sent {r['operator_tx_bytes'] / 1024**3:.2f} GiB", flush=True)
+                print(
+                    f"{mode}: {r['seconds']:.1f} s, operator sent {r['operator_tx_bytes'] / 1024**3:.2f} GiB",
+                    flush=True,
+                )
             mf.wipe_models(bed)
         write_report(args, total, rows)
     finally:
@@ -79,7 +85,7 @@ def write_report(args, total: int, rows: dict) -> None:
     lines = [
         "# Model fan-out: peer against direct upload",
         "",
-        f"`python benchmarks/model_fanout.py --hosts {args.hosts} --gib {args.gib}` on the SSH testbed "
+        f"`python -m benchmarks.model_fanout --hosts {args.hosts} --gib {args.gib}` on the SSH testbed "
         f"({args.hosts} engine hosts in network namespaces behind one bridge, one machine: "
         f"{platform.machine()}, {_cpus()} CPUs). The model: {total / gib:.2f} GiB of random bytes in 4 "
         "safetensors shards plus config.json and tokenizer.json (a 1 MiB original/ checkpoint is left "
@@ -93,14 +99,23 @@ def write_report(args, total: int, rows: dict) -> None:
         kinds = {}
         for t in r["transfers"]:
             kinds[t["kind"]] = kinds.get(t["kind"], 0) + 1
-        lines.append(f"| {mode} | {r['seconds']:.1f} s | {r['operator_tx_bytes'] / gib:.2f} GiB | "
-                     f"{r['operator_tx_bytes'] / total:.2f} | {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} |")
+        lines.append(
+            f"| {mode} | {r['seconds']:.1f} s | {r['operator_tx_bytes'] / gib:.2f} GiB | "
+            f"{r['operator_tx_bytes'] / total:.2f} | {', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} |"
+        )
     peer = rows.get("peer")
     if peer:
         order = sorted(peer["transfers"], key=lambda t: t["started"])
-        lines += ["", "Peer mode's transfers in the order they started (source -> host: start, duration; the "
-                  "operator seeds one host, then every host holding a copy serves one peer at a time): " +
-                  ", ".join(f"{t['from']} -> {t['to']}: {t['started']:.1f} s, {t['seconds']:.1f} s" for t in order) + "."]
+        lines += [
+            "",
+            "Peer mode's transfers in the order they started (source -> host: start, duration; the "
+            "operator seeds one host, then every host holding a copy serves one peer at a time): "
+            + ", ".join(
+                f"{t['from']} -> {t['to']}: {t['started']:.1f} s, {t['seconds']:.1f} s"
+                for t in order
+            )
+            + ".",
+        ]
     lines += [
         "",
         "Bytes sent by the operator: the testbed bridge's tx counter during the apply phase (all of the "

@@ -9,7 +9,7 @@ engine's virtual clock (the timing model with zero overhead). The simulator's ow
 histograms are shown too; they follow its step deadlines, so they drift from the ideal
 only when it falls behind its timeline. Also reports the simulator's CPU use.
 
-    python benchmarks/sim_overhead.py --concurrency 200 --prompt-tokens 256 --max-tokens 128
+    python -m benchmarks.sim_overhead --concurrency 200 --prompt-tokens 256 --max-tokens 128
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stackctl.sim.config import parse_args  # noqa: E402
-from stackctl.sim.engine import SimEngine, SimRequest  # noqa: E402
-from stackctl.sim.timing import TimingModel  # noqa: E402
-from tests.helpers.sim_fleet import start_sim, stop_sim  # noqa: E402
+from stackctl.sim.config import parse_args
+from stackctl.sim.engine import SimEngine, SimRequest
+from stackctl.sim.timing import TimingModel
+from stackctl.testing import read_metrics
+from tests.helpers.sim_fleet import start_sim, stop_sim
 
 SIM_FLAGS = ["--max-num-seqs", "256"]
 
@@ -43,13 +42,8 @@ def cpu_seconds(pid: int) -> float:
 
 async def histogram_sums(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.endswith(("_sum", "_count")) and "le" not in s.labels:
-                out[s.name] = s.value
-    return out
+        totals = read_metrics(await resp.text()).totals()
+    return {name: value for name, value in totals.items() if name.endswith(("_sum", "_count"))}
 
 
 async def ping(session: aiohttp.ClientSession, url: str) -> None:
@@ -57,13 +51,17 @@ async def ping(session: aiohttp.ClientSession, url: str) -> None:
         await resp.read()
 
 
-async def one_request(session, url, prompt, max_tokens, delay: float, t0: float) -> tuple[float, float, int, float, float]:
+async def one_request(
+    session, url, prompt, max_tokens, delay: float, t0: float
+) -> tuple[float, float, int, float, float]:
     await asyncio.sleep(delay)
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
     start = time.perf_counter()
     ttft, events = None, 0
     async with session.post(f"{url}/v1/completions", json=body) as resp:
-        headers = time.perf_counter() - start  # the simulator sends headers once it took the request
+        headers = (
+            time.perf_counter() - start
+        )  # the simulator sends headers once it took the request
         resp.raise_for_status()
         async for line in resp.content:
             if line.startswith(b"data: {"):
@@ -76,10 +74,12 @@ async def one_request(session, url, prompt, max_tokens, delay: float, t0: float)
 def ideal_means(prompts: list[str], results: list[tuple], args) -> tuple[float, float]:
     """Mean TTFT and e2e (real seconds) of the same requests, arriving when the client sent
     them, on the engine's virtual clock: the timing model with zero overhead."""
-    config = parse_args(["--time-scale", str(args.time_scale), *SIM_FLAGS, *args.sim_args], environ={})
+    config = parse_args(
+        ["--time-scale", str(args.time_scale), *SIM_FLAGS, *args.sim_args], environ={}
+    )
     engine = SimEngine(config.engine_config(), TimingModel(config.hardware, config.model_profile))
     requests = [SimRequest(str(i), p.split(), args.max_tokens) for i, p in enumerate(prompts)]
-    engine.replay([(r[4] * args.time_scale, req) for r, req in zip(results, requests)])
+    engine.replay([(r[4] * args.time_scale, req) for r, req in zip(results, requests, strict=True)])
     ttft = statistics.fmean(req.first_token_time - req.arrival for req in requests)
     e2e = statistics.fmean(req.finish_time - req.arrival for req in requests)
     return ttft / args.time_scale, e2e / args.time_scale
@@ -87,15 +87,23 @@ def ideal_means(prompts: list[str], results: list[tuple], args) -> tuple[float, 
 
 async def run(url: str, pid: int, args) -> dict:
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
         # Open the connections first (keep-alive), as a router's pool would have them.
         await asyncio.gather(*(ping(session, url) for _ in range(args.concurrency)))
         before = await histogram_sums(session, url)
         cpu0, wall0 = cpu_seconds(pid), time.perf_counter()
-        prompts = [" ".join(f"r{i}w{j}" for j in range(args.prompt_tokens)) for i in range(args.concurrency)]
+        prompts = [
+            " ".join(f"r{i}w{j}" for j in range(args.prompt_tokens))
+            for i in range(args.concurrency)
+        ]
         n, t0 = len(prompts), time.perf_counter()
         results = await asyncio.gather(
-            *(one_request(session, url, p, args.max_tokens, args.ramp_s * i / n, t0) for i, p in enumerate(prompts))
+            *(
+                one_request(session, url, p, args.max_tokens, args.ramp_s * i / n, t0)
+                for i, p in enumerate(prompts)
+            )
         )
         wall = time.perf_counter() - wall0
         cpu = cpu_seconds(pid) - cpu0
@@ -141,9 +149,15 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--time-scale", type=float, default=1.0)
-    parser.add_argument("--ramp-s", type=float, default=1.0, help="spread the request starts over this many seconds")
-    parser.add_argument("--sim-cpu", type=int, default=0, help="core to pin the simulator to (-1: no pinning)")
-    parser.add_argument("--client-cpu", type=int, default=1, help="core to pin this client to (-1: no pinning)")
+    parser.add_argument(
+        "--ramp-s", type=float, default=1.0, help="spread the request starts over this many seconds"
+    )
+    parser.add_argument(
+        "--sim-cpu", type=int, default=0, help="core to pin the simulator to (-1: no pinning)"
+    )
+    parser.add_argument(
+        "--client-cpu", type=int, default=1, help="core to pin this client to (-1: no pinning)"
+    )
     parser.add_argument("sim_args", nargs="*", help="extra simulator flags (after --)")
     args = parser.parse_args()
     sim = start_sim(time_scale=args.time_scale, extra_args=[*SIM_FLAGS, *args.sim_args])

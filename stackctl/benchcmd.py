@@ -6,9 +6,9 @@ from one run; the report compares them as ratios.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .deploy import UpOptions, up
 from .errors import StackctlError
@@ -34,8 +34,12 @@ class BenchOptions:
 def _scenario(options: BenchOptions):
     from .bench import Scenario, load_scenario
 
-    scenario = load_scenario(options.scenario_path) if options.scenario_path else Scenario(name="reference")
-    changes = {}
+    scenario = (
+        load_scenario(options.scenario_path)
+        if options.scenario_path
+        else Scenario(name="reference")
+    )
+    changes: dict[str, object] = {}
     if options.users is not None:
         changes["users"] = options.users
     if options.duration_s is not None:
@@ -47,36 +51,65 @@ def _scenario(options: BenchOptions):
     return scenario.replace(**changes) if changes else scenario
 
 
-def run_bench(options: BenchOptions, confirm: Callable[[str], bool], echo: Callable[[str], None]) -> dict[str, Path]:
+def run_bench(
+    options: BenchOptions, confirm: Callable[[str], bool], echo: Callable[[str], None]
+) -> dict[str, Path]:
     from .bench import rebuild_report, run_availability, run_sweep
     from .bench.report import PLOTS_MISSING, plots_available
 
     scenario = _scenario(options)
-    clusters = {name: load_inventory(options.inventory, name) for name in options.profiles}  # all errors first
+    clusters = {
+        name: load_inventory(options.inventory, name) for name in options.profiles
+    }  # all errors first
     if not plots_available():  # said before the long run, not after it
         echo(f"note: {PLOTS_MISSING}")
     options.out_dir.mkdir(parents=True, exist_ok=True)
     for name, cluster in clusters.items():
-        echo(f"== profile {name}: deploying ({cluster.router['policy']} routing, LMCache {'on' if cluster.engine['lmcache']['enabled'] else 'off'})")
-        result = up(cluster, options.up_options or UpOptions(yes=True), Progress(quiet=True), confirm)
+        echo(
+            f"== profile {name}: deploying ({cluster.router.policy} routing, LMCache {'on' if cluster.engine.lmcache.enabled else 'off'})"
+        )
+        result = up(
+            cluster, options.up_options or UpOptions(yes=True), Progress(quiet=True), confirm
+        )
         if not result.ok:
             failed = {o.name: o.error.splitlines()[0] for o in result.outcomes.values() if o.error}
-            raise StackctlError(f"profile {name}: deployment failed, so it was not measured: {failed or result.verify_error}")
+            raise StackctlError(
+                f"profile {name}: deployment failed, so it was not measured: {failed or result.verify_error}"
+            )
         api_key = None
-        if cluster.router.get("api_keys_env"):
+        if cluster.router.api_keys_env:
             import os
 
-            api_key = os.environ[cluster.router["api_keys_env"]].split(",")[0].strip()
+            api_key = os.environ[cluster.router.api_keys_env].split(",")[0].strip()
         metrics_urls = [cluster.engine_url(e) for e in cluster.engines]
-        model = cluster.model["name"]
+        model = cluster.model.name
         if options.availability_s:
-            echo(f"== profile {name}: availability for {options.availability_s:.0f} s under the workload")
-            run_availability(cluster.router_url, model, options.availability_s, scenario, scenario.qps[0],
-                             profile_name=name, out_dir=options.out_dir, api_key=api_key)
+            echo(
+                f"== profile {name}: availability for {options.availability_s:.0f} s under the workload"
+            )
+            run_availability(
+                cluster.router_url,
+                model,
+                options.availability_s,
+                scenario,
+                scenario.qps[0],
+                profile_name=name,
+                out_dir=options.out_dir,
+                api_key=api_key,
+            )
         else:
-            echo(f"== profile {name}: QPS sweep {', '.join(f'{q:g}' for q in scenario.qps)} ({scenario.duration_s:g} s each after {scenario.warmup_s:g} s warm-up)")
-            run_sweep(cluster.router_url, model, scenario, profile_name=name, out_dir=options.out_dir,
-                      metrics_urls=metrics_urls, api_key=api_key)
+            echo(
+                f"== profile {name}: QPS sweep {', '.join(f'{q:g}' for q in scenario.qps)} ({scenario.duration_s:g} s each after {scenario.warmup_s:g} s warm-up)"
+            )
+            run_sweep(
+                cluster.router_url,
+                model,
+                scenario,
+                profile_name=name,
+                out_dir=options.out_dir,
+                metrics_urls=metrics_urls,
+                api_key=api_key,
+            )
     baseline = options.profiles[0] if len(options.profiles) > 1 else None
     paths = rebuild_report(options.out_dir, baseline_profile=baseline)
     if not plots_available():

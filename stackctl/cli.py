@@ -16,22 +16,47 @@ from .inventory import Cluster, load_inventory, ssh_key_problem
 from .plan import plan_cluster
 from .show import format_host_plan, write_plan_tree
 
+
 def _need_inventory(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path:
     if value is None:
-        raise StackctlError("no inventory: give the inventory file as the first argument, or set STACKCTL_INVENTORY to its path.", exit_code=2)
+        raise StackctlError(
+            "no inventory: give the inventory file as the first argument, or set STACKCTL_INVENTORY to its path.",
+            exit_code=2,
+        )
     return value
 
 
-INVENTORY = click.argument("inventory", envvar="STACKCTL_INVENTORY", required=False, callback=_need_inventory,
-                           type=click.Path(dir_okay=False, path_type=Path))
-PROFILE = click.option("--profile", "-p", default=None, help="Apply this profile (a named overlay under `profiles:`).")
-HOSTS = click.option("--hosts", "-l", "hosts", default=None, metavar="NAMES",
-                     help="Only these hosts: comma-separated names or glob patterns (gpu0*, 'gpu[12]').")
+INVENTORY = click.argument(
+    "inventory",
+    envvar="STACKCTL_INVENTORY",
+    required=False,
+    callback=_need_inventory,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+PROFILE = click.option(
+    "--profile", "-p", default=None, help="Apply this profile (a named overlay under `profiles:`)."
+)
+HOSTS = click.option(
+    "--hosts",
+    "-l",
+    "hosts",
+    default=None,
+    metavar="NAMES",
+    help="Only these hosts: comma-separated names or glob patterns (gpu0*, 'gpu[12]').",
+)
 FORMATS = ("table", "json", "yaml")
 
 
 def _output(what: str):
-    return click.option("--output", "-o", "output", type=click.Choice(FORMATS), default="table", show_default=True, help=f"How to print {what}.")
+    return click.option(
+        "--output",
+        "-o",
+        "output",
+        type=click.Choice(FORMATS),
+        default="table",
+        show_default=True,
+        help=f"How to print {what}.",
+    )
 
 
 def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -41,8 +66,14 @@ def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return value
 
 
-VERBOSE = click.option("--verbose", "-v", count=True, expose_value=False, callback=_verbosity,
-                       help="Show each command run on a host, on stderr (commands only: never their output).")
+VERBOSE = click.option(
+    "--verbose",
+    "-v",
+    count=True,
+    expose_value=False,
+    callback=_verbosity,
+    help="Show each command run on a host, on stderr (commands only: never their output).",
+)
 
 
 def select_hosts(cluster: Cluster, value: str | None) -> list[str] | None:
@@ -60,7 +91,10 @@ def select_hosts(cluster: Cluster, value: str | None) -> list[str] | None:
         if not matched:
             unmatched.append(pattern)
     if unmatched:
-        raise StackctlError(f"{cluster.source}: --hosts: no host named or matching {', '.join(unmatched)}. Hosts in this inventory: {', '.join(known)}.", exit_code=2)
+        raise StackctlError(
+            f"{cluster.source}: --hosts: no host named or matching {', '.join(unmatched)}. Hosts in this inventory: {', '.join(known)}.",
+            exit_code=2,
+        )
     return [name for name in known if name in chosen]
 
 
@@ -85,16 +119,19 @@ def validate(inventory: Path, profile: str | None) -> None:
         load_inventory(inventory, name)
     missing: dict[str, list[str]] = {}  # may be right on the machine that runs `up`: warn only
     for host in cluster.hosts:
-        if ssh_key_problem(host):
+        if host.ssh.key and ssh_key_problem(host):
             missing.setdefault(host.ssh.key, []).append(host.name)
     for key, names in missing.items():
-        click.echo(f"warning: {inventory}: ssh.key: the SSH key file {key} does not exist on this machine (hosts {', '.join(names)}); "
-                   "`up`, `status`, `down` and the other commands that connect refuse these hosts until it does.", err=True)
+        click.echo(
+            f"warning: {inventory}: ssh.key: the SSH key file {key} does not exist on this machine (hosts {', '.join(names)}); "
+            "`up`, `status`, `down` and the other commands that connect refuse these hosts until it does.",
+            err=True,
+        )
     engines = cluster.engines
     click.echo(
         f"{inventory}: OK. Cluster '{cluster.name}': {len(cluster.hosts)} hosts, {len(engines)} "
-        f"{cluster.engine['kind']} engine(s) serving {cluster.model['name']}, router on "
-        f"{cluster.router['host']} ({cluster.router['policy']}) at {cluster.router_url}"
+        f"{cluster.engine.kind} engine(s) serving {cluster.model.name}, router on "
+        f"{cluster.router.host} ({cluster.router.policy}) at {cluster.router_url}"
         + (f"; profiles: {', '.join(cluster.profiles)}" if cluster.profiles else "")
         + "."
     )
@@ -104,15 +141,32 @@ def validate(inventory: Path, profile: str | None) -> None:
 @INVENTORY
 @PROFILE
 @HOSTS
-@click.option("--host", "old_host", default=None, hidden=True)  # deprecated spelling of --hosts, for one release
+@click.option(
+    "--host", "old_host", default=None, hidden=True
+)  # deprecated spelling of --hosts, for one release
 @_output("the plan")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also write every host's files under this directory.")
-def plan(inventory: Path, profile: str | None, hosts: str | None, old_host: str | None, output: str, out_dir: Path | None) -> None:
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write every host's files under this directory.",
+)
+def plan(
+    inventory: Path,
+    profile: str | None,
+    hosts: str | None,
+    old_host: str | None,
+    output: str,
+    out_dir: Path | None,
+) -> None:
     """Show exactly what `up` would put on each host, without connecting to any."""
     from .show import plan_document
 
     if old_host:
-        click.echo("warning: `plan --host` is deprecated and goes in the next release: use --hosts (-l).", err=True)
+        click.echo(
+            "warning: `plan --host` is deprecated and goes in the next release: use --hosts (-l).",
+            err=True,
+        )
         hosts = ",".join(filter(None, [hosts, old_host]))
     cluster = load_inventory(inventory, profile)
     plans = plan_cluster(cluster, select_hosts(cluster, hosts))
@@ -136,7 +190,11 @@ def _dump(document: dict, output: str) -> None:
         click.echo(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), nl=False)
 
 
-ACCEPT_KEYS = click.option("--accept-new-host-keys", is_flag=True, help="Record unknown SSH host keys on first use (changed keys are always refused).")
+ACCEPT_KEYS = click.option(
+    "--accept-new-host-keys",
+    is_flag=True,
+    help="Record unknown SSH host keys on first use (changed keys are always refused).",
+)
 YES = click.option("--yes", "-y", is_flag=True, help="Do it without asking.")
 
 
@@ -149,7 +207,10 @@ def _confirm(yes: bool):
         if yes:
             return True
         if not _interactive():
-            raise StackctlError("changes need confirmation: run again with --yes (stdin is not a terminal).", exit_code=1)
+            raise StackctlError(
+                "changes need confirmation: run again with --yes (stdin is not a terminal).",
+                exit_code=1,
+            )
         return click.confirm(question, default=False)
 
     return ask
@@ -159,36 +220,86 @@ def _confirm(yes: bool):
 @INVENTORY
 @PROFILE
 @HOSTS
-@click.option("--rolling", is_flag=True, help="Apply engine hosts one at a time, each healthy before the next, so the router keeps serving.")
+@click.option(
+    "--rolling",
+    is_flag=True,
+    help="Apply engine hosts one at a time, each healthy before the next, so the router keeps serving.",
+)
 @YES
-@click.option("--check", is_flag=True, help="Only show what would change, change nothing: exit 0 when nothing would, 3 when something would (1: a host refused or unreachable).")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Only show what would change, change nothing: exit 0 when nothing would, 3 when something would (1: a host refused or unreachable).",
+)
 @ACCEPT_KEYS
-@click.option("--wheelhouse", type=click.Path(file_okay=False, path_type=Path), default=None, help="Install packages offline from this directory of wheels (uploaded to each host).")
-@click.option("--diff", "show_diff", is_flag=True, help="Also show the line-by-line diff of every file that would change (answer no to apply nothing).")
+@click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Install packages offline from this directory of wheels (uploaded to each host).",
+)
+@click.option(
+    "--diff",
+    "show_diff",
+    is_flag=True,
+    help="Also show the line-by-line diff of every file that would change (answer no to apply nothing).",
+)
 @_output("the result per host")
 @VERBOSE
-def up(inventory, profile, hosts, rolling, yes, check, accept_new_host_keys, wheelhouse, show_diff, output):
+def up(
+    inventory,
+    profile,
+    hosts,
+    rolling,
+    yes,
+    check,
+    accept_new_host_keys,
+    wheelhouse,
+    show_diff,
+    output,
+):
     """Deploy the stack: facts, show the changes, apply them, verify."""
-    from .deploy import UpOptions, up as run_up
+    from .deploy import HostState, UpOptions
+    from .deploy import up as run_up
     from .progress import Progress
     from .render import render_up_summary, up_document
 
     cluster = load_inventory(inventory, profile)
-    options = UpOptions(hosts=select_hosts(cluster, hosts), rolling=rolling, yes=yes, accept_new_host_keys=accept_new_host_keys,
-                        wheelhouse=wheelhouse, show_diff=show_diff, check=check)
+    options = UpOptions(
+        hosts=select_hosts(cluster, hosts),
+        rolling=rolling,
+        yes=yes,
+        accept_new_host_keys=accept_new_host_keys,
+        wheelhouse=wheelhouse,
+        show_diff=show_diff,
+        check=check,
+    )
     result = run_up(cluster, options, Progress(), _confirm(yes))
     if output == "table":
         render_up_summary(result)
     else:
         _dump(up_document(result), output)
     if result.interrupted:
-        half = [f"{o.name} (at {o.step})" for o in result.outcomes.values() if o.status == "interrupted"]
+        half = [
+            f"{o.name} (at {o.step})"
+            for o in result.outcomes.values()
+            if o.status == HostState.INTERRUPTED
+        ]
         left = f"left half-done: {', '.join(half)}" if half else "no host was changed"
-        click.echo(f"interrupted (Ctrl-C): {left}. Run `stackctl up` again: it resumes from what each host has.", err=True)
+        click.echo(
+            f"interrupted (Ctrl-C): {left}. Run `stackctl up` again: it resumes from what each host has.",
+            err=True,
+        )
         sys.exit(130)
     if check:
         statuses = {o.status for o in result.outcomes.values()}
-        sys.exit(1 if statuses - {"unchanged", "would-change"} else 3 if "would-change" in statuses else 0)
+        sys.exit(
+            1
+            if statuses - {HostState.UNCHANGED, HostState.WOULD_CHANGE}
+            else 3
+            if HostState.WOULD_CHANGE in statuses
+            else 0
+        )
     if not result.ok:
         sys.exit(1)
 
@@ -198,7 +309,9 @@ def up(inventory, profile, hosts, rolling, yes, check, accept_new_host_keys, whe
 @PROFILE
 @HOSTS
 @_output("the status")
-@click.option("--json", "as_json", is_flag=True, hidden=True)  # the same as -o json (kept for scripts)
+@click.option(
+    "--json", "as_json", is_flag=True, hidden=True
+)  # the same as -o json (kept for scripts)
 @ACCEPT_KEYS
 @VERBOSE
 def status(inventory, profile, hosts, output, as_json, accept_new_host_keys):
@@ -222,7 +335,11 @@ def status(inventory, profile, hosts, output, as_json, accept_new_host_keys):
 @INVENTORY
 @PROFILE
 @HOSTS
-@click.option("--purge", is_flag=True, help="Also delete what `up` made in each host's deploy dir (venv, configs, logs, secrets); asks first.")
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Also delete what `up` made in each host's deploy dir (venv, configs, logs, secrets); asks first.",
+)
 @YES
 @ACCEPT_KEYS
 @VERBOSE
@@ -232,16 +349,23 @@ def down(inventory, profile, hosts, purge, yes, accept_new_host_keys):
 
     cluster = load_inventory(inventory, profile)
     names = select_hosts(cluster, hosts)
-    if purge and not _confirm(yes)(f"Stop and purge the deploy dirs of {len(names or cluster.hosts)} host(s) ({', '.join(names or [h.name for h in cluster.hosts])})?"):
+    if purge and not _confirm(yes)(
+        f"Stop and purge the deploy dirs of {len(names or cluster.hosts)} host(s) ({', '.join(names or [h.name for h in cluster.hosts])})?"
+    ):
         raise StackctlError("nothing was purged (not confirmed).", exit_code=1)
-    _report_hosts(run_down(cluster, names, purge, accept_new_host_keys), "stopped" + (" and purged" if purge else ""))
+    _report_hosts(
+        run_down(cluster, names, purge, accept_new_host_keys),
+        "stopped" + (" and purged" if purge else ""),
+    )
 
 
 @cli.command()
 @INVENTORY
 @PROFILE
 @HOSTS
-@click.option("--program", default=None, help="Only this program's log (e.g. engine-0, router, supervisord).")
+@click.option(
+    "--program", default=None, help="Only this program's log (e.g. engine-0, router, supervisord)."
+)
 @click.option("-n", "lines", default=50, show_default=True, help="Lines to show.")
 @click.option("-f", "follow", is_flag=True, help="Keep following the log (one host only).")
 @ACCEPT_KEYS
@@ -253,7 +377,10 @@ def logs(inventory, profile, hosts, program, lines, follow, accept_new_host_keys
     cluster = load_inventory(inventory, profile)
     names = select_hosts(cluster, hosts) or [h.name for h in cluster.hosts]
     if follow and len(names) != 1:
-        raise StackctlError(f"logs -f follows one host's logs: choose one with --hosts (these match: {', '.join(names)}).", exit_code=2)
+        raise StackctlError(
+            f"logs -f follows one host's logs: choose one with --hosts (these match: {', '.join(names)}).",
+            exit_code=2,
+        )
     run_logs(cluster, names, program, lines, follow, accept_new_host_keys)
 
 
@@ -262,7 +389,11 @@ def logs(inventory, profile, hosts, program, lines, follow, accept_new_host_keys
 @PROFILE
 @HOSTS
 @click.option("--program", default=None, help="Only this program (e.g. engine-0, router).")
-@click.option("--rolling", is_flag=True, help="Engine hosts one at a time, each out of the router until its requests finish and healthy again before the next; the router host last.")
+@click.option(
+    "--rolling",
+    is_flag=True,
+    help="Engine hosts one at a time, each out of the router until its requests finish and healthy again before the next; the router host last.",
+)
 @YES
 @ACCEPT_KEYS
 @VERBOSE
@@ -275,8 +406,20 @@ def restart(inventory, profile, hosts, program, rolling, yes, accept_new_host_ke
     names = select_hosts(cluster, hosts)
     chosen = names or [h.name for h in cluster.hosts]
     what = program or "every program"
-    _report_hosts(run_restart(cluster, names, program, accept_new_host_keys, rolling=rolling, progress=Progress(),
-                              confirm=lambda: _confirm(yes)(f"Restart {what} on {len(chosen)} host(s) ({', '.join(chosen)})?")), "restarted")
+    _report_hosts(
+        run_restart(
+            cluster,
+            names,
+            program,
+            accept_new_host_keys,
+            rolling=rolling,
+            progress=Progress(),
+            confirm=lambda: _confirm(yes)(
+                f"Restart {what} on {len(chosen)} host(s) ({', '.join(chosen)})?"
+            ),
+        ),
+        "restarted",
+    )
 
 
 def _report_hosts(errors: dict, done: str) -> None:
@@ -293,24 +436,72 @@ def _floats(value: str | None) -> list[float] | None:
     try:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise StackctlError(f"--qps {value}: give numbers separated by commas, e.g. --qps 0.5,1,2.", exit_code=2)
+        raise StackctlError(
+            f"--qps {value}: give numbers separated by commas, e.g. --qps 0.5,1,2.", exit_code=2
+        ) from None
 
 
 @cli.command()
 @INVENTORY
-@click.option("--compare", default="naive,optimized", show_default=True, help="Profiles to measure, in order (the first is the baseline of the ratios).")
-@click.option("--scenario", "scenario_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Workload scenario YAML (default: the reference workload).")
+@click.option(
+    "--compare",
+    default="naive,optimized",
+    show_default=True,
+    help="Profiles to measure, in order (the first is the baseline of the ratios).",
+)
+@click.option(
+    "--scenario",
+    "scenario_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Workload scenario YAML (default: the reference workload).",
+)
 @click.option("--qps", default=None, help="QPS points, comma-separated (default: the scenario's).")
 @click.option("--users", type=int, default=None, help="Concurrent users (default: the scenario's).")
-@click.option("--duration", "duration_s", type=float, default=None, help="Seconds measured per QPS point.")
-@click.option("--warmup", "warmup_s", type=float, default=None, help="Warm-up seconds before the points.")
-@click.option("--availability", "availability_s", type=float, default=None, help="Instead of the sweep: probe the router once a second for this many seconds under load.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"), show_default=True, help="Where the CSV, JSON, markdown table and plots go.")
+@click.option(
+    "--duration", "duration_s", type=float, default=None, help="Seconds measured per QPS point."
+)
+@click.option(
+    "--warmup", "warmup_s", type=float, default=None, help="Warm-up seconds before the points."
+)
+@click.option(
+    "--availability",
+    "availability_s",
+    type=float,
+    default=None,
+    help="Instead of the sweep: probe the router once a second for this many seconds under load.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-out"),
+    show_default=True,
+    help="Where the CSV, JSON, markdown table and plots go.",
+)
 @click.option("--yes", "-y", is_flag=True, help="Deploy each profile without asking.")
 @ACCEPT_KEYS
-@click.option("--wheelhouse", type=click.Path(file_okay=False, path_type=Path), default=None, help="As for `up`.")
+@click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="As for `up`.",
+)
 @VERBOSE
-def bench(inventory, compare, scenario_path, qps, users, duration_s, warmup_s, availability_s, out_dir, yes, accept_new_host_keys, wheelhouse):
+def bench(
+    inventory,
+    compare,
+    scenario_path,
+    qps,
+    users,
+    duration_s,
+    warmup_s,
+    availability_s,
+    out_dir,
+    yes,
+    accept_new_host_keys,
+    wheelhouse,
+):
     """Naive-versus-optimized multi-round QA benchmark: deploy each profile, sweep QPS, report."""
     from .benchcmd import BenchOptions, run_bench
     from .deploy import UpOptions
@@ -319,12 +510,23 @@ def bench(inventory, compare, scenario_path, qps, users, duration_s, warmup_s, a
     if not profiles:
         raise StackctlError("--compare needs at least one profile name.", exit_code=2)
     options = BenchOptions(
-        inventory=inventory, profiles=profiles, out_dir=out_dir, scenario_path=scenario_path, qps=_floats(qps),
-        users=users, duration_s=duration_s, warmup_s=warmup_s, availability_s=availability_s,
-        up_options=UpOptions(yes=yes, accept_new_host_keys=accept_new_host_keys, wheelhouse=wheelhouse),
+        inventory=inventory,
+        profiles=profiles,
+        out_dir=out_dir,
+        scenario_path=scenario_path,
+        qps=_floats(qps),
+        users=users,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        availability_s=availability_s,
+        up_options=UpOptions(
+            yes=yes, accept_new_host_keys=accept_new_host_keys, wheelhouse=wheelhouse
+        ),
     )
     paths = run_bench(options, _confirm(yes), click.echo)
-    summary = paths.get("summary_md") or next((p for p in paths.values() if str(p).endswith(".md")), None)
+    summary = paths.get("summary_md") or next(
+        (p for p in paths.values() if str(p).endswith(".md")), None
+    )
     if summary:
         click.echo(Path(summary).read_text())
     click.echo("results:")
@@ -332,7 +534,13 @@ def bench(inventory, compare, scenario_path, qps, users, duration_s, warmup_s, a
         click.echo(f"  {path}")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@cli.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)
 @click.pass_context
 def sim(ctx: click.Context) -> None:
     """Run the vLLM simulator engine (takes vLLM's server flags; --help for the list)."""
@@ -342,7 +550,13 @@ def sim(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The router.yaml that `up` renders.")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The router.yaml that `up` renders.",
+)
 def router(config_path: Path) -> None:
     """Run the KV-aware router (normally started by supervisord on the router host)."""
     from .router.__main__ import main as router_main

@@ -19,11 +19,20 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import invoke
 import paramiko
 
 from .errors import StackctlError
 from .inventory import Host, ssh_key_problem
-from .privilege import BecomeError, Identity, handoff_command, needs_preflight, parse_preflight, preflight_command, useradd_command
+from .privilege import (
+    BecomeError,
+    Identity,
+    handoff_command,
+    needs_preflight,
+    parse_preflight,
+    preflight_command,
+    useradd_command,
+)
 
 
 class ConnectError(StackctlError):
@@ -33,11 +42,16 @@ class ConnectError(StackctlError):
 class CommandError(StackctlError):
     """A remote command exited non-zero."""
 
-    def __init__(self, command: str, result: "Result"):
+    def __init__(self, command: str, result: Result):
         self.command = command
         self.result = result
         tail = (result.stderr or result.stdout).strip().splitlines()[-15:]
-        super().__init__(f"command exited with {result.exited}: {command[:200]}\n" + "\n".join(tail))
+        how = (
+            f"timed out after {result.timed_out_s:g} s"
+            if result.timed_out_s is not None
+            else f"exited with {result.exited}"
+        )
+        super().__init__(f"command {how}: {command[:200]}\n" + "\n".join(tail))
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Result:
     stdout: str
     stderr: str
     exited: int
+    timed_out_s: float | None = None  # the command was killed at its timeout (of this many seconds)
 
     @property
     def ok(self) -> bool:
@@ -71,12 +86,27 @@ def trace(host: Host, what: str) -> None:
             print(f"[{host.name}] {text}", file=sys.stderr, flush=True)
 
 
+def _result(res: invoke.Result, exc: Exception | None = None) -> Result:
+    """Our Result from invoke's (Fabric's is one too); ``exc``: what invoke raised with it."""
+    timed_out = exc.timeout if isinstance(exc, invoke.CommandTimedOut) else None
+    return Result(res.stdout, res.stderr, res.exited if res.exited is not None else -1, timed_out)
+
+
 class Connector:
     """The transport interface: ``run`` a shell command, ``put`` bytes atomically, ``close``."""
 
     host: Host
 
-    def run(self, command: str, *, check: bool = True, timeout: float | None = None, stdin: str | None = None, stream: bool = False, hangup: bool = False) -> Result:
+    def run(
+        self,
+        command: str,
+        *,
+        check: bool = True,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        stream: bool = False,
+        hangup: bool = False,
+    ) -> Result:
         """Run a shell command. ``hangup``: give it a terminal (SSH: a pty), so that closing
         the connection (``close``, as the first Ctrl-C does) hangs it up and ends it instead
         of leaving it running on the host; its stderr then arrives merged into stdout."""
@@ -87,6 +117,12 @@ class Connector:
 
     def put_file(self, local: Path, path: str, mode: int = 0o644) -> None:
         self.put_bytes(local.read_bytes(), path, mode)
+
+    def endpoint(self) -> dict:
+        """How the host was reached over the network (SSH connections only)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} reaches {self.host.name} without a network endpoint"
+        )
 
     def close(self) -> None:
         pass
@@ -101,15 +137,18 @@ class LocalConnector(Connector):
     """This machine, through invoke: the same code path as SSH, without the network."""
 
     def __init__(self, host: Host):
-        import invoke
-
         self.host = host
         self._context = invoke.Context()
 
     def run(self, command, *, check=True, timeout=None, stdin=None, stream=False, hangup=False):
         # ``hangup`` needs nothing here: a local command is this process's child, in the
         # terminal's process group, so the same Ctrl-C reaches it.
-        kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "in_stream": io.StringIO(stdin) if stdin is not None else False}
+        kwargs = {
+            "warn": True,
+            "hide": not stream,
+            "timeout": timeout,
+            "in_stream": io.StringIO(stdin) if stdin is not None else False,
+        }
         trace(self.host, f"$ {command}")
         try:
             res = self._context.run(command, **kwargs)
@@ -117,7 +156,8 @@ class LocalConnector(Connector):
             res = getattr(exc, "result", None)
             if res is None:
                 raise
-        return self._check(command, Result(res.stdout, res.stderr, res.exited if res.exited is not None else -1), check)
+            return self._check(command, _result(res, exc), check)
+        return self._check(command, _result(res), check)
 
     def put_bytes(self, data, path, mode=0o644):
         trace(self.host, f"put {path} (mode {mode:04o}, {len(data)} bytes)")
@@ -159,12 +199,18 @@ class SSHConnector(Connector):
         self.host = host
         ssh = host.ssh
         problem = ssh_key_problem(host)
-        if problem:  # before any attempt: paramiko would fall back to other keys and say "auth failed"
+        if (
+            problem
+        ):  # before any attempt: paramiko would fall back to other keys and say "auth failed"
             raise ConnectError(f"{host.name}: ssh.key: {problem}")
         self.known_hosts = Path(os.path.expanduser(ssh.known_hosts))
         config_path = os.path.expanduser(ssh.config) if ssh.config else None
         overrides = {"load_ssh_configs": True}
-        config = fabric.Config(runtime_ssh_path=config_path, overrides=overrides) if config_path else fabric.Config(overrides=overrides)
+        config = (
+            fabric.Config(runtime_ssh_path=config_path, overrides=overrides)
+            if config_path
+            else fabric.Config(overrides=overrides)
+        )
         connect_kwargs = {"key_filename": [os.path.expanduser(ssh.key)]} if ssh.key else {}
         self._conn = fabric.Connection(
             host.address,
@@ -185,7 +231,9 @@ class SSHConnector(Connector):
             client = conn.client
             if self.known_hosts.exists():
                 client.load_host_keys(str(self.known_hosts))
-            client.set_missing_host_key_policy(_AcceptNewHostKeys(self.known_hosts) if accept_new else paramiko.RejectPolicy())
+            client.set_missing_host_key_policy(
+                _AcceptNewHostKeys(self.known_hosts) if accept_new else paramiko.RejectPolicy()
+            )
             conn = conn.gateway
 
     def open(self) -> None:
@@ -195,28 +243,43 @@ class SSHConnector(Connector):
         try:
             self._conn.open()
         except paramiko.BadHostKeyException as exc:
-            raise ConnectError(f"{where}: the host key CHANGED since it was recorded in {self.known_hosts} (got {exc.key.get_name()} {exc.key.get_fingerprint().hex()}). This may be an attack or a reinstalled host; check it, then remove the old line from {self.known_hosts}.")
+            raise ConnectError(
+                f"{where}: the host key CHANGED since it was recorded in {self.known_hosts} (got {exc.key.get_name()} {exc.key.get_fingerprint().hex()}). This may be an attack or a reinstalled host; check it, then remove the old line from {self.known_hosts}."
+            ) from exc
         except paramiko.SSHException as exc:
             if "not found in known_hosts" in str(exc):
-                raise ConnectError(f"{where}: its host key is not in {self.known_hosts}, so it cannot be verified. Add it (ssh-keyscan, after checking the fingerprint) or run `up --accept-new-host-keys` to record it on first use.")
-            raise ConnectError(f"{where}: SSH failed: {exc}.")
+                raise ConnectError(
+                    f"{where}: its host key is not in {self.known_hosts}, so it cannot be verified. Add it (ssh-keyscan, after checking the fingerprint) or run `up --accept-new-host-keys` to record it on first use."
+                ) from exc
+            raise ConnectError(f"{where}: SSH failed: {exc}.") from exc
         except OSError as exc:
-            raise ConnectError(f"{where}: cannot connect: {exc.strerror or exc}. Is the host up and sshd running?")
+            raise ConnectError(
+                f"{where}: cannot connect: {exc.strerror or exc}. Is the host up and sshd running?"
+            ) from exc
         except Exception as exc:  # socket.timeout, gaierror, auth errors from paramiko
-            raise ConnectError(f"{where}: cannot connect: {type(exc).__name__}: {exc}.")
+            raise ConnectError(f"{where}: cannot connect: {type(exc).__name__}: {exc}.") from exc
 
     def run(self, command, *, check=True, timeout=None, stdin=None, stream=False, hangup=False):
         self.open()
-        kwargs = {"warn": True, "hide": not stream, "timeout": timeout, "pty": hangup,
-                  "in_stream": io.StringIO(stdin) if stdin is not None else False}
+        kwargs = {
+            "warn": True,
+            "hide": not stream,
+            "timeout": timeout,
+            "pty": hangup,
+            "in_stream": io.StringIO(stdin) if stdin is not None else False,
+        }
         trace(self.host, f"$ {command}")
         try:
             res = self._conn.run(command, **kwargs)
         except Exception as exc:
             res = getattr(exc, "result", None)
             if res is None:
-                raise ConnectError(f"{self.host.name}: the connection failed while running a command: {exc}.")
-        return self._check(command, Result(res.stdout, res.stderr, res.exited if res.exited is not None else -1), check)
+                reason = str(exc) or type(exc).__name__
+                raise ConnectError(
+                    f"{self.host.name}: the connection failed while running a command: {reason}."
+                ) from exc
+            return self._check(command, _result(res, exc), check)
+        return self._check(command, _result(res), check)
 
     def put_bytes(self, data, path, mode=0o644):
         """Upload to a temporary name, set the mode, then rename over the target (atomic)."""
@@ -243,8 +306,12 @@ class SSHConnector(Connector):
         and the host key that was verified (type, base64): for an SSH client on another host."""
         self.open()
         key = self._conn.client.get_transport().get_remote_server_key()
-        return {"user": self._conn.user, "address": self._conn.host, "port": int(self._conn.port),
-                "host_key": (key.get_name(), key.get_base64())}
+        return {
+            "user": self._conn.user,
+            "address": self._conn.host,
+            "port": int(self._conn.port),
+            "host_key": (key.get_name(), key.get_base64()),
+        }
 
     def close(self):
         self._closed = True
@@ -273,13 +340,17 @@ class BecomeConnector(Connector):
 
     def run(self, command, *, as_root=False, raw=False, **kwargs):
         if not raw:
-            command = self.identity.as_root(command) if as_root else self.identity.as_service(command)
+            command = (
+                self.identity.as_root(command) if as_root else self.identity.as_service(command)
+            )
         return self.inner.run(command, **kwargs)
 
     def _staged_path(self) -> str:
         with self._stage_lock:
             if self._stage is None:
-                made = self.inner.run(f'd=$(mktemp -d {q(self.STAGE_PARENT)}/stackctl-stage.XXXXXXXX) && chmod 711 "$d" && printf %s "$d"')
+                made = self.inner.run(
+                    f'd=$(mktemp -d {q(self.STAGE_PARENT)}/stackctl-stage.XXXXXXXX) && chmod 711 "$d" && printf %s "$d"'
+                )
                 self._stage = made.stdout.strip()
         return f"{self._stage}/{uuid.uuid4().hex}"
 
@@ -302,15 +373,23 @@ class BecomeConnector(Connector):
     def create_service_user(self, home: str) -> None:
         """Create the service account (as root) and switch to acting as it."""
         user = self.identity.service_user
+        assert user is not None  # apply asks only when the plan has a service user
         self.run(useradd_command(user, home), as_root=True, timeout=120)
         uid = self.inner.run(f"id -u -- {q(user)}").stdout.strip()
         self.identity = self.identity.with_service_uid(int(uid))
 
     def close(self):
-        if self._stage:  # staged files are removed as they are installed: only the empty dir is left
+        if (
+            self._stage
+        ):  # staged files are removed as they are installed: only the empty dir is left
             with contextlib.suppress(Exception):
-                self.inner.run(f"rm -rf -- {q(self._stage)}", check=False, timeout=STAGE_CLEANUP_TIMEOUT_S)
+                self.inner.run(
+                    f"rm -rf -- {q(self._stage)}", check=False, timeout=STAGE_CLEANUP_TIMEOUT_S
+                )
         self.inner.close()
+
+    def endpoint(self) -> dict:
+        return self.inner.endpoint()
 
     def __getattr__(self, name):  # anything else the transport offers
         return getattr(self.inner, name)
@@ -319,11 +398,12 @@ class BecomeConnector(Connector):
 def connect(host: Host, *, accept_new_host_keys: bool = False) -> Connector:
     """A connector to the host; with a service user or ``become``, checked up front (one
     command): a host that cannot run the privileged steps raises BecomeError before any change."""
+    connector: Connector
     if host.is_local:
         connector = LocalConnector(host)
     else:
-        connector = SSHConnector(host, accept_new_host_keys=accept_new_host_keys)
-        connector.open()
+        connector = ssh = SSHConnector(host, accept_new_host_keys=accept_new_host_keys)
+        ssh.open()
     if not needs_preflight(host):
         return BecomeConnector(connector, Identity.plain(host))
     try:

@@ -8,17 +8,26 @@ run exits non-zero. Running `up` again resumes: it only does what is still missi
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
-from .apply import Applier, HostDiff, attach_content_diffs, compute_diff, format_diff, sha256
-from .connect import BecomeError, CommandError, Connector, connect
+from .apply import (
+    Applier,
+    ChangeKind,
+    HostDiff,
+    attach_content_diffs,
+    compute_diff,
+    format_diff,
+    sha256,
+)
+from .connect import BecomeError, Connector, connect
 from .errors import StackctlError
 from .facts import gather, run_probe
 from .inventory import Cluster, check_secrets
@@ -29,14 +38,29 @@ from .plan import HostPlan, plan_cluster, router_config_text
 from .progress import Progress
 from .wheels import requires_stackctl, stackctl_wheel, wheels_for_upload
 
-
 INTERRUPTED = "interrupted (Ctrl-C) during this step; `stackctl up` again finishes it"
+
+
+class HostState(enum.StrEnum):
+    """Where a host stands in an `up` run (``HostOutcome.status``, `up -o json`'s ``status``); a
+    str, so that output and comparisons with the plain names stay as they were."""
+
+    PENDING = "pending"  # not applied (yet): left so only when the run stopped before this host
+    PREPARED = "prepared"  # files, packages and model in place, programs not (re)started yet: the
+    # router host waits here until the engine hosts are done; Ctrl-C turns it into INTERRUPTED
+    UNCHANGED = "unchanged"  # nothing to do
+    CHANGED = "changed"  # applied, its engines healthy
+    WOULD_CHANGE = "would-change"  # `up --check`: it has changes, none applied
+    REFUSED = "refused"  # a check failed (step "checks"): nothing applied
+    UNREACHABLE = "unreachable"  # no connection or no facts
+    FAILED = "failed"  # a step failed (``step``, ``error``)
+    INTERRUPTED = "interrupted"  # Ctrl-C during its changes: half-done, `up` again finishes it
 
 
 @dataclass
 class HostOutcome:
     name: str
-    status: str = "pending"  # unchanged | changed | failed | refused | unreachable | interrupted | would-change (--check)
+    status: HostState = HostState.PENDING
     step: str = ""
     error: str = ""
     changes: int = 0
@@ -49,11 +73,13 @@ class UpResult:
     router_url: str = ""
     verified: bool = False
     verify_error: str = ""
-    interrupted: bool = False  # Ctrl-C: hosts with status "interrupted" were left half-done
+    interrupted: bool = False  # Ctrl-C: hosts with status INTERRUPTED were left half-done
 
     @property
     def ok(self) -> bool:
-        return self.verified and all(o.status in ("unchanged", "changed") for o in self.outcomes.values())
+        return self.verified and all(
+            o.status in (HostState.UNCHANGED, HostState.CHANGED) for o in self.outcomes.values()
+        )
 
 
 @dataclass
@@ -65,7 +91,9 @@ class UpOptions:
     wheelhouse: Path | None = None
     verify: bool = True
     show_diff: bool = False  # also show line diffs of changed files
-    check: bool = False  # `up --check`: gather and show the diff only; nothing is confirmed or applied
+    check: bool = (
+        False  # `up --check`: gather and show the diff only; nothing is confirmed or applied
+    )
 
 
 def _needs_stackctl(plans: list[HostPlan]) -> bool:
@@ -75,7 +103,13 @@ def _needs_stackctl(plans: list[HostPlan]) -> bool:
 class Deployment:
     """One `up` run over the cluster."""
 
-    def __init__(self, cluster: Cluster, options: UpOptions, progress: Progress, confirm: Callable[[str], bool]):
+    def __init__(
+        self,
+        cluster: Cluster,
+        options: UpOptions,
+        progress: Progress,
+        confirm: Callable[[str], bool],
+    ):
         self.cluster = cluster
         self.options = options
         self.progress = progress
@@ -85,71 +119,144 @@ class Deployment:
         self.diffs: dict[str, HostDiff] = {}
         self.appliers: dict[str, Applier] = {}
         self.cancellation = Cancellation()
-        self.models: ModelDistributor | None = None  # the weights' fan-out, made before the apply phase
+        self.models: ModelDistributor | None = (
+            None  # the weights' fan-out, made before the apply phase
+        )
+        # set by run() before it connects (ops' rolling restart uses a Deployment without them)
+        self.plans: list[HostPlan] = []
+        self.secrets: dict[str, str] = {}
+        self.wheels: list[Path] = []
+        self.stackctl_sha: str | None = None
 
     # ------------------------------------------------------------------ phases
     def run(self) -> UpResult:
-        secrets = check_secrets(self.cluster)
-        plans = plan_cluster(self.cluster, self.options.hosts)
-        check_operator(plans)
-        wheels = wheels_for_upload(self.options.wheelhouse, _needs_stackctl(plans))
-        ours = stackctl_wheel(wheels)
-        stackctl_sha = _file_sha(ours) if ours else None
-        for plan in plans:
-            self.result.outcomes[plan.host.name] = HostOutcome(plan.host.name)
+        """`up`, phase by phase: gather, show, confirm, apply (parallel or rolling), verify;
+        `--check` stops after show. Ctrl-C marks the hosts left half-done."""
+        self._before_connecting()
         try:
             with self.cancellation.on_sigint():
-                self._phases(plans, secrets, wheels, stackctl_sha)
+                self._gather_facts()
+                todo = self._show_changes()
+                if (
+                    self.options.check
+                ):  # the diff shown is the answer (the CLI's exit code says whether it is empty)
+                    self._mark_would_change(todo)
+                    return self.result
+                self._confirm_changes(todo)
+                with self.progress:
+                    self._apply_changes(todo)
+                    self._verify()
         except Interrupted:
             self._interrupted()
         finally:
-            if not self.cancellation.cancelled:  # else they are being closed already
-                for problem in self.models.close() if self.models else []:  # this run's peer keys
-                    self.progress.echo(f"warning: {problem}; remove it by hand, or run `up` again.")
-                for conn in self.conns.values():
-                    conn.close()
+            self._close()
         return self.result
 
-    def _phases(self, plans: list[HostPlan], secrets: dict, wheels: list[Path], stackctl_sha: str | None) -> None:
+    def _before_connecting(self) -> None:
+        """What the operator's side must have: the secrets, the plans, rsync for model.source,
+        the wheels to upload (and the stackctl wheel's hash the hosts' markers are compared with)."""
+        self.secrets = check_secrets(self.cluster)
+        self.plans = plan_cluster(self.cluster, self.options.hosts)
+        check_operator(self.plans)
+        self.wheels = wheels_for_upload(self.options.wheelhouse, _needs_stackctl(self.plans))
+        ours = stackctl_wheel(self.wheels)
+        self.stackctl_sha = _file_sha(ours) if ours else None
+        for plan in self.plans:
+            self.result.outcomes[plan.host.name] = HostOutcome(plan.host.name)
+
+    def _gather_facts(self) -> None:
+        """Gather: connect to every host and diff its facts against its plan, all in parallel."""
         with self.progress:
-            self._parallel(plans, lambda p: self._gather(p, secrets, stackctl_sha))
-        reachable = [p for p in plans if p.host.name in self.diffs]
+            self._parallel(self.plans, self._gather)
+
+    def _show_changes(self) -> list[HostPlan]:
+        """Show: every reachable host's diff; refused and unchanged hosts are settled here.
+        Returns the hosts to change."""
+        reachable = [p for p in self.plans if p.host.name in self.diffs]
         self.progress.echo("\n".join(format_diff(self.diffs[p.host.name]) for p in reachable))
-        todo = [p for p in reachable if self.diffs[p.host.name].changes and not self.diffs[p.host.name].problems]
         for plan in reachable:
             diff = self.diffs[plan.host.name]
             outcome = self.result.outcomes[plan.host.name]
             if diff.problems:
-                outcome.status, outcome.step, outcome.error = "refused", "checks", "; ".join(diff.problems)
+                outcome.status, outcome.step, outcome.error = (
+                    HostState.REFUSED,
+                    "checks",
+                    "; ".join(diff.problems),
+                )
             elif not diff.changes:
-                outcome.status = "unchanged"
-        if self.options.check:  # the diff shown is the answer (the CLI's exit code says whether it is empty)
-            for plan in todo:
-                self.result.outcomes[plan.host.name].status = "would-change"
-            return
-        if todo and not self.confirm(f"Apply {sum(len(self.diffs[p.host.name].changes) for p in todo)} change(s) on {len(todo)} host(s)?"):
+                outcome.status = HostState.UNCHANGED
+        return [
+            p
+            for p in reachable
+            if self.diffs[p.host.name].changes and not self.diffs[p.host.name].problems
+        ]
+
+    def _mark_would_change(self, todo: list[HostPlan]) -> None:
+        """`up --check`: the hosts with changes would change; nothing is asked or applied."""
+        for plan in todo:
+            self.result.outcomes[plan.host.name].status = HostState.WOULD_CHANGE
+
+    def _confirm_changes(self, todo: list[HostPlan]) -> None:
+        """Confirm: one question for all the changes (a "no" changes nothing, exit 1)."""
+        if todo and not self.confirm(
+            f"Apply {sum(len(self.diffs[p.host.name].changes) for p in todo)} change(s) on {len(todo)} host(s)?"
+        ):
             raise StackctlError("nothing was changed (not confirmed).", exit_code=1)
-        engine_hosts = [p for p in todo if p.host.name != self.cluster.router["host"]]
-        router_hosts = [p for p in todo if p.host.name == self.cluster.router["host"]]
+
+    def _apply_changes(self, todo: list[HostPlan]) -> None:
+        """Apply: engine hosts before the router host, in parallel or (`--rolling`) one at a time."""
+        engine_hosts = [p for p in todo if not self.cluster.runs_router(p.host)]
+        router_hosts = [p for p in todo if self.cluster.runs_router(p.host)]
         self.models = ModelDistributor(self.cluster, self.diffs, self.conns)
-        with self.progress:
-            apply_one = lambda p, start=True: self._apply(p, secrets, wheels, start)  # noqa: E731
-            if self.options.rolling:  # engines one by one, then the router (config reload)
-                drain = RouterDrain.open(self)
-                for plan in engine_hosts:
-                    self.cancellation.check()
-                    try:
-                        with drain.without(plan, self.diffs[plan.host.name]):
-                            apply_one(plan)
-                    except StackctlError as exc:  # the router could not be reconfigured
-                        outcome = self.result.outcomes[plan.host.name]
-                        outcome.status, outcome.step, outcome.error = "failed", "drain", str(exc)
-                self._parallel(router_hosts, apply_one)
-            else:  # the router host installs alongside the engines; its programs start after them
-                self._parallel(engine_hosts + router_hosts, lambda p: apply_one(p, p not in router_hosts))
-                self._parallel(router_hosts, self._start)
-            if self.options.verify:
-                self._verify(plans)
+        if self.options.rolling:
+            self._apply_rolling(engine_hosts, router_hosts)
+        else:
+            self._apply_parallel(engine_hosts, router_hosts)
+
+    def _apply_parallel(self, engine_hosts: list[HostPlan], router_hosts: list[HostPlan]) -> None:
+        """The router host installs alongside the engines; its programs start after theirs."""
+        self._parallel(engine_hosts + router_hosts, lambda p: self._apply(p, p not in router_hosts))
+        self._parallel(router_hosts, self._start)
+
+    def _apply_rolling(self, engine_hosts: list[HostPlan], router_hosts: list[HostPlan]) -> None:
+        """Engine hosts one by one, each drained through the running router; then the router
+        host (its config reloads)."""
+        drain = RouterDrain.open(self)
+        for k, plan in enumerate(engine_hosts):
+            self.cancellation.check()
+            self._apply_drained(drain, plan)
+            if self.result.outcomes[plan.host.name].status == HostState.FAILED:
+                self._stopped_at(plan, engine_hosts[k + 1 :] + router_hosts)
+                return
+        self._parallel(router_hosts, self._apply)
+
+    def _stopped_at(self, failed: HostPlan, rest: list[HostPlan]) -> None:
+        """A rolling run stops at the first failed host: no second host goes down while one is
+        out (as `restart --rolling`); the others stay pending, saying why."""
+        for plan in rest:
+            outcome = self.result.outcomes[plan.host.name]
+            if outcome.status == HostState.PENDING:
+                outcome.step = "not started"
+                outcome.error = f"the rolling run stopped at {failed.host.name}, which failed; fix it and run `up --rolling` again"
+
+    def _apply_drained(self, drain: RouterDrain, plan: HostPlan) -> None:
+        """One engine host, out of the router while its engines restart."""
+        try:
+            with drain.without(plan, self.diffs[plan.host.name]):
+                self._apply(plan)
+        except StackctlError as exc:  # the router could not be reconfigured
+            outcome = self.result.outcomes[plan.host.name]
+            outcome.status, outcome.step, outcome.error = HostState.FAILED, "drain", str(exc)
+
+    def _close(self) -> None:
+        """Remove this run's peer keys and close the connections (after Ctrl-C they are being
+        closed already)."""
+        if self.cancellation.cancelled:
+            return
+        for problem in self.models.close() if self.models else []:  # this run's peer keys
+            self.progress.echo(f"warning: {problem}; remove it by hand, or run `up` again.")
+        for conn in self.conns.values():
+            conn.close()
 
     def _parallel(self, plans: list[HostPlan], fn) -> None:
         each(plans, fn, self.cancellation)
@@ -159,10 +266,20 @@ class Deployment:
         self.result.interrupted = True
         for name, outcome in self.result.outcomes.items():
             applier = self.appliers.get(name)
-            if applier is not None and outcome.status in ("pending", "prepared", "failed", "interrupted"):
-                outcome.status, outcome.step, outcome.error = "interrupted", applier.step, INTERRUPTED
+            if applier is not None and outcome.status in (
+                HostState.PENDING,
+                HostState.PREPARED,
+                HostState.FAILED,
+                HostState.INTERRUPTED,
+            ):
+                outcome.status, outcome.step, outcome.error = (
+                    HostState.INTERRUPTED,
+                    applier.step,
+                    INTERRUPTED,
+                )
 
-    def _gather(self, plan: HostPlan, secrets: dict, stackctl_sha: str | None) -> None:
+    def _gather(self, plan: HostPlan) -> None:
+        """One host: connect, gather its facts, diff them against its plan."""
         name = plan.host.name
         outcome = self.result.outcomes[name]
         try:
@@ -171,33 +288,47 @@ class Deployment:
             self.conns[name] = conn
             self.cancellation.on_cancel(conn.close)
             self.progress.update(name, "facts")
-            needs_gpus = plan.host.runs_engines and plan.host.engine["kind"] == "vllm" and plan.host.engine["package"] == "vllm"
+            needs_gpus = plan.host.runs_engines and plan.host.engine.needs_gpus
             facts = gather(conn, plan, needs_gpus)
-            self.diffs[name] = compute_diff(self.cluster, plan, facts, secrets, stackctl_sha, model_bytes(plan))
+            self.diffs[name] = compute_diff(
+                self.cluster, plan, facts, self.secrets, self.stackctl_sha, model_bytes(plan)
+            )
             if self.options.show_diff:
                 attach_content_diffs(conn, self.diffs[name])
             outcome.changes = len(self.diffs[name].changes)
             self.progress.update(name, "planned")
-        except BecomeError as exc:  # reachable, but cannot run the privileged steps: nothing was changed
-            outcome.status, outcome.step, outcome.error = "refused", "checks", str(exc)
+        except (
+            BecomeError
+        ) as exc:  # reachable, but cannot run the privileged steps: nothing was changed
+            outcome.status, outcome.step, outcome.error = HostState.REFUSED, "checks", str(exc)
             self.progress.update(name, "refused")
         except StackctlError as exc:
-            outcome.status, outcome.step, outcome.error = "unreachable", "connect/facts", str(exc)
+            outcome.status, outcome.step, outcome.error = (
+                HostState.UNREACHABLE,
+                "connect/facts",
+                str(exc),
+            )
             self.progress.update(name, "unreachable")
 
-    def _apply(self, plan: HostPlan, secrets: dict, wheels: list[Path], start: bool = True) -> None:
+    def _apply(self, plan: HostPlan, start: bool = True) -> None:
         """Prepare the host (packages, files); with ``start``, also (re)start its programs (``_start``)."""
         name = plan.host.name
         outcome = self.result.outcomes[name]
         started = time.monotonic()
         applier = self.appliers[name] = Applier(
-            self.conns[name], self.cluster, self.diffs[name], secrets, wheels,
-            offline=self.options.wheelhouse is not None, report=lambda step: self.progress.update(name, step),
-            cancellation=self.cancellation, models=self.models,
+            self.conns[name],
+            self.cluster,
+            self.diffs[name],
+            self.secrets,
+            self.wheels,
+            offline=self.options.wheelhouse is not None,
+            report=lambda step: self.progress.update(name, step),
+            cancellation=self.cancellation,
+            models=self.models,
         )
         with self._host_step(name, applier, started):
             applier.prepare()
-            outcome.status = "prepared"
+            outcome.status = HostState.PREPARED
         if start:
             self._start(plan)
 
@@ -205,18 +336,23 @@ class Deployment:
         """(Re)start a prepared host's programs and wait until its engines are healthy."""
         name = plan.host.name
         outcome = self.result.outcomes[name]
-        if outcome.status != "prepared":
+        if outcome.status != HostState.PREPARED:
             return
         started = time.monotonic()
         applier = self.appliers[name]
         with self._host_step(name, applier, started):
             applier.start()
-            health = applier.wait_healthy(plan.host.engine["health_timeout_s"])
+            health = applier.wait_healthy(plan.host.engine.health_timeout_s)
             if health["unhealthy"]:
                 programs = [p for p in plan.programs if p.health_url in health["unhealthy"]]
-                tails = "\n".join(f"--- last lines of {p.name}'s log:\n{applier.log_tail(p.name)}" for p in programs)
-                raise StackctlError(f"engine(s) {', '.join(p.name for p in programs)} did not become healthy within {plan.host.engine['health_timeout_s']:.0f} s.\n{tails}")
-            outcome.status = "changed"
+                tails = "\n".join(
+                    f"--- last lines of {p.name}'s log:\n{applier.log_tail(p.name)}"
+                    for p in programs
+                )
+                raise StackctlError(
+                    f"engine(s) {', '.join(p.name for p in programs)} did not become healthy within {plan.host.engine.health_timeout_s:.0f} s.\n{tails}"
+                )
+            outcome.status = HostState.CHANGED
             self.progress.update(name, "done")
 
     @contextlib.contextmanager
@@ -225,47 +361,88 @@ class Deployment:
         outcome = self.result.outcomes[name]
         try:
             yield
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is this host's, reported with its step; the others go on
             detail = str(exc) if isinstance(exc, StackctlError) else f"{type(exc).__name__}: {exc}"
-            outcome.status, outcome.step, outcome.error = "failed", applier.step, detail
+            outcome.status, outcome.step, outcome.error = HostState.FAILED, applier.step, detail
             if self.cancellation.cancelled:  # its connection was closed under it
-                outcome.status, outcome.error = "interrupted", INTERRUPTED
+                outcome.status, outcome.error = HostState.INTERRUPTED, INTERRUPTED
             self.progress.update(name, f"FAILED at {applier.step}")
         finally:
             outcome.seconds += time.monotonic() - started
 
-    def _verify(self, plans: list[HostPlan]) -> None:
-        """The router answers /health and serves one real completion."""
-        router_host = self.cluster.router["host"]
+    def _verify(self) -> None:
+        """Verify (unless UpOptions.verify is off): the router answers /health and serves one real
+        completion; ``result.verify_error`` says why not."""
+        if not self.options.verify:
+            return
+        router_host = self.cluster.router.host
+        conn = self._router_connection(router_host)
+        if conn is not None:
+            self._verify_router(conn, router_host)
+
+    def _router_connection(self, router_host: str) -> Connector | None:
+        """The router host's connection (made here when `--hosts` left it out); None, with the
+        reason in ``verify_error``, when it is unreachable, refused or failed."""
         conn = self.conns.get(router_host)
         if conn is None and router_host not in self.result.outcomes:  # `--hosts` left it out
             try:
-                conn = self.conns[router_host] = connect(self.cluster.host(router_host), accept_new_host_keys=self.options.accept_new_host_keys)
+                conn = self.conns[router_host] = connect(
+                    self.cluster.host(router_host),
+                    accept_new_host_keys=self.options.accept_new_host_keys,
+                )
             except StackctlError as exc:
                 self.result.verify_error = str(exc)
-                return
+                return None
         if conn is None:
             self.result.verify_error = f"router host {router_host} was not reachable"
-            return
-        if self.result.outcomes.get(router_host, HostOutcome(router_host)).status in ("refused", "failed"):
-            self.result.verify_error = f"router host {router_host} was {self.result.outcomes[router_host].status}"
-            return
+            return None
+        if self.result.outcomes.get(router_host, HostOutcome(router_host)).status in (
+            HostState.REFUSED,
+            HostState.FAILED,
+        ):
+            self.result.verify_error = (
+                f"router host {router_host} was {self.result.outcomes[router_host].status}"
+            )
+            return None
+        return conn
+
+    def _verify_router(self, conn: Connector, router_host: str) -> None:
         router_plan = next(p for p in plan_cluster(self.cluster, [router_host]))
         router = router_plan.program("router")
         self.progress.update(router_host, "verify: router health")
-        health = run_probe(conn, router_plan.python, {"action": "wait", "urls": [router.health_url], "timeout": 60, "interval": 0.5}, timeout=120)
+        health = run_probe(
+            conn,
+            router_plan.python,
+            {"action": "wait", "urls": [router.health_url], "timeout": 60, "interval": 0.5},
+            timeout=120,
+        )
         if health["unhealthy"]:
             last = health["last"].get(router.health_url, {})
             self.result.verify_error = f"the router's /health did not answer 200 within 60 s (last: {last.get('status')} {last.get('body', '')[:300]})"
             self.progress.update(router_host, "verify failed")
             return
         self.progress.update(router_host, "verify: completion")
-        body = json.dumps({"model": self.cluster.model["name"], "prompt": "stackctl deployment check", "max_tokens": 4})
-        keys_file = router_plan.router_keys_file if self.cluster.router.get("api_keys_env") else None
-        request = {"url": router.url("/v1/completions"), "body": body, "timeout": 300, "bearer_file": keys_file}
-        answer = run_probe(conn, router_plan.python, {"action": "http", "requests": [request]}, timeout=360)[0]
+        body = json.dumps(
+            {
+                "model": self.cluster.model.name,
+                "prompt": "stackctl deployment check",
+                "max_tokens": 4,
+            }
+        )
+        keys_file = router_plan.router_keys_file if self.cluster.router.api_keys_env else None
+        request = {
+            "url": router.url("/v1/completions"),
+            "body": body,
+            "timeout": 300,
+            "bearer_file": keys_file,
+        }
+        answer = run_probe(
+            conn, router_plan.python, {"action": "http", "requests": [request]}, timeout=360
+        )[0]
         if answer["status"] != 200:
-            self.result.verify_error = f"a completion through the router failed: {answer['status']} {answer['body'][:300]}"
+            self.result.verify_error = (
+                f"a completion through the router failed: {answer['status']} {answer['body'][:300]}"
+            )
             self.progress.update(router_host, "verify failed")
             return
         self.result.verified = True
@@ -284,13 +461,13 @@ class RouterDrain:
     IDLE_TIMEOUT_S = 60.0
     RELOAD_TIMEOUT_S = 30.0
 
-    def __init__(self, deployment: "Deployment", conn: Connector | None, plan: HostPlan | None):
+    def __init__(self, deployment: Deployment, conn: Connector | None, plan: HostPlan | None):
         self.deployment, self.conn, self.plan = deployment, conn, plan
 
     @classmethod
-    def open(cls, deployment: "Deployment") -> "RouterDrain":
+    def open(cls, deployment: Deployment) -> RouterDrain:
         """Drains through the router host's connection when its router runs (else a no-op)."""
-        name = deployment.cluster.router["host"]
+        name = deployment.cluster.router.host
         conn, diff = deployment.conns.get(name), deployment.diffs.get(name)
         if conn is None or diff is None or diff.facts.program_state("router") != "RUNNING":
             return cls(deployment, None, None)
@@ -300,7 +477,7 @@ class RouterDrain:
     def without(self, plan: HostPlan, diff: HostDiff):
         engines = {p.name for p in plan.programs if p.kind == "engine"}
         names = {e.name for e in plan.host.engines}
-        restarts = any(c.kind == "restart" and c.target in engines for c in diff.changes)
+        restarts = any(c.kind == ChangeKind.RESTART and c.target in engines for c in diff.changes)
         if self.conn is None or not restarts:
             yield
             return
@@ -324,7 +501,11 @@ class RouterDrain:
         expected = len(yaml.safe_load(text).get("engines") or [])
         deadline = time.monotonic() + self.RELOAD_TIMEOUT_S
         while time.monotonic() < deadline:
-            answer = run_probe(self.conn, self.plan.python, {"action": "http", "requests": [{"url": url, "timeout": 5}]})[0]
+            answer = run_probe(
+                self.conn,
+                self.plan.python,
+                {"action": "http", "requests": [{"url": url, "timeout": 5}]},
+            )[0]
             try:
                 listed = json.loads(answer["body"]) if answer["status"] == 200 else None
             except ValueError:
@@ -335,7 +516,9 @@ class RouterDrain:
                 if not names & absent and (absent or len(names) >= expected):
                     return
             time.sleep(0.2)
-        raise StackctlError(f"the router on {self.plan.host.name} did not reload its config within {self.RELOAD_TIMEOUT_S:.0f} s")
+        raise StackctlError(
+            f"the router on {self.plan.host.name} did not reload its config within {self.RELOAD_TIMEOUT_S:.0f} s"
+        )
 
     def _wait_idle(self, plan: HostPlan) -> None:
         """Until the host's engines run and queue no request (their /metrics), or a timeout."""
@@ -343,7 +526,11 @@ class RouterDrain:
         urls = [p.url("/metrics") for p in plan.programs if p.kind == "engine"]
         deadline = time.monotonic() + self.IDLE_TIMEOUT_S
         while time.monotonic() < deadline:
-            answers = run_probe(conn, plan.python, {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]})
+            answers = run_probe(
+                conn,
+                plan.python,
+                {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]},
+            )
             busy = 0.0
             for answer in answers:
                 if answer["status"] == 200:
@@ -358,5 +545,7 @@ def _file_sha(path: Path) -> str:
     return sha256(path.read_bytes())
 
 
-def up(cluster: Cluster, options: UpOptions, progress: Progress, confirm: Callable[[str], bool]) -> UpResult:
+def up(
+    cluster: Cluster, options: UpOptions, progress: Progress, confirm: Callable[[str], bool]
+) -> UpResult:
     return Deployment(cluster, options, progress, confirm).run()

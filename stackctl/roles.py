@@ -69,7 +69,9 @@ def supervisor_env(environment: dict[str, str]) -> str:
         text = str(value)
         problem = supervisor_env_problem(text)
         if problem:  # the inventory check refuses these first; never write a config that misreads
-            raise ValueError(f"environment variable {key}: cannot be written for supervisor: {problem}")
+            raise ValueError(
+                f"environment variable {key}: cannot be written for supervisor: {problem}"
+            )
         quote = "'" if '"' in text else '"'
         items.append(f"{key}={quote}{text.replace('%', '%%')}{quote}")
     return ",".join(items)

@@ -6,11 +6,12 @@ router's own (``stackctl.router.config``), so the two can never disagree.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import yaml
 
 from .router.config import RouterConfig
+from .settings import RouterSettings
 
 HEADER = "# Router configuration (rendered by stackctl from the inventory; reloaded on SIGHUP)\n"
 
@@ -45,14 +46,19 @@ def inventory_defaults() -> dict:
     return {key: _config_default(path) for key, path in INVENTORY_KEYS.items()}
 
 
-def router_document(router: dict, engines: list[dict], api_keys_file: str | None, without: Collection[str] = ()) -> dict:
+def router_document(
+    router: RouterSettings,
+    engines: list[dict],
+    api_keys_file: str | None,
+    without: Collection[str] = (),
+) -> dict:
     """router.yaml for the inventory's ``router`` settings and engines (``plan.router_engines``),
     minus the engines named in ``without`` (a rolling drain). Keys in the contract's order."""
     doc: dict = {}
     for key, path in INVENTORY_KEYS.items():
-        value = router[key]
+        value = getattr(router, key)
         if len(path) == 1:
-            doc[path[0]] = dict(value) if isinstance(value, dict) else value
+            doc[path[0]] = dict(value) if isinstance(value, Mapping) else value
         else:
             doc.setdefault(path[0], {})[path[1]] = value
         if key == "policy_options":  # engines come next, as in docs/architecture.md
@@ -70,4 +76,6 @@ def _engine_entry(engine: dict) -> dict:
 
 def dump(doc: dict) -> str:
     """The file's text: stable (insertion) order, block style, plain YAML any loader reads."""
-    return HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return HEADER + yaml.safe_dump(
+        doc, sort_keys=False, default_flow_style=False, allow_unicode=True
+    )

@@ -11,7 +11,7 @@ import re
 
 from .connect import connect
 from .errors import StackctlError
-from .facts import bootstrap_interpreter, run_probe, supervisor_request
+from .facts import SupervisorFacts, SystemdFacts, bootstrap_interpreter, run_probe, supervisor_facts
 from .inventory import Cluster
 from .metrics import engine_summary
 from .parallel import Cancellation, each
@@ -21,13 +21,15 @@ HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
 _DETAIL = re.compile(r"pid (\d+), uptime ([\d:]+(?: days?,? [\d:]+)?)")
 
 
-def _program_row(plan: HostPlan, program, supervisor: dict, http: dict[str, dict], model: str) -> dict:
-    info = supervisor["programs"].get(program.name, {})
-    match = _DETAIL.search(info.get("detail", ""))
+def _program_row(
+    plan: HostPlan, program, supervisor: SupervisorFacts, http: dict[str, dict], model: str
+) -> dict:
+    info = supervisor.programs.get(program.name)
+    match = _DETAIL.search(info.detail if info else "")
     row = {
         "program": program.name,
         "kind": program.kind,
-        "state": info.get("state", "NOT LOADED" if supervisor["running"] else "NO SUPERVISORD"),
+        "state": info.state if info else "NOT LOADED" if supervisor.running else "NO SUPERVISORD",
         "pid": int(match.group(1)) if match else None,
         "uptime": match.group(2) if match else None,
         "port": program.port,
@@ -42,7 +44,7 @@ def _program_row(plan: HostPlan, program, supervisor: dict, http: dict[str, dict
         if metrics.get("status") == 200:
             try:
                 row["metrics"] = engine_summary(metrics["body"])
-            except Exception as exc:  # a malformed exposition must not hide the rest
+            except Exception as exc:  # noqa: BLE001 - a malformed exposition must not hide the rest
                 row["metrics_error"] = f"unparseable /metrics: {exc}"
     if program.kind == "router":
         engines = http.get(program.url("/engines"), {})
@@ -54,12 +56,17 @@ def _program_row(plan: HostPlan, program, supervisor: dict, http: dict[str, dict
     return row
 
 
-def _systemd_row(systemd: dict) -> dict:
+def _systemd_row(systemd: SystemdFacts) -> dict:
     """Whether the cluster's unit starts supervisord at boot (``enabled``: null where there is
     no systemd or no unit: supervisord was started directly and a reboot leaves it down)."""
-    if not systemd.get("present") or not systemd.get("unit"):
-        return {"present": bool(systemd.get("present")), "unit": systemd.get("unit"), "enabled": None, "active": None}
-    return {"present": True, "unit": systemd["unit"], "enabled": systemd.get("enabled") == "enabled", "active": systemd.get("active")}
+    if not systemd.present or not systemd.unit:
+        return {"present": systemd.present, "unit": systemd.unit, "enabled": None, "active": None}
+    return {
+        "present": True,
+        "unit": systemd.unit,
+        "enabled": systemd.enabled == "enabled",
+        "active": systemd.active,
+    }
 
 
 def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = False) -> dict:
@@ -72,10 +79,10 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
         return entry
     try:
         interpreter = bootstrap_interpreter(plan)
-        facts = run_probe(conn, interpreter, supervisor_request(plan))
+        facts = supervisor_facts(conn, plan)
         entry["reachable"] = True
-        entry["supervisord"] = {"running": facts["supervisor"]["running"], "pid": facts["supervisor"]["pid"]}
-        entry["systemd"] = _systemd_row(facts.get("systemd") or {})
+        entry["supervisord"] = {"running": facts.supervisor.running, "pid": facts.supervisor.pid}
+        entry["systemd"] = _systemd_row(facts.systemd)
         urls = []
         for program in plan.programs:
             if program.health_url:
@@ -84,9 +91,19 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
                 urls.append(program.url("/metrics"))
             if program.kind == "router":
                 urls.append(program.url("/engines"))
-        answers = run_probe(conn, interpreter, {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]}) if urls else []
+        answers = (
+            run_probe(
+                conn,
+                interpreter,
+                {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]},
+            )
+            if urls
+            else []
+        )
         http = {a["url"]: a for a in answers}
-        entry["programs"] = [_program_row(plan, p, facts["supervisor"], http, cluster.model["name"]) for p in plan.programs]
+        entry["programs"] = [
+            _program_row(plan, p, facts.supervisor, http, cluster.model.name) for p in plan.programs
+        ]
     except StackctlError as exc:
         entry["error"] = str(exc)
     finally:
@@ -94,12 +111,20 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
     return entry
 
 
-def cluster_status(cluster: Cluster, hosts: list[str] | None = None, accept_new_host_keys: bool = False) -> dict:
+def cluster_status(
+    cluster: Cluster, hosts: list[str] | None = None, accept_new_host_keys: bool = False
+) -> dict:
     plans = plan_cluster(cluster, hosts)
     cancellation = Cancellation()  # read-only: Ctrl-C just stops waiting
     with cancellation.on_sigint():
         entries = each(plans, lambda p: host_status(cluster, p, accept_new_host_keys), cancellation)
-    return {"cluster": cluster.name, "profile": cluster.profile, "router_url": cluster.router_url, "hosts": entries, "overall": overall(entries)}
+    return {
+        "cluster": cluster.name,
+        "profile": cluster.profile,
+        "router_url": cluster.router_url,
+        "hosts": entries,
+        "overall": overall(entries),
+    }
 
 
 def overall(entries: list[dict]) -> str:

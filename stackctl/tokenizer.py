@@ -13,7 +13,7 @@ conversation that grows round by round keeps a stable, growing prefix.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 ROLE_MARK = "<|{role}|>"
 _MARK_OPEN, _MARK_CLOSE = ROLE_MARK.split("{role}")

@@ -24,7 +24,12 @@ from email.parser import HeaderParser
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.utils import (
+    InvalidWheelFilename,
+    NormalizedName,
+    canonicalize_name,
+    parse_wheel_filename,
+)
 from packaging.version import Version
 
 from . import __version__
@@ -56,7 +61,9 @@ def _package_files() -> dict[str, bytes]:
         root = data_dir(name)
         for path in sorted(root.rglob("*")):
             if path.is_file() and path.suffix in DATA_SUFFIXES:
-                files[f"{PACKAGE}/{package}/{path.relative_to(root).as_posix()}"] = path.read_bytes()
+                files[f"{PACKAGE}/{package}/{path.relative_to(root).as_posix()}"] = (
+                    path.read_bytes()
+                )
     return files
 
 
@@ -69,9 +76,13 @@ def _metadata() -> tuple[str, str]:
     try:
         dist = importlib.metadata.distribution(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise DeployError("stackctl runs from neither a source checkout nor an installed distribution, so it cannot write its own wheel for the hosts; install it with pip (see README) or pass --wheelhouse DIR holding a stackctl-*.whl.") from None
+        raise DeployError(
+            "stackctl runs from neither a source checkout nor an installed distribution, so it cannot write its own wheel for the hosts; install it with pip (see README) or pass --wheelhouse DIR holding a stackctl-*.whl."
+        ) from None
     if dist.version != __version__:
-        raise DeployError(f"the installed stackctl metadata says version {dist.version} but the code is {__version__}; reinstall stackctl (pip install --force-reinstall ...) or pass --wheelhouse DIR holding a stackctl-*.whl.")
+        raise DeployError(
+            f"the installed stackctl metadata says version {dist.version} but the code is {__version__}; reinstall stackctl (pip install --force-reinstall ...) or pass --wheelhouse DIR holding a stackctl-*.whl."
+        )
     return dist.read_text("METADATA") or "", dist.read_text("entry_points.txt") or ""
 
 
@@ -87,7 +98,9 @@ def _metadata_from_setup_cfg(path: Path) -> tuple[str, str]:
     meta["Requires-Python"] = cfg.get("options", "python_requires", fallback=">=3.11")
     for line in _lines(cfg.get("options", "install_requires", fallback="")):
         meta["Requires-Dist"] = line
-    for extra, requirements in (cfg["options.extras_require"].items() if cfg.has_section("options.extras_require") else ()):
+    for extra, requirements in (
+        cfg["options.extras_require"].items() if cfg.has_section("options.extras_require") else ()
+    ):
         meta["Provides-Extra"] = extra
         for line in _lines(requirements):
             req = Requirement(line)
@@ -102,7 +115,11 @@ def _metadata_from_setup_cfg(path: Path) -> tuple[str, str]:
 
 
 def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 def _record_hash(data: bytes) -> str:
@@ -116,11 +133,16 @@ def wheel_bytes() -> tuple[str, bytes]:
     metadata, entry_points = _metadata()
     files = _package_files()
     files[f"{dist_info}/METADATA"] = metadata.encode()
-    files[f"{dist_info}/WHEEL"] = f"Wheel-Version: 1.0\nGenerator: stackctl {version}\nRoot-Is-Purelib: true\nTag: {WHEEL_TAG}\n".encode()
+    files[f"{dist_info}/WHEEL"] = (
+        f"Wheel-Version: 1.0\nGenerator: stackctl {version}\nRoot-Is-Purelib: true\nTag: {WHEEL_TAG}\n".encode()
+    )
     if entry_points:
         files[f"{dist_info}/entry_points.txt"] = entry_points.encode()
     files[f"{dist_info}/top_level.txt"] = f"{PACKAGE}\n".encode()
-    record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files.items()) + f"{dist_info}/RECORD,,\n"
+    record = (
+        "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files.items())
+        + f"{dist_info}/RECORD,,\n"
+    )
     files[f"{dist_info}/RECORD"] = record.encode()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -151,7 +173,9 @@ def wheels_for_upload(wheelhouse: Path | None, need_stackctl: bool) -> list[Path
     if wheelhouse is not None:
         if not wheelhouse.is_dir():
             raise DeployError(f"--wheelhouse {wheelhouse}: no such directory.")
-        files = sorted(p for p in wheelhouse.iterdir() if p.is_file() and p.suffix in (".whl", ".gz", ".zip"))
+        files = sorted(
+            p for p in wheelhouse.iterdir() if p.is_file() and p.suffix in (".whl", ".gz", ".zip")
+        )
     if need_stackctl and stackctl_wheel(files) is None:
         files.append(build_stackctl_wheel())
     return files
@@ -176,11 +200,13 @@ def _wheel_project(path: Path) -> str | None:
         raise DeployError(f"wheelhouse file {path}: {exc}; rename or remove it.") from None
 
 
-@functools.lru_cache(maxsize=None)
-def _wheel_requires(path: Path, mtime_ns: int) -> tuple[str, ...]:
+@functools.cache
+def _wheel_requires(path: Path, mtime_ns: int) -> tuple[NormalizedName, ...]:
     """Projects in the wheel's ``Requires-Dist``, markers and extras ignored."""
     with zipfile.ZipFile(path) as wheel:
-        metadata = next(n for n in wheel.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+        metadata = next(
+            n for n in wheel.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
+        )
         headers = HeaderParser().parsestr(wheel.read(metadata).decode("utf-8", "replace"))
     names = []
     for line in headers.get_all("Requires-Dist") or []:
@@ -214,5 +240,7 @@ def wheels_needed(files: list[Path], requirements: list[str]) -> list[Path]:
             try:
                 todo.extend(_wheel_requires(wheel, wheel.stat().st_mtime_ns))
             except (OSError, zipfile.BadZipFile, StopIteration) as exc:
-                raise DeployError(f"wheelhouse file {wheel} is not a readable wheel ({exc}); remove or replace it.") from exc
+                raise DeployError(
+                    f"wheelhouse file {wheel} is not a readable wheel ({exc}); remove or replace it."
+                ) from exc
     return sorted(needed)

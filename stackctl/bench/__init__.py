@@ -6,13 +6,33 @@ The CLI deploys a profile, then calls :func:`run_sweep` (and optionally
 
 from stackctl.bench.client import Record
 from stackctl.bench.report import rebuild_report, write_report
-from stackctl.bench.runner import (AvailabilityResult, PointResult, SweepResult, load_results,
-                                   run_availability, run_availability_async, run_sweep, run_sweep_async)
+from stackctl.bench.runner import (
+    AvailabilityResult,
+    PointResult,
+    SweepResult,
+    load_results,
+    run_availability,
+    run_availability_async,
+    run_sweep,
+    run_sweep_async,
+)
 from stackctl.bench.scenario import Scenario, ScenarioError, load_scenario
 from stackctl.bench.workload import Workload
 
 __all__ = [
-    "AvailabilityResult", "PointResult", "Record", "Scenario", "ScenarioError", "SweepResult", "Workload",
-    "load_results", "load_scenario", "rebuild_report", "run_availability", "run_availability_async", "run_sweep",
-    "run_sweep_async", "write_report",
+    "AvailabilityResult",
+    "PointResult",
+    "Record",
+    "Scenario",
+    "ScenarioError",
+    "SweepResult",
+    "Workload",
+    "load_results",
+    "load_scenario",
+    "rebuild_report",
+    "run_availability",
+    "run_availability_async",
+    "run_sweep",
+    "run_sweep_async",
+    "write_report",
 ]

@@ -24,19 +24,19 @@ class Record:
 
     profile: str
     qps_target: float
-    phase: str                  # "measure", "warmup" or "background"
+    phase: str  # "measure", "warmup" or "background"
     user: int
     round: int
-    scheduled_s: float          # when the arrival was due, seconds since the run started
-    start_s: float              # when it was sent (>= scheduled_s; the gap is client lag)
-    start_time: float           # wall clock at send, epoch seconds
+    scheduled_s: float  # when the arrival was due, seconds since the run started
+    start_s: float  # when it was sent (>= scheduled_s; the gap is client lag)
+    start_time: float  # wall clock at send, epoch seconds
     launch_lag_s: float
     waited_for_idle_user: bool  # no user was idle when the arrival was due
     max_tokens: int
-    prompt_tokens_sent: int     # counted by the shared tokenizer on the client
-    prompt_tokens: int | None = None    # usage.prompt_tokens from the server
-    cached_tokens: int | None = None    # usage.prompt_tokens_details.cached_tokens
-    output_tokens: int | None = None    # usage.completion_tokens (or content chunks counted)
+    prompt_tokens_sent: int  # counted by the shared tokenizer on the client
+    prompt_tokens: int | None = None  # usage.prompt_tokens from the server
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
+    output_tokens: int | None = None  # usage.completion_tokens (or content chunks counted)
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_mean_s: float | None = None
@@ -54,7 +54,7 @@ class Record:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Record":
+    def from_dict(cls, data: dict[str, Any]) -> Record:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -106,9 +106,16 @@ def _chunk_text(chunk: dict) -> str:
     return ""
 
 
-async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, *,
-                      api_key: str | None = None, timeout_s: float = 600.0,
-                      ignore_eos: bool = True) -> StreamOutcome:
+async def stream_chat(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    spec: RequestSpec,
+    *,
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+    ignore_eos: bool = True,
+) -> StreamOutcome:
     """Send one streaming chat completion and time its chunks."""
     payload = {
         "model": model,
@@ -123,10 +130,11 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, spec
     headers = {"x-user-id": str(spec.user_id)}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    out = StreamOutcome(gaps=[])
+    gaps: list[float] = []
+    out = StreamOutcome(gaps=gaps)
     parts: list[str] = []
     started = time.monotonic()
-    last_chunk: float | None = None
+    last_chunk = started  # a gap is measured from the previous chunk, once there is one
     try:
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
         async with session.post(url, json=payload, headers=headers, timeout=timeout) as resp:
@@ -147,7 +155,9 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, spec
                     continue
                 if "error" in chunk:
                     err = chunk["error"]
-                    out.error = f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"
+                    out.error = (
+                        f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"
+                    )
                     break
                 if chunk.get("usage"):
                     out.usage = chunk["usage"]
@@ -157,7 +167,7 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, spec
                     if out.ttft_s is None:
                         out.ttft_s = now - started
                     else:
-                        out.gaps.append(now - last_chunk)
+                        gaps.append(now - last_chunk)
                     last_chunk = now
                     out.content_chunks += 1
                     parts.append(text)
@@ -179,7 +189,9 @@ def fill_record(record: Record, out: StreamOutcome) -> Record:
     record.prompt_tokens = usage.get("prompt_tokens")
     details = usage.get("prompt_tokens_details") or {}
     record.cached_tokens = details.get("cached_tokens")
-    record.output_tokens = usage.get("completion_tokens", out.content_chunks if out.content_chunks else None)
+    record.output_tokens = usage.get(
+        "completion_tokens", out.content_chunks if out.content_chunks else None
+    )
     if out.gaps:
         record.itl_mean_s = sum(out.gaps) / len(out.gaps)
         record.itl_p50_s = percentile(out.gaps, 50)

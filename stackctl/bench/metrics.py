@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from stackctl.metrics import EXTERNAL_HITS, EXTERNAL_QUERIES, GENERATION_TOKENS, PREFIX_HITS, PREFIX_QUERIES, parse_samples
+from stackctl.metrics import (
+    EXTERNAL_HITS,
+    EXTERNAL_QUERIES,
+    GENERATION_TOKENS,
+    PREFIX_HITS,
+    PREFIX_QUERIES,
+    parse_samples,
+)
 
 COUNTERS = (PREFIX_QUERIES, PREFIX_HITS, EXTERNAL_QUERIES, EXTERNAL_HITS, GENERATION_TOKENS)
 
@@ -29,8 +36,11 @@ def parse_counters(text: str) -> dict[str, float]:
     return {name: samples[name] for name in COUNTERS if name in samples}
 
 
-async def scrape(session: aiohttp.ClientSession, urls, timeout_s: float = 5.0) -> dict[str, dict | str]:
+async def scrape(
+    session: aiohttp.ClientSession, urls, timeout_s: float = 5.0
+) -> dict[str, dict | str]:
     """Counters of every engine, by URL; a string is the error for an engine not scraped."""
+
     async def one(url: str):
         try:
             timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -40,6 +50,7 @@ async def scrape(session: aiohttp.ClientSession, urls, timeout_s: float = 5.0) -
                 return url, parse_counters(await resp.text())
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return url, f"{type(exc).__name__}: {exc}"
+
     return dict(await asyncio.gather(*(one(u) for u in urls)))
 
 
@@ -65,10 +76,15 @@ class CacheStats:
 
     def summary(self) -> dict:
         return {
-            "engines_scraped": self.engines, "gpu_queries": self.gpu_queries, "gpu_hits": self.gpu_hits,
-            "gpu_hit_rate": self.gpu_hit_rate, "cpu_queries": self.cpu_queries,
-            "cpu_hits": self.cpu_hits, "cpu_hit_rate": self.cpu_hit_rate,
-            "server_generation_tokens": self.generation_tokens, "scrape_errors": self.errors,
+            "engines_scraped": self.engines,
+            "gpu_queries": self.gpu_queries,
+            "gpu_hits": self.gpu_hits,
+            "gpu_hit_rate": self.gpu_hit_rate,
+            "cpu_queries": self.cpu_queries,
+            "cpu_hits": self.cpu_hits,
+            "cpu_hit_rate": self.cpu_hit_rate,
+            "server_generation_tokens": self.generation_tokens,
+            "scrape_errors": self.errors,
         }
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from stackctl.bench.client import percentile
 from stackctl.bench.workload import Conversation, RequestSpec, Workload
@@ -33,12 +33,12 @@ class PacingStats:
 
     qps_target: float
     duration_s: float
-    due: int = 0                 # arrivals scheduled inside the window
+    due: int = 0  # arrivals scheduled inside the window
     launched: int = 0
     waited_for_idle_user: int = 0
-    missed: int = 0              # arrivals never launched: no user became idle in time
-    cancelled: int = 0           # in-flight requests cut at the drain timeout
-    elapsed_s: float = 0.0       # window plus the drain of in-flight requests
+    missed: int = 0  # arrivals never launched: no user became idle in time
+    cancelled: int = 0  # in-flight requests cut at the drain timeout
+    elapsed_s: float = 0.0  # window plus the drain of in-flight requests
     loop_lag_max_s: float = 0.0  # worst event-loop stall seen by a 20 ms ticker
     first_launch: float | None = None
     last_launch: float | None = None
@@ -47,8 +47,9 @@ class PacingStats:
     @property
     def achieved_qps(self) -> float:
         """Launches per second, measured between the first and the last launch."""
-        if self.launched >= 2 and self.last_launch > self.first_launch:
-            return (self.launched - 1) / (self.last_launch - self.first_launch)
+        first, last = self.first_launch, self.last_launch  # both set once anything launched
+        if self.launched >= 2 and first is not None and last is not None and last > first:
+            return (self.launched - 1) / (last - first)
         return self.launched / self.duration_s if self.duration_s else 0.0
 
     @property
@@ -65,11 +66,18 @@ class PacingStats:
 
     def summary(self) -> dict:
         return {
-            "qps_target": self.qps_target, "duration_s": self.duration_s, "due": self.due,
-            "launched": self.launched, "achieved_qps": self.achieved_qps,
-            "waited_for_idle_user": self.waited_for_idle_user, "missed": self.missed,
-            "cancelled": self.cancelled, "elapsed_s": self.elapsed_s,
-            "lag_mean_s": self.lag_mean_s, "lag_p99_s": self.lag_p99_s, "lag_max_s": self.lag_max_s,
+            "qps_target": self.qps_target,
+            "duration_s": self.duration_s,
+            "due": self.due,
+            "launched": self.launched,
+            "achieved_qps": self.achieved_qps,
+            "waited_for_idle_user": self.waited_for_idle_user,
+            "missed": self.missed,
+            "cancelled": self.cancelled,
+            "elapsed_s": self.elapsed_s,
+            "lag_mean_s": self.lag_mean_s,
+            "lag_p99_s": self.lag_p99_s,
+            "lag_max_s": self.lag_max_s,
             "loop_lag_max_s": self.loop_lag_max_s,
         }
 
@@ -82,9 +90,16 @@ async def _watch_loop_lag(stats: PacingStats, period: float = 0.02) -> None:
         stats.loop_lag_max_s = max(stats.loop_lag_max_s, time.monotonic() - before - period)
 
 
-async def run_paced(workload: Workload, qps: float, duration_s: float, send: SendFn, *,
-                    time_origin: float | None = None, drain_timeout_s: float = 120.0,
-                    stats: PacingStats | None = None) -> PacingStats:
+async def run_paced(
+    workload: Workload,
+    qps: float,
+    duration_s: float,
+    send: SendFn,
+    *,
+    time_origin: float | None = None,
+    drain_timeout_s: float = 120.0,
+    stats: PacingStats | None = None,
+) -> PacingStats:
     """Drive ``workload`` at ``qps`` for ``duration_s``, then wait for in-flight requests.
 
     ``time_origin`` is the monotonic instant that record offsets count from (a sweep passes
@@ -98,7 +113,9 @@ async def run_paced(workload: Workload, qps: float, duration_s: float, send: Sen
     origin = start if time_origin is None else time_origin
     end = start + duration_s
 
-    async def one_request(conv: Conversation, spec: RequestSpec, due: float, launched: float, waited: bool):
+    async def one_request(
+        conv: Conversation, spec: RequestSpec, due: float, launched: float, waited: bool
+    ):
         answer = None
         try:
             answer = await send(spec, due - origin, launched - origin, waited)

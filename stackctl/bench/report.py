@@ -11,9 +11,10 @@ import importlib.util
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from stackctl.bench.client import Record, percentile
 from stackctl.bench.runner import AvailabilityResult, PointResult, load_results
@@ -50,28 +51,41 @@ def point_rows(records: Sequence[Record], points: Sequence[PointResult]) -> list
         cache = point_info[(profile, qps)].cache if (profile, qps) in point_info else {}
         elapsed = pacing.get("elapsed_s") or _span(group)
         prompt_with_cache = [r for r in ok if r.cached_tokens is not None and r.prompt_tokens]
-        rows.append({
-            "profile": profile, "qps_target": qps,
-            "achieved_qps": pacing.get("achieved_qps", len(group) / elapsed if elapsed else None),
-            "requests": len(group), "ok": len(ok), "errors": len(group) - len(ok),
-            "ttft_mean_s": _mean(ttfts),
-            "ttft_p50_s": percentile(ttfts, 50) if ttfts else None,
-            "ttft_p90_s": percentile(ttfts, 90) if ttfts else None,
-            "ttft_p99_s": percentile(ttfts, 99) if ttfts else None,
-            "itl_mean_s": _mean(itls),
-            "e2e_mean_s": _mean([r.e2e_s for r in ok if r.e2e_s is not None]),
-            "prompt_tokens_mean": _mean([r.prompt_tokens or r.prompt_tokens_sent for r in ok]),
-            "output_tokens": output,
-            "generation_tokens_per_s": output / elapsed if elapsed else None,
-            "reported_cached_fraction": (sum(r.cached_tokens for r in prompt_with_cache)
-                                         / sum(r.prompt_tokens for r in prompt_with_cache)
-                                         if prompt_with_cache else None),
-            "gpu_hit_rate": cache.get("gpu_hit_rate"), "cpu_hit_rate": cache.get("cpu_hit_rate"),
-            "lag_p99_s": pacing.get("lag_p99_s"), "lag_max_s": pacing.get("lag_max_s"),
-            "waited_for_idle_user": pacing.get("waited_for_idle_user"),
-            "missed_arrivals": pacing.get("missed"), "loop_lag_max_s": pacing.get("loop_lag_max_s"),
-            "elapsed_s": elapsed,
-        })
+        rows.append(
+            {
+                "profile": profile,
+                "qps_target": qps,
+                "achieved_qps": pacing.get(
+                    "achieved_qps", len(group) / elapsed if elapsed else None
+                ),
+                "requests": len(group),
+                "ok": len(ok),
+                "errors": len(group) - len(ok),
+                "ttft_mean_s": _mean(ttfts),
+                "ttft_p50_s": percentile(ttfts, 50) if ttfts else None,
+                "ttft_p90_s": percentile(ttfts, 90) if ttfts else None,
+                "ttft_p99_s": percentile(ttfts, 99) if ttfts else None,
+                "itl_mean_s": _mean(itls),
+                "e2e_mean_s": _mean([r.e2e_s for r in ok if r.e2e_s is not None]),
+                "prompt_tokens_mean": _mean([r.prompt_tokens or r.prompt_tokens_sent for r in ok]),
+                "output_tokens": output,
+                "generation_tokens_per_s": output / elapsed if elapsed else None,
+                "reported_cached_fraction": (
+                    sum(r.cached_tokens or 0 for r in prompt_with_cache)
+                    / sum(r.prompt_tokens or 0 for r in prompt_with_cache)
+                    if prompt_with_cache
+                    else None
+                ),
+                "gpu_hit_rate": cache.get("gpu_hit_rate"),
+                "cpu_hit_rate": cache.get("cpu_hit_rate"),
+                "lag_p99_s": pacing.get("lag_p99_s"),
+                "lag_max_s": pacing.get("lag_max_s"),
+                "waited_for_idle_user": pacing.get("waited_for_idle_user"),
+                "missed_arrivals": pacing.get("missed"),
+                "loop_lag_max_s": pacing.get("loop_lag_max_s"),
+                "elapsed_s": elapsed,
+            }
+        )
     return rows
 
 
@@ -83,16 +97,24 @@ def _span(group: Sequence[Record]) -> float | None:
     return last - first or None
 
 
-def comparison_rows(rows: Sequence[dict[str, Any]], baseline: str | None = None) -> tuple[str | None, list[dict]]:
+def comparison_rows(
+    rows: Sequence[dict[str, Any]], baseline: str | None = None
+) -> tuple[str | None, list[dict]]:
     """Mean TTFT per QPS for each profile and the ratio baseline / profile (> 1: faster)."""
     profiles = list(dict.fromkeys(r["profile"] for r in rows))
     if baseline is None:
         baseline = "naive" if "naive" in profiles else (profiles[0] if profiles else None)
     elif baseline not in profiles:
-        raise ValueError(f"baseline profile {baseline!r} has no results (profiles: {', '.join(profiles)})")
+        raise ValueError(
+            f"baseline profile {baseline!r} has no results (profiles: {', '.join(profiles)})"
+        )
+    if baseline is None:  # no rows at all
+        return None, []
     table: dict[float, dict[str, Any]] = {}
     for row in rows:
-        table.setdefault(row["qps_target"], {"qps_target": row["qps_target"]})[row["profile"]] = row["ttft_mean_s"]
+        table.setdefault(row["qps_target"], {"qps_target": row["qps_target"]})[row["profile"]] = (
+            row["ttft_mean_s"]
+        )
     out = []
     for qps in sorted(table):
         entry = table[qps]
@@ -118,40 +140,67 @@ def _pct(value: Any) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def markdown(rows: Sequence[dict[str, Any]], baseline: str | None, comparison: Sequence[dict],
-             availability: Sequence[AvailabilityResult] = (), title: str = "Benchmark report") -> str:
-    lines = [f"# {title}", "", "## Per profile and QPS", "",
-             "TTFT in seconds over successful requests. Throughput: output tokens/s over the point "
-             "(window + drain). Lag: how late the client sent requests (p99/max, s); "
-             "waits: arrivals that found no idle user.", "",
-             "| profile | QPS target | achieved | requests | errors | TTFT mean | p50 | p90 | p99 "
-             "| gen tok/s | GPU hit | CPU hit | lag p99 | lag max | waits |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def markdown(
+    rows: Sequence[dict[str, Any]],
+    baseline: str | None,
+    comparison: Sequence[dict],
+    availability: Sequence[AvailabilityResult] = (),
+    title: str = "Benchmark report",
+) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        "## Per profile and QPS",
+        "",
+        "TTFT in seconds over successful requests. Throughput: output tokens/s over the point "
+        "(window + drain). Lag: how late the client sent requests (p99/max, s); "
+        "waits: arrivals that found no idle user.",
+        "",
+        "| profile | QPS target | achieved | requests | errors | TTFT mean | p50 | p90 | p99 "
+        "| gen tok/s | GPU hit | CPU hit | lag p99 | lag max | waits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['profile']} | {r['qps_target']:g} | {_fmt(r['achieved_qps'], 2)} | {r['requests']} "
             f"| {r['errors']} | {_fmt(r['ttft_mean_s'])} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p90_s'])} "
             f"| {_fmt(r['ttft_p99_s'])} | {_fmt(r['generation_tokens_per_s'], 1)} | {_pct(r['gpu_hit_rate'])} "
             f"| {_pct(r['cpu_hit_rate'])} | {_fmt(r['lag_p99_s'])} | {_fmt(r['lag_max_s'])} "
-            f"| {_fmt(r['waited_for_idle_user'])} |")
+            f"| {_fmt(r['waited_for_idle_user'])} |"
+        )
     profiles = list(dict.fromkeys(r["profile"] for r in rows))
     if len(profiles) > 1 and baseline:
         others = [p for p in profiles if p != baseline]
-        lines += ["", f"## Mean TTFT (s) by QPS, ratio {baseline} / other (> 1: other is faster)", "",
-                  "| QPS | " + " | ".join(profiles) + " | " + " | ".join(f"{baseline}/{p}" for p in others) + " |",
-                  "|---:|" + "---:|" * (len(profiles) + len(others))]
+        lines += [
+            "",
+            f"## Mean TTFT (s) by QPS, ratio {baseline} / other (> 1: other is faster)",
+            "",
+            "| QPS | "
+            + " | ".join(profiles)
+            + " | "
+            + " | ".join(f"{baseline}/{p}" for p in others)
+            + " |",
+            "|---:|" + "---:|" * (len(profiles) + len(others)),
+        ]
         for entry in comparison:
             cells = [_fmt(entry.get(p)) for p in profiles]
-            cells += [_fmt(entry.get(f"ratio {baseline}/{p}"), 2) + ("×" if entry.get(f"ratio {baseline}/{p}") else "")
-                      for p in others]
+            cells += [
+                _fmt(entry.get(f"ratio {baseline}/{p}"), 2)
+                + ("×" if entry.get(f"ratio {baseline}/{p}") else "")
+                for p in others
+            ]
             lines.append(f"| {entry['qps_target']:g} | " + " | ".join(cells) + " |")
     for result in availability:
         s = result.summary()
-        lines += ["", f"## Availability: {result.profile} ({s['seconds']:g} s at {s['qps']:g} QPS)", "",
-                  f"- probes ok: {s['probes_ok']}/{s['probes']} ({_pct(s['success_rate'])}), "
-                  f"longest failure streak: {s['longest_failure_streak']} probe(s)",
-                  f"- probe latency p50 {_fmt(s['latency_p50_s'])} s, p99 {_fmt(s['latency_p99_s'])} s",
-                  f"- background requests ok: {s['background_ok']}/{s['background_requests']}"]
+        lines += [
+            "",
+            f"## Availability: {result.profile} ({s['seconds']:g} s at {s['qps']:g} QPS)",
+            "",
+            f"- probes ok: {s['probes_ok']}/{s['probes']} ({_pct(s['success_rate'])}), "
+            f"longest failure streak: {s['longest_failure_streak']} probe(s)",
+            f"- probe latency p50 {_fmt(s['latency_p50_s'])} s, p99 {_fmt(s['latency_p99_s'])} s",
+            f"- background requests ok: {s['background_ok']}/{s['background_requests']}",
+        ]
         lines += [f"- event at {e['t_s']:.1f} s: {e['label']}" for e in s["events"]]
     return "\n".join(lines) + "\n"
 
@@ -176,8 +225,10 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-PLOTS_MISSING = ("matplotlib is not installed, so the report will have no plots (the CSV, JSON and "
-                 "markdown table are written as usual); `pip install 'stackctl[bench]'` adds them.")
+PLOTS_MISSING = (
+    "matplotlib is not installed, so the report will have no plots (the CSV, JSON and "
+    "markdown table are written as usual); `pip install 'stackctl[bench]'` adds them."
+)
 
 
 def plots_available() -> bool:
@@ -185,9 +236,14 @@ def plots_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def write_report(out_dir: str | Path, records: Sequence[Record], point_metrics: Sequence[PointResult],
-                 availability: Sequence[AvailabilityResult] = (), baseline_profile: str | None = None,
-                 title: str = "stackctl benchmark: multi-round QA") -> dict[str, Path]:
+def write_report(
+    out_dir: str | Path,
+    records: Sequence[Record],
+    point_metrics: Sequence[PointResult],
+    availability: Sequence[AvailabilityResult] = (),
+    baseline_profile: str | None = None,
+    title: str = "stackctl benchmark: multi-round QA",
+) -> dict[str, Path]:
     """Write requests.csv, summary.json, summary.md and, with matplotlib, the plots; return their
     paths by name."""
     out = Path(out_dir)
@@ -196,13 +252,19 @@ def write_report(out_dir: str | Path, records: Sequence[Record], point_metrics: 
     baseline, comparison = comparison_rows(rows, baseline_profile)
     background = [r for a in availability for r in a.records]
     paths = {"requests_csv": write_requests_csv(out / "requests.csv", list(records) + background)}
-    summary = {"baseline": baseline, "points": rows, "comparison": comparison,
-               "point_metrics": [p.to_dict() for p in point_metrics],
-               "availability": [a.summary() for a in availability]}
+    summary = {
+        "baseline": baseline,
+        "points": rows,
+        "comparison": comparison,
+        "point_metrics": [p.to_dict() for p in point_metrics],
+        "availability": [a.summary() for a in availability],
+    }
     paths["summary_json"] = out / "summary.json"
     paths["summary_json"].write_text(json.dumps(_json_safe(summary), indent=2), encoding="utf-8")
     paths["summary_md"] = out / "summary.md"
-    paths["summary_md"].write_text(markdown(rows, baseline, comparison, availability, title), encoding="utf-8")
+    paths["summary_md"].write_text(
+        markdown(rows, baseline, comparison, availability, title), encoding="utf-8"
+    )
     if not plots_available():
         return paths
     from stackctl.bench import plots  # matplotlib is imported only when a report is written
@@ -216,8 +278,11 @@ def write_report(out_dir: str | Path, records: Sequence[Record], point_metrics: 
     return paths
 
 
-def rebuild_report(out_dir: str | Path, baseline_profile: str | None = None,
-                   title: str = "stackctl benchmark: multi-round QA") -> dict[str, Path]:
+def rebuild_report(
+    out_dir: str | Path,
+    baseline_profile: str | None = None,
+    title: str = "stackctl benchmark: multi-round QA",
+) -> dict[str, Path]:
     """Write the report from everything saved under ``out_dir/raw`` (all profiles so far)."""
     records, points, availability = load_results(out_dir)
     return write_report(out_dir, records, points, availability, baseline_profile, title)

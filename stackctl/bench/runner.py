@@ -13,15 +13,22 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from stackctl.bench.client import (Record, chat_completions_url, fill_record, new_session, percentile,
-                                   stream_chat)
+from stackctl.bench.client import (
+    Record,
+    chat_completions_url,
+    fill_record,
+    new_session,
+    percentile,
+    stream_chat,
+)
 from stackctl.bench.metrics import cache_stats, scrape
 from stackctl.bench.pacing import PacingStats, run_paced
 from stackctl.bench.scenario import Scenario, ScenarioError
@@ -41,8 +48,10 @@ class PointResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PointResult":
-        return cls(data["profile"], data["qps_target"], data.get("pacing", {}), data.get("cache", {}))
+    def from_dict(cls, data: dict[str, Any]) -> PointResult:
+        return cls(
+            data["profile"], data["qps_target"], data.get("pacing", {}), data.get("cache", {})
+        )
 
 
 @dataclass
@@ -81,29 +90,44 @@ class AvailabilityResult:
             longest = max(longest, current)
         background_ok = sum(r.ok for r in self.records)
         return {
-            "profile": self.profile, "qps": self.qps, "seconds": self.seconds,
-            "probes": len(self.probes), "probes_ok": len(ok),
+            "profile": self.profile,
+            "qps": self.qps,
+            "seconds": self.seconds,
+            "probes": len(self.probes),
+            "probes_ok": len(ok),
             "success_rate": len(ok) / len(self.probes) if self.probes else None,
             "longest_failure_streak": longest,
             "latency_p50_s": percentile(latencies, 50) if latencies else None,
             "latency_p99_s": percentile(latencies, 99) if latencies else None,
-            "background_requests": len(self.records), "background_ok": background_ok,
+            "background_requests": len(self.records),
+            "background_ok": background_ok,
             "events": [{"t_s": t, "label": label} for t, label in self.events],
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "qps": self.qps, "seconds": self.seconds,
-                "probes": [asdict(p) for p in self.probes],
-                "records": [r.to_dict() for r in self.records],
-                "events": [list(e) for e in self.events]}
+        return {
+            "profile": self.profile,
+            "qps": self.qps,
+            "seconds": self.seconds,
+            "probes": [asdict(p) for p in self.probes],
+            "records": [r.to_dict() for r in self.records],
+            "events": [list(e) for e in self.events],
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AvailabilityResult":
-        return cls(data["profile"], data["qps"], data["seconds"], [Probe(**p) for p in data["probes"]],
-                   [Record.from_dict(r) for r in data["records"]], [tuple(e) for e in data.get("events", [])])
+    def from_dict(cls, data: dict[str, Any]) -> AvailabilityResult:
+        return cls(
+            data["profile"],
+            data["qps"],
+            data["seconds"],
+            [Probe(**p) for p in data["probes"]],
+            [Record.from_dict(r) for r in data["records"]],
+            [tuple(e) for e in data.get("events", [])],
+        )
 
 
 # ----------------------------------------------------------------------------- persistence
+
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "profile"
@@ -112,8 +136,11 @@ def _safe(name: str) -> str:
 def save_sweep(out_dir: str | Path, result: SweepResult) -> Path:
     path = Path(out_dir) / "raw" / f"sweep-{_safe(result.profile)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"profile": result.profile, "records": [r.to_dict() for r in result.records],
-            "points": [p.to_dict() for p in result.points]}
+    data = {
+        "profile": result.profile,
+        "records": [r.to_dict() for r in result.records],
+        "points": [p.to_dict() for p in result.points],
+    }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data), encoding="utf-8")
     tmp.replace(path)
@@ -127,7 +154,9 @@ def save_availability(out_dir: str | Path, result: AvailabilityResult) -> Path:
     return path
 
 
-def load_results(out_dir: str | Path) -> tuple[list[Record], list[PointResult], list[AvailabilityResult]]:
+def load_results(
+    out_dir: str | Path,
+) -> tuple[list[Record], list[PointResult], list[AvailabilityResult]]:
     """Everything saved under ``out_dir/raw``: records, points and availability runs."""
     records: list[Record] = []
     points: list[PointResult] = []
@@ -139,21 +168,33 @@ def load_results(out_dir: str | Path) -> tuple[list[Record], list[PointResult], 
         records += [Record.from_dict(r) for r in data["records"]]
         points += [PointResult.from_dict(p) for p in data["points"]]
     for path in sorted(raw.glob("availability-*.json")):
-        availability.append(AvailabilityResult.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        availability.append(
+            AvailabilityResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        )
     return records, points, availability
 
 
 # ----------------------------------------------------------------------------- progress
+
 
 class _Progress:
     """A rich progress bar per phase, fed from the live pacing stats (or nothing)."""
 
     def __init__(self, enabled: bool, console: Console | None):
         self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-        ) if enabled else None
+        self.progress = (
+            Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[counts]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            if enabled
+            else None
+        )
 
     def __enter__(self):
         if self.progress:
@@ -174,8 +215,11 @@ class _Progress:
 
         def refresh():
             errors = sum(1 for r in sink if not r.ok)
-            self.progress.update(task, completed=min(seconds, time.monotonic() - started),
-                                 counts=f"sent {stats.launched}  done {len(sink)}  errors {errors}")
+            self.progress.update(
+                task,
+                completed=min(seconds, time.monotonic() - started),
+                counts=f"sent {stats.launched}  done {len(sink)}  errors {errors}",
+            )
 
         async def tick():
             while True:
@@ -193,18 +237,47 @@ class _Progress:
 
 # ----------------------------------------------------------------------------- runs
 
-def _sender(session, url: str, model: str, scenario: Scenario, api_key: str | None, profile: str,
-            qps: float, phase: str, sink: list[Record]):
+
+def _sender(
+    session,
+    url: str,
+    model: str,
+    scenario: Scenario,
+    api_key: str | None,
+    profile: str,
+    qps: float,
+    phase: str,
+    sink: list[Record],
+):
     """The ``send`` callback of run_paced: one streamed request -> one Record in ``sink``."""
-    async def send(spec: RequestSpec, scheduled_s: float, start_s: float, waited: bool) -> str | None:
-        record = Record(profile=profile, qps_target=qps, phase=phase, user=spec.user_id,
-                        round=spec.round_index, scheduled_s=scheduled_s, start_s=start_s,
-                        start_time=time.time(), launch_lag_s=start_s - scheduled_s,
-                        waited_for_idle_user=waited, max_tokens=spec.max_tokens,
-                        prompt_tokens_sent=spec.prompt_tokens)
+
+    async def send(
+        spec: RequestSpec, scheduled_s: float, start_s: float, waited: bool
+    ) -> str | None:
+        record = Record(
+            profile=profile,
+            qps_target=qps,
+            phase=phase,
+            user=spec.user_id,
+            round=spec.round_index,
+            scheduled_s=scheduled_s,
+            start_s=start_s,
+            start_time=time.time(),
+            launch_lag_s=start_s - scheduled_s,
+            waited_for_idle_user=waited,
+            max_tokens=spec.max_tokens,
+            prompt_tokens_sent=spec.prompt_tokens,
+        )
         try:
-            out = await stream_chat(session, url, model, spec, api_key=api_key,
-                                    timeout_s=scenario.request_timeout_s, ignore_eos=scenario.ignore_eos)
+            out = await stream_chat(
+                session,
+                url,
+                model,
+                spec,
+                api_key=api_key,
+                timeout_s=scenario.request_timeout_s,
+                ignore_eos=scenario.ignore_eos,
+            )
         except asyncio.CancelledError:
             record.error = "cancelled: still running at the drain timeout"
             sink.append(record)
@@ -215,15 +288,25 @@ def _sender(session, url: str, model: str, scenario: Scenario, api_key: str | No
             return None
         sink.append(fill_record(record, out))
         return out.answer if out.error is None else None
+
     return send
 
 
-async def run_sweep_async(base_url: str, model: str, scenario: Scenario, qps_list: Sequence[float] | None = None,
-                          duration_s: float | None = None, warmup_s: float | None = None,
-                          profile_name: str = "default", out_dir: str | Path | None = None,
-                          metrics_urls: Sequence[str] = (), progress: bool = True,
-                          api_key: str | None = None, console: Console | None = None,
-                          warmup_qps: float | None = None) -> SweepResult:
+async def run_sweep_async(
+    base_url: str,
+    model: str,
+    scenario: Scenario,
+    qps_list: Sequence[float] | None = None,
+    duration_s: float | None = None,
+    warmup_s: float | None = None,
+    profile_name: str = "default",
+    out_dir: str | Path | None = None,
+    metrics_urls: Sequence[str] = (),
+    progress: bool = True,
+    api_key: str | None = None,
+    console: Console | None = None,
+    warmup_qps: float | None = None,
+) -> SweepResult:
     """Async form of :func:`run_sweep`."""
     qps_list = [float(q) for q in (qps_list or scenario.qps)]
     duration_s = scenario.duration_s if duration_s is None else duration_s
@@ -232,8 +315,10 @@ async def run_sweep_async(base_url: str, model: str, scenario: Scenario, qps_lis
     if not qps_list or any(q <= 0 for q in qps_list):
         raise ScenarioError(f"QPS list must hold positive numbers, got {qps_list}")
     if duration_s <= 0 or warmup_s < 0 or warmup_qps <= 0:
-        raise ScenarioError(f"need duration_s > 0, warmup_s >= 0, warmup_qps > 0; got {duration_s}, "
-                            f"{warmup_s}, {warmup_qps}")
+        raise ScenarioError(
+            f"need duration_s > 0, warmup_s >= 0, warmup_qps > 0; got {duration_s}, "
+            f"{warmup_s}, {warmup_qps}"
+        )
     if warmup_s > 0:  # long enough for every user's first (longest, coldest) request
         warmup_s = max(warmup_s, scenario.users / warmup_qps)
     url = chat_completions_url(base_url)
@@ -245,33 +330,73 @@ async def run_sweep_async(base_url: str, model: str, scenario: Scenario, qps_lis
             if warmup_s > 0:
                 discarded: list[Record] = []
                 stats = PacingStats(warmup_qps, warmup_s)
-                send = _sender(session, url, model, scenario, api_key, profile_name, warmup_qps, "warmup", discarded)
-                async with bar.phase(f"{profile_name} warm-up @ {warmup_qps:g} QPS", warmup_s, stats, discarded):
-                    await run_paced(workload, warmup_qps, warmup_s, send, time_origin=origin,
-                                    drain_timeout_s=scenario.drain_timeout_s, stats=stats)
+                send = _sender(
+                    session,
+                    url,
+                    model,
+                    scenario,
+                    api_key,
+                    profile_name,
+                    warmup_qps,
+                    "warmup",
+                    discarded,
+                )
+                async with bar.phase(
+                    f"{profile_name} warm-up @ {warmup_qps:g} QPS", warmup_s, stats, discarded
+                ):
+                    await run_paced(
+                        workload,
+                        warmup_qps,
+                        warmup_s,
+                        send,
+                        time_origin=origin,
+                        drain_timeout_s=scenario.drain_timeout_s,
+                        stats=stats,
+                    )
             for qps in qps_list:
                 before = await scrape(session, metrics_urls) if metrics_urls else {}
                 sink: list[Record] = []
                 stats = PacingStats(qps, duration_s)
-                send = _sender(session, url, model, scenario, api_key, profile_name, qps, "measure", sink)
+                send = _sender(
+                    session, url, model, scenario, api_key, profile_name, qps, "measure", sink
+                )
                 async with bar.phase(f"{profile_name} @ {qps:g} QPS", duration_s, stats, sink):
-                    await run_paced(workload, qps, duration_s, send, time_origin=origin,
-                                    drain_timeout_s=scenario.drain_timeout_s, stats=stats)
+                    await run_paced(
+                        workload,
+                        qps,
+                        duration_s,
+                        send,
+                        time_origin=origin,
+                        drain_timeout_s=scenario.drain_timeout_s,
+                        stats=stats,
+                    )
                 after = await scrape(session, metrics_urls) if metrics_urls else {}
                 result.records.extend(sink)
-                result.points.append(PointResult(profile_name, qps, stats.summary(),
-                                                 cache_stats(before, after).summary()))
+                result.points.append(
+                    PointResult(
+                        profile_name, qps, stats.summary(), cache_stats(before, after).summary()
+                    )
+                )
                 if out_dir is not None:
                     save_sweep(out_dir, result)
     return result
 
 
-def run_sweep(base_url: str, model: str, scenario: Scenario, qps_list: Sequence[float] | None = None,
-              duration_s: float | None = None, warmup_s: float | None = None,
-              profile_name: str = "default", out_dir: str | Path | None = None,
-              metrics_urls: Sequence[str] = (), progress: bool = True,
-              api_key: str | None = None, console: Console | None = None,
-              warmup_qps: float | None = None) -> SweepResult:
+def run_sweep(
+    base_url: str,
+    model: str,
+    scenario: Scenario,
+    qps_list: Sequence[float] | None = None,
+    duration_s: float | None = None,
+    warmup_s: float | None = None,
+    profile_name: str = "default",
+    out_dir: str | Path | None = None,
+    metrics_urls: Sequence[str] = (),
+    progress: bool = True,
+    api_key: str | None = None,
+    console: Console | None = None,
+    warmup_qps: float | None = None,
+) -> SweepResult:
     """Warm up, then measure one point per QPS against ``base_url`` (router or engine).
 
     ``qps_list``, ``duration_s``, ``warmup_s`` and ``warmup_qps`` default to the scenario's
@@ -279,31 +404,70 @@ def run_sweep(base_url: str, model: str, scenario: Scenario, qps_list: Sequence[
     are the engines' base or /metrics URLs, scraped around each point for cache hit rates.
     Saves ``out_dir/raw/sweep-<profile>.json`` after each point when ``out_dir`` is given.
     """
-    return asyncio.run(run_sweep_async(base_url, model, scenario, qps_list, duration_s, warmup_s,
-                                       profile_name, out_dir, metrics_urls, progress, api_key, console,
-                                       warmup_qps))
+    return asyncio.run(
+        run_sweep_async(
+            base_url,
+            model,
+            scenario,
+            qps_list,
+            duration_s,
+            warmup_s,
+            profile_name,
+            out_dir,
+            metrics_urls,
+            progress,
+            api_key,
+            console,
+            warmup_qps,
+        )
+    )
 
 
 Event = tuple[float, str, Callable[[], Any]]
 
 
-async def run_availability_async(base_url: str, model: str, seconds: float, background_scenario: Scenario,
-                                 qps: float, *, profile_name: str = "default", probe_interval_s: float = 1.0,
-                                 probe_timeout_s: float = 5.0, events: Sequence[Event] = (),
-                                 out_dir: str | Path | None = None, progress: bool = True,
-                                 api_key: str | None = None, console: Console | None = None) -> AvailabilityResult:
+async def run_availability_async(
+    base_url: str,
+    model: str,
+    seconds: float,
+    background_scenario: Scenario,
+    qps: float,
+    *,
+    profile_name: str = "default",
+    probe_interval_s: float = 1.0,
+    probe_timeout_s: float = 5.0,
+    events: Sequence[Event] = (),
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    api_key: str | None = None,
+    console: Console | None = None,
+) -> AvailabilityResult:
     """Async form of :func:`run_availability`."""
     url = chat_completions_url(base_url)
     workload = Workload(background_scenario)
     result = AvailabilityResult(profile_name, qps, seconds, [], [])
     origin = time.monotonic()
-    probe_spec = RequestSpec(user_id=-1, round_index=1, max_tokens=4, prompt_tokens=5,
-                             messages=({"role": "user", "content": "availability probe, answer briefly"},))
+    probe_spec = RequestSpec(
+        user_id=-1,
+        round_index=1,
+        max_tokens=4,
+        prompt_tokens=5,
+        messages=({"role": "user", "content": "availability probe, answer briefly"},),
+    )
 
     async def probe(at: float) -> None:
-        out = await stream_chat(session, url, model, probe_spec, api_key=api_key, timeout_s=probe_timeout_s)
-        result.probes.append(Probe(at - origin, out.error is None, out.e2e_s if out.error is None else None,
-                                   out.status, out.error))
+        out = await stream_chat(
+            session, url, model, probe_spec, api_key=api_key, timeout_s=probe_timeout_s
+        )
+        result.probes.append(
+            Probe(
+                at - origin,
+                out.error is None,
+                out.e2e_s if out.error is None else None,
+                out.status,
+                out.error,
+            )
+        )
 
     async def probes() -> None:
         tasks = []
@@ -328,24 +492,52 @@ async def run_availability_async(base_url: str, model: str, seconds: float, back
     async with new_session() as session:
         with _Progress(progress, console) as bar:
             stats = PacingStats(qps, seconds)
-            send = _sender(session, url, model, background_scenario, api_key, profile_name, qps,
-                           "background", result.records)
-            async with bar.phase(f"{profile_name} availability @ {qps:g} QPS", seconds, stats, result.records):
+            send = _sender(
+                session,
+                url,
+                model,
+                background_scenario,
+                api_key,
+                profile_name,
+                qps,
+                "background",
+                result.records,
+            )
+            async with bar.phase(
+                f"{profile_name} availability @ {qps:g} QPS", seconds, stats, result.records
+            ):
                 await asyncio.gather(
-                    run_paced(workload, qps, seconds, send, time_origin=origin,
-                              drain_timeout_s=background_scenario.drain_timeout_s, stats=stats),
-                    probes(), run_events())
+                    run_paced(
+                        workload,
+                        qps,
+                        seconds,
+                        send,
+                        time_origin=origin,
+                        drain_timeout_s=background_scenario.drain_timeout_s,
+                        stats=stats,
+                    ),
+                    probes(),
+                    run_events(),
+                )
     result.probes.sort(key=lambda p: p.t_s)
     if out_dir is not None:
         save_availability(out_dir, result)
     return result
 
 
-def run_availability(base_url: str, model: str, seconds: float, background_scenario: Scenario, qps: float,
-                     **options: Any) -> AvailabilityResult:
+def run_availability(
+    base_url: str,
+    model: str,
+    seconds: float,
+    background_scenario: Scenario,
+    qps: float,
+    **options: Any,
+) -> AvailabilityResult:
     """Probe the router once per ``probe_interval_s`` with a tiny request while the workload runs.
 
     ``events`` are ``(at_s, label, callable)``: blocking actions (e.g. stop an engine) run in
     a thread at ``at_s`` seconds and marked on the availability plot.
     """
-    return asyncio.run(run_availability_async(base_url, model, seconds, background_scenario, qps, **options))
+    return asyncio.run(
+        run_availability_async(base_url, model, seconds, background_scenario, qps, **options)
+    )

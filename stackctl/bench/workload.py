@@ -142,7 +142,9 @@ class ShareGPTText:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ScenarioError(f"{path}: cannot read ShareGPT file (key 'sharegpt'): {exc}") from exc
+            raise ScenarioError(
+                f"{path}: cannot read ShareGPT file (key 'sharegpt'): {exc}"
+            ) from exc
         if isinstance(data, dict):
             data = data.get("data", [])
         pairs: list[tuple[str, str | None]] = []
@@ -156,7 +158,9 @@ class ShareGPTText:
                 starts.append(len(pairs))
                 pairs.extend(conversation)
         if not pairs:
-            raise ScenarioError(f"{path}: no human turns found in the ShareGPT file (key 'sharegpt')")
+            raise ScenarioError(
+                f"{path}: no human turns found in the ShareGPT file (key 'sharegpt')"
+            )
         return pairs, starts
 
     def _pairs(self, turns: list) -> list[tuple[str, str | None]]:
@@ -190,7 +194,11 @@ class ShareGPTText:
 
     def question(self, user_id: int, round_index: int) -> Question:
         text, answer = self.pairs[(self._first_pair(user_id) + round_index - 1) % len(self.pairs)]
-        budget = self.answer_tokens if answer is None else min(self.answer_tokens, max(1, count_tokens(answer)))
+        budget = (
+            self.answer_tokens
+            if answer is None
+            else min(self.answer_tokens, max(1, count_tokens(answer)))
+        )
         return Question(text, budget, answer)
 
     def fallback_answer(self, user_id: int, round_index: int, tokens: int) -> str:
@@ -211,10 +219,10 @@ class RequestSpec:
     """One chat request of one user: the whole conversation so far plus the new question."""
 
     user_id: int
-    round_index: int          # 1-based round of this user's conversation
+    round_index: int  # 1-based round of this user's conversation
     messages: tuple[dict, ...]
     max_tokens: int
-    prompt_tokens: int        # as the shared tokenizer counts render_chat(messages)
+    prompt_tokens: int  # as the shared tokenizer counts render_chat(messages)
 
 
 @dataclass
@@ -265,7 +273,7 @@ class Workload:
         self._next_user_id = 0
         self._rng = random.Random(f"turns-{scenario.seed}")
         self._fresh: deque[Conversation] = deque()  # not asked yet: first come, first served
-        self._idle: deque[Conversation] = deque()   # asked before, now waiting for their turn
+        self._idle: deque[Conversation] = deque()  # asked before, now waiting for their turn
         self.in_flight = 0
         self.users_started = 0
         for index in range(scenario.users):
@@ -276,7 +284,9 @@ class Workload:
         user_id = self._next_user_id
         self._next_user_id += 1
         self.users_started += 1
-        return Conversation(user_id=user_id, first_round=first_round, last_round=self.scenario.rounds)
+        return Conversation(
+            user_id=user_id, first_round=first_round, last_round=self.scenario.rounds
+        )
 
     @property
     def idle_users(self) -> int:
@@ -309,8 +319,9 @@ class Workload:
         conv.busy = True
         conv.pending = question
         self.in_flight += 1
-        return RequestSpec(conv.user_id, round_index, tuple(conv.messages), question.max_tokens,
-                           conv.prompt_tokens)
+        return RequestSpec(
+            conv.user_id, round_index, tuple(conv.messages), question.max_tokens, conv.prompt_tokens
+        )
 
     def finish_request(self, conv: Conversation, answer: str | None) -> None:
         """Append the answer (or a stand-in when the request failed) and make the user idle.

@@ -22,9 +22,22 @@ if TYPE_CHECKING:
 class Backend:
     """Mutable routing state of one engine; shared by the policy, health checks and proxy."""
 
-    __slots__ = ("name", "url", "model", "models", "configured_capacity_tokens",
-                 "learned_capacity_tokens", "healthy", "inflight", "failures", "ejections",
-                 "retry_at", "healthy_since", "served", "last_error")
+    __slots__ = (
+        "name",
+        "url",
+        "model",
+        "models",
+        "configured_capacity_tokens",
+        "learned_capacity_tokens",
+        "healthy",
+        "inflight",
+        "failures",
+        "ejections",
+        "retry_at",
+        "healthy_since",
+        "served",
+        "last_error",
+    )
 
     def __init__(self, config: BackendConfig):
         self.name = config.name

@@ -7,9 +7,10 @@ the key path, so ``stackctl router`` can print it and exit 2 without a traceback
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import yaml
@@ -31,8 +32,15 @@ POLICY_OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 TOP_LEVEL_KEYS = {
-    "listen", "policy", "policy_options", "engines", "health", "timeouts", "retries",
-    "max_body_bytes", "api_keys_file",
+    "listen",
+    "policy",
+    "policy_options",
+    "engines",
+    "health",
+    "timeouts",
+    "retries",
+    "max_body_bytes",
+    "api_keys_file",
 }
 
 
@@ -83,10 +91,22 @@ class RouterConfig:
         return {e.model for e in self.engines}
 
 
-def _number(where: str, value: Any, *, integer: bool = False, minimum: float = 0.0,
-            positive: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            integer and not isinstance(value, int)):
+@overload
+def _number(
+    where: str, value: Any, *, integer: Literal[True], minimum: float = 0.0, positive: bool = False
+) -> int: ...
+@overload
+def _number(
+    where: str, value: Any, *, integer: bool = False, minimum: float = 0.0, positive: bool = False
+) -> float: ...
+def _number(
+    where: str, value: Any, *, integer: bool = False, minimum: float = 0.0, positive: bool = False
+) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not isinstance(value, int))
+    ):
         kind = "an integer" if integer else "a number"
         raise RouterConfigError(f"{where}: expected {kind}, got {value!r}")
     if not math.isfinite(value) or value < minimum or (positive and value <= 0):
@@ -95,7 +115,7 @@ def _number(where: str, value: Any, *, integer: bool = False, minimum: float = 0
     return value
 
 
-def _mapping(where: str, value: Any) -> dict:
+def _mapping(where: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -103,16 +123,29 @@ def _mapping(where: str, value: Any) -> dict:
     return value
 
 
-def _section(where: str, raw: Any, cls, *, integers: set[str] = frozenset(),
-             positive: set[str] = frozenset()):
+_Section = TypeVar("_Section", HealthConfig, TimeoutsConfig)
+
+
+def _section(
+    where: str,
+    raw: Any,
+    cls: type[_Section],
+    *,
+    integers: Collection[str] = (),
+    positive: Collection[str] = (),
+) -> _Section:
     raw = _mapping(where, raw)
     known = cls.__dataclass_fields__
     unknown = set(raw) - set(known)
     if unknown:
-        raise RouterConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                                f"expected {', '.join(known)}")
-    values = {k: _number(f"{where}.{k}", v, integer=k in integers, positive=k in positive)
-              for k, v in raw.items()}
+        raise RouterConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(known)}"
+        )
+    # Any: each value was checked by _number, an int where the field is (``integers``)
+    values: dict[str, Any] = {
+        k: _number(f"{where}.{k}", v, integer=k in integers, positive=k in positive)
+        for k, v in raw.items()
+    }
     return cls(**values)
 
 
@@ -131,8 +164,9 @@ def _engine(where: str, raw: Any) -> BackendConfig:
     capacity = raw.get("cache_capacity_tokens")
     if capacity is not None:
         _number(f"{where}.cache_capacity_tokens", capacity, integer=True, positive=True)
-    return BackendConfig(name=raw["name"], url=url, model=raw["model"],
-                        cache_capacity_tokens=capacity)
+    return BackendConfig(
+        name=raw["name"], url=url, model=raw["model"], cache_capacity_tokens=capacity
+    )
 
 
 def _policy_options(policy: str, raw: Any) -> dict[str, Any]:
@@ -141,8 +175,10 @@ def _policy_options(policy: str, raw: Any) -> dict[str, Any]:
     unknown = set(raw) - set(defaults)
     if unknown:
         allowed = ", ".join(defaults) or "none"
-        raise RouterConfigError(f"policy_options: unknown key(s) {', '.join(sorted(unknown))} "
-                                f"for policy {policy} (allowed: {allowed})")
+        raise RouterConfigError(
+            f"policy_options: unknown key(s) {', '.join(sorted(unknown))} "
+            f"for policy {policy} (allowed: {allowed})"
+        )
     options = dict(defaults)
     for key, value in raw.items():
         if isinstance(defaults[key], str):
@@ -150,9 +186,12 @@ def _policy_options(policy: str, raw: Any) -> dict[str, Any]:
                 raise RouterConfigError(f"policy_options.{key}: expected a non-empty string")
             options[key] = value.lower() if key == "header" else value
         else:
-            options[key] = _number(f"policy_options.{key}", value,
-                                   integer=isinstance(defaults[key], int),
-                                   positive=key != "beta")
+            options[key] = _number(
+                f"policy_options.{key}",
+                value,
+                integer=isinstance(defaults[key], int),
+                positive=key != "beta",
+            )
     return options
 
 
@@ -193,22 +232,35 @@ def _parse(raw: Any) -> RouterConfig:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise RouterConfigError(f"engines: duplicate name(s) {', '.join(duplicates)}")
-    health = _section("health", raw.get("health"), HealthConfig,
-                      integers={"failures_to_eject"},
-                      positive={"interval_s", "timeout_s", "failures_to_eject", "backoff_s",
-                                "max_backoff_s"})
-    timeouts = _section("timeouts", raw.get("timeouts"), TimeoutsConfig,
-                        positive={"connect_s", "first_byte_s"})
+    health = _section(
+        "health",
+        raw.get("health"),
+        HealthConfig,
+        integers={"failures_to_eject"},
+        positive={"interval_s", "timeout_s", "failures_to_eject", "backoff_s", "max_backoff_s"},
+    )
+    timeouts = _section(
+        "timeouts", raw.get("timeouts"), TimeoutsConfig, positive={"connect_s", "first_byte_s"}
+    )
     retries = _number("retries", raw.get("retries", 2), integer=True)
-    max_body = _number("max_body_bytes", raw.get("max_body_bytes", 16 * 1024 * 1024),
-                       integer=True, positive=True)
+    max_body = _number(
+        "max_body_bytes", raw.get("max_body_bytes", 16 * 1024 * 1024), integer=True, positive=True
+    )
     keys_file = raw.get("api_keys_file")
     if keys_file is not None and (not isinstance(keys_file, str) or not keys_file):
         raise RouterConfigError("api_keys_file: expected a path or null")
-    return RouterConfig(engines=engines, host=host, port=port, policy=policy,
-                        policy_options=_policy_options(policy, raw.get("policy_options")),
-                        health=health, timeouts=timeouts, retries=retries,
-                        max_body_bytes=max_body, api_keys_file=keys_file)
+    return RouterConfig(
+        engines=engines,
+        host=host,
+        port=port,
+        policy=policy,
+        policy_options=_policy_options(policy, raw.get("policy_options")),
+        health=health,
+        timeouts=timeouts,
+        retries=retries,
+        max_body_bytes=max_body,
+        api_keys_file=keys_file,
+    )
 
 
 def load_config(path: str | Path) -> RouterConfig:
@@ -236,10 +288,14 @@ def load_api_keys(path: str | None) -> tuple[bytes, ...]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise RouterConfigError(f"api_keys_file {path}: cannot read: {exc.strerror or exc}") \
-            from None
-    keys = tuple(line.strip().encode() for line in lines if line.strip()
-                 and not line.lstrip().startswith("#"))
+        raise RouterConfigError(
+            f"api_keys_file {path}: cannot read: {exc.strerror or exc}"
+        ) from None
+    keys = tuple(
+        line.strip().encode()
+        for line in lines
+        if line.strip() and not line.lstrip().startswith("#")
+    )
     if not keys:
         raise RouterConfigError(f"api_keys_file {path}: contains no key")
     return keys

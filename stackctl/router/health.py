@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -52,20 +53,26 @@ def served_models(body: bytes) -> list[str] | None:
         return None
     if not isinstance(data, list):
         return None
-    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
-            and m["id"]]
+    return [
+        m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]
+    ]
 
 
 class HealthMonitor:
     """Keeps ``Backend.healthy`` (and its served names) true to what the engines answer."""
 
-    def __init__(self, pool: BackendPool, config: HealthConfig, session: aiohttp.ClientSession,
-                 on_change=None):
+    def __init__(
+        self,
+        pool: BackendPool,
+        config: HealthConfig,
+        session: aiohttp.ClientSession,
+        on_change: Callable[[Backend], None] | None = None,
+    ):
         self.pool = pool
         self.config = config
         self.session = session
         self.on_change = on_change  # callback(engine) when health flips, for metrics/logs
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     # -- passive -----------------------------------------------------------------------
     def request_failed(self, engine: Backend, reason: str) -> None:
@@ -115,7 +122,7 @@ class HealthMonitor:
                 await self._learn_models(engine, timeout)
             if ok and engine.capacity_tokens is None:
                 await self._learn_capacity(engine, timeout)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ok, reason = False, f"health check failed: {type(exc).__name__} {exc}".strip()
         if ok:
             self._succeeded(engine)
@@ -129,7 +136,7 @@ class HealthMonitor:
                 if resp.status != 200:
                     return
                 body = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return
         names = served_models(body)
         if names is not None and self.pool.set_served_models(engine, names):
@@ -141,7 +148,7 @@ class HealthMonitor:
                 if resp.status != 200:
                     return
                 text = await resp.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             return
         capacity = capacity_from_metrics(text)
         if capacity:
@@ -174,8 +181,12 @@ class HealthMonitor:
         engine.ejections += 1
         self.pool.ejected(engine)
         self._schedule_retry(engine)
-        log.warning("engine %s ejected (%s); next probe in %.1fs", engine.name, reason,
-                    engine.retry_at - time.monotonic())
+        log.warning(
+            "engine %s ejected (%s); next probe in %.1fs",
+            engine.name,
+            reason,
+            engine.retry_at - time.monotonic(),
+        )
         self._changed(engine)
 
     def _schedule_retry(self, engine: Backend) -> None:

@@ -11,7 +11,8 @@ its hooks when a backend is added, removed, ejected, re-admitted or changes capa
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..tokenizer import render_chat
 from .backends import Backend
@@ -47,16 +48,22 @@ class Choice:
 
     __slots__ = ("backend", "predicted_cached_tokens", "prompt_tokens_estimate")
 
-    def __init__(self, backend: Backend, predicted_cached_tokens: float = 0.0,
-                 prompt_tokens_estimate: float = 0.0):
+    def __init__(
+        self,
+        backend: Backend,
+        predicted_cached_tokens: float = 0.0,
+        prompt_tokens_estimate: float = 0.0,
+    ):
         self.backend = backend
         self.predicted_cached_tokens = predicted_cached_tokens  # of the chosen backend
         self.prompt_tokens_estimate = prompt_tokens_estimate  # 0: the policy does not predict
 
     def __repr__(self) -> str:
-        return (f"Choice({self.backend.name}, predicted_cached_tokens="
-                f"{self.predicted_cached_tokens:g}, prompt_tokens_estimate="
-                f"{self.prompt_tokens_estimate:g})")
+        return (
+            f"Choice({self.backend.name}, predicted_cached_tokens="
+            f"{self.predicted_cached_tokens:g}, prompt_tokens_estimate="
+            f"{self.prompt_tokens_estimate:g})"
+        )
 
 
 def prompt_text(body: Mapping[str, Any]) -> str:
@@ -157,7 +164,7 @@ class SessionPolicy(Policy):
 
     name = "session"
 
-    def __init__(self, header: str = "x-session-id", load_factor: float = 1.25, **options):
+    def __init__(self, header: str = "x-session-id", load_factor: float = 1.25, **options: Any):
         super().__init__(header=header, load_factor=load_factor, **options)
         self.header = header
         self.load_factor = load_factor
@@ -208,11 +215,23 @@ class KvAwarePolicy(Policy):
     name = "kv_aware"
     PLACEMENT_DECAY = 1 - 1 / 512  # placements count over roughly the last 512 new prompts
 
-    def __init__(self, chunk_chars: int = 256, chars_per_token: float = 4.0, beta: float = 0.75,
-                 load_factor: float = 2.0, default_capacity_tokens: int = 1_000_000, **options):
-        super().__init__(chunk_chars=chunk_chars, chars_per_token=chars_per_token, beta=beta,
-                         load_factor=load_factor, default_capacity_tokens=default_capacity_tokens,
-                         **options)
+    def __init__(
+        self,
+        chunk_chars: int = 256,
+        chars_per_token: float = 4.0,
+        beta: float = 0.75,
+        load_factor: float = 2.0,
+        default_capacity_tokens: int = 1_000_000,
+        **options: Any,
+    ):
+        super().__init__(
+            chunk_chars=chunk_chars,
+            chars_per_token=chars_per_token,
+            beta=beta,
+            load_factor=load_factor,
+            default_capacity_tokens=default_capacity_tokens,
+            **options,
+        )
         self.chunk_chars = chunk_chars
         self.chars_per_token = chars_per_token
         self.beta = beta
@@ -250,20 +269,26 @@ class KvAwarePolicy(Policy):
     def describe(self, backend: Backend) -> dict[str, Any]:
         index = self._indexes.get(backend)
         chunks = len(index) if index is not None else 0
-        return {"prefix_index_chunks": chunks,
-                "cached_tokens_estimate": round(chunks * self.chunk_chars / self.chars_per_token)}
+        return {
+            "prefix_index_chunks": chunks,
+            "cached_tokens_estimate": round(chunks * self.chunk_chars / self.chars_per_token),
+        }
 
     # -- choice --------------------------------------------------------------------------------
     def _place_new(self, backends: Sequence[Backend], mean: float) -> Backend:
         """Fewest recent placements among the backends at or below the mean load."""
         placed = self._placed
         best = None
+        best_count = 0.0
         for backend in backends:
             if backend.inflight > mean:
                 continue
             count = placed.get(backend, 0.0)
-            if best is None or count < best_count or (
-                    count == best_count and backend.inflight < best.inflight):
+            if (
+                best is None
+                or count < best_count
+                or (count == best_count and backend.inflight < best.inflight)
+            ):
                 best, best_count = backend, count
         if best is None:  # unreachable: some backend is at or below the mean
             best = self._least_loaded(backends)
@@ -284,7 +309,7 @@ class KvAwarePolicy(Policy):
         indexes = self._indexes
         start = (hashes[0] if hashes else self._rotate()) % n
         best = None
-        best_score = best_matched = 0
+        best_score, best_matched = 0.0, 0
         least_matched = None
         for i in range(n):
             backend = backends[(start + i) % n]

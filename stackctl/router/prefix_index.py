@@ -23,7 +23,7 @@ def chunk_hashes(text: str, chunk_chars: int) -> list[int]:
     hashes = []
     h = 0
     for start in range(0, len(text) - chunk_chars + 1, chunk_chars):
-        h = hash((h, text[start:start + chunk_chars]))
+        h = hash((h, text[start : start + chunk_chars]))
         hashes.append(h)
     return hashes
 

@@ -13,13 +13,37 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0, 30.0, 60.0, 120.0, 300.0)
+if TYPE_CHECKING:
+    from .backends import BackendPool
+
+_Key = TypeVar("_Key")
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 
 
 class _Histogram:
@@ -27,7 +51,7 @@ class _Histogram:
 
     __slots__ = ("counts", "sum")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.sum = 0.0
 
@@ -36,24 +60,28 @@ class _Histogram:
         self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
         self.sum += value
 
-    def buckets(self):
-        out, total = [], 0
-        for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self.counts):
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self.counts, strict=True):
             total += count
             out.append(("+Inf" if bound == float("inf") else repr(bound), total))
         return out
 
 
 class RouterMetrics:
-    def __init__(self, pool_ref, policy_name_ref):
+    def __init__(
+        self, pool_ref: Callable[[], BackendPool | None], policy_name_ref: Callable[[], str]
+    ):
         self._pool_ref = pool_ref
         self._policy = policy_name_ref
-        self.requests: defaultdict[tuple, int] = defaultdict(int)  # (engine, status, policy)
-        self.decisions: defaultdict[tuple, int] = defaultdict(int)  # (engine, policy)
+        # (engine, status, policy)
+        self.requests: defaultdict[tuple[str, int, str], int] = defaultdict(int)
+        self.decisions: defaultdict[tuple[str, str], int] = defaultdict(int)  # (engine, policy)
         self.predicted_cached: defaultdict[str, float] = defaultdict(float)
         self.prompt_tokens: defaultdict[str, float] = defaultdict(float)
-        self.retries: defaultdict[tuple, int] = defaultdict(int)  # (engine, reason)
-        self.health_changes: defaultdict[tuple, int] = defaultdict(int)  # (engine, to)
+        self.retries: defaultdict[tuple[str, str], int] = defaultdict(int)  # (engine, reason)
+        self.health_changes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (engine, to)
         self.ttft: defaultdict[str, _Histogram] = defaultdict(_Histogram)
         self.latency: defaultdict[str, _Histogram] = defaultdict(_Histogram)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -82,45 +110,80 @@ class RouterMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def collect(self):
-        def counter(name, doc, labels, values):
+    def collect(self) -> Iterator[Metric]:
+        def counter(
+            name: str, doc: str, labels: list[str], values: Mapping[_Key, float]
+        ) -> CounterMetricFamily:
             family = CounterMetricFamily(name, doc, labels=labels)
             for key, value in values.items():
-                key = key if isinstance(key, tuple) else (key,)
-                family.add_metric([str(k) for k in key], value)
+                parts = key if isinstance(key, tuple) else (key,)
+                family.add_metric([str(k) for k in parts], value)
             return family
 
-        yield counter("router_requests", "Requests by engine, HTTP status and policy "
-                      "(engine 'none': rejected by the router)",
-                      ["engine", "status", "policy"], self.requests)
-        yield counter("router_routing_decisions", "Routing decisions by engine and policy",
-                      ["engine", "policy"], self.decisions)
-        yield counter("router_predicted_cached_tokens",
-                      "Prompt tokens predicted to be in the chosen engine's KV cache",
-                      ["engine"], self.predicted_cached)
-        yield counter("router_prompt_tokens_estimate", "Estimated prompt tokens routed",
-                      ["engine"], self.prompt_tokens)
-        yield counter("router_retries", "Attempts retried on another engine, by reason",
-                      ["engine", "reason"], self.retries)
-        yield counter("router_engine_health_changes", "Ejections and re-admissions",
-                      ["engine", "to"], self.health_changes)
+        yield counter(
+            "router_requests",
+            "Requests by engine, HTTP status and policy (engine 'none': rejected by the router)",
+            ["engine", "status", "policy"],
+            self.requests,
+        )
+        yield counter(
+            "router_routing_decisions",
+            "Routing decisions by engine and policy",
+            ["engine", "policy"],
+            self.decisions,
+        )
+        yield counter(
+            "router_predicted_cached_tokens",
+            "Prompt tokens predicted to be in the chosen engine's KV cache",
+            ["engine"],
+            self.predicted_cached,
+        )
+        yield counter(
+            "router_prompt_tokens_estimate",
+            "Estimated prompt tokens routed",
+            ["engine"],
+            self.prompt_tokens,
+        )
+        yield counter(
+            "router_retries",
+            "Attempts retried on another engine, by reason",
+            ["engine", "reason"],
+            self.retries,
+        )
+        yield counter(
+            "router_engine_health_changes",
+            "Ejections and re-admissions",
+            ["engine", "to"],
+            self.health_changes,
+        )
         for name, doc, hists in (
-                ("router_ttft_seconds",
-                 "Router-observed time from request received to first byte sent", self.ttft),
-                ("router_request_latency_seconds",
-                 "Router-observed time from request received to last byte sent", self.latency)):
+            (
+                "router_ttft_seconds",
+                "Router-observed time from request received to first byte sent",
+                self.ttft,
+            ),
+            (
+                "router_request_latency_seconds",
+                "Router-observed time from request received to last byte sent",
+                self.latency,
+            ),
+        ):
             family = HistogramMetricFamily(name, doc, labels=["engine"])
             for engine, hist in hists.items():
                 family.add_metric([engine], hist.buckets(), hist.sum)
             yield family
         pool = self._pool_ref()
-        inflight = GaugeMetricFamily("router_inflight_requests", "Requests in flight",
-                                     labels=["engine"])
-        healthy = GaugeMetricFamily("router_engine_healthy", "1 when the engine is admitted",
-                                    labels=["engine", "model"])
-        indexed = GaugeMetricFamily("router_prefix_index_chunks",
-                                    "Prompt chunks the router predicts the engine holds",
-                                    labels=["engine"])
+        inflight = GaugeMetricFamily(
+            "router_inflight_requests", "Requests in flight", labels=["engine"]
+        )
+        healthy = GaugeMetricFamily(
+            "router_engine_healthy", "1 when the engine is admitted", labels=["engine", "model"]
+        )
+        indexed = GaugeMetricFamily(
+            "router_prefix_index_chunks",
+            "Prompt chunks the router predicts the engine holds",
+            labels=["engine"],
+        )
         if pool is not None:
             describe = pool.policy.describe
             for backend in pool.backends.values():

@@ -29,7 +29,8 @@ import enum
 import socket
 import ssl as ssl_module
 import time
-from typing import Mapping, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 MAX_HEAD = 64 * 1024  # status line + headers, and separately the trailers
@@ -132,8 +133,7 @@ class ResponseParser:
     (``keep_alive`` becomes false) and are otherwise ignored.
     """
 
-    __slots__ = ("state", "status", "headers", "content_length", "keep_alive", "_buf",
-                 "_remaining")
+    __slots__ = ("state", "status", "headers", "content_length", "keep_alive", "_buf", "_remaining")
 
     def __init__(self) -> None:
         self.state = _HEAD_S
@@ -183,7 +183,7 @@ class ResponseParser:
                 return b""
             self._buf = b""
             self._parse_head(buf[:end])
-            rest = buf[end + 4:]
+            rest = buf[end + 4 :]
             return self.feed(rest) if rest else b""
         if state is _DONE:
             if data:
@@ -219,8 +219,9 @@ class ResponseParser:
             headers[name.lower()] = value.strip()
         self.headers = headers
         connection = headers.get("connection", "").lower()
-        self.keep_alive = ("close" not in connection) if version == "HTTP/1.1" \
-            else ("keep-alive" in connection)
+        self.keep_alive = (
+            ("close" not in connection) if version == "HTTP/1.1" else ("keep-alive" in connection)
+        )
         if "chunked" in headers.get("transfer-encoding", "").lower():
             self.state = _CHUNK_SIZE
         elif "content-length" in headers:
@@ -244,7 +245,7 @@ class ResponseParser:
         while pos < size:
             if state is _CHUNK_DATA:
                 take = min(remaining, size - pos)
-                out.append(buf[pos:pos + take])
+                out.append(buf[pos : pos + take])
                 pos += take
                 remaining -= take
                 if remaining == 0:
@@ -252,7 +253,7 @@ class ResponseParser:
             elif state is _CHUNK_END:
                 if size - pos < 2:
                     break
-                if buf[pos:pos + 2] != b"\r\n":
+                if buf[pos : pos + 2] != b"\r\n":
                     raise self._error("malformed chunk: no CRLF after the data")
                 pos += 2
                 state = _CHUNK_SIZE
@@ -305,25 +306,38 @@ class UpstreamConnection(asyncio.Protocol):
     and wakes whoever waits for the head or the next piece. Implements UpstreamResponse.
     """
 
-    __slots__ = ("transport", "closed", "loop", "parser", "_head_waiter", "_chunks",
-                 "_waiter", "_done", "_exc", "_buffered", "_paused", "reused", "idle_since",
-                 "_got_bytes")
+    __slots__ = (
+        "transport",
+        "closed",
+        "loop",
+        "parser",
+        "_head_waiter",
+        "_chunks",
+        "_waiter",
+        "_done",
+        "_exc",
+        "_buffered",
+        "_paused",
+        "reused",
+        "idle_since",
+        "_got_bytes",
+    )
 
-    def __init__(self, loop):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.transport = None
+        self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
         self._reset()
 
-    def _reset(self):
+    def _reset(self) -> None:
         self.parser = ResponseParser()
-        self._head_waiter = None
-        self._chunks = collections.deque()
-        self._waiter = None
+        self._head_waiter: asyncio.Future[None] | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._done = False
-        self._exc = None
+        self._exc: Exception | None = None
         self._buffered = 0
         self._paused = False
         self._got_bytes = False
@@ -350,8 +364,10 @@ class UpstreamConnection(asyncio.Protocol):
         return self._done and self._exc is None and not self._chunks
 
     # -- asyncio.Protocol -----------------------------------------------------------------
-    def connection_made(self, transport):
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # create_connection makes a stream (read-write) transport; BaseTransport is only
+        # what asyncio.Protocol's signature promises
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -359,7 +375,7 @@ class UpstreamConnection(asyncio.Protocol):
             except OSError:
                 pass
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._done or self._exc is not None:
             return
@@ -373,7 +389,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._finish()  # a body framed by the close
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         self._got_bytes = True
         parser = self.parser
         try:
@@ -389,11 +405,11 @@ class UpstreamConnection(asyncio.Protocol):
         if parser.state is _DONE:
             self._finish()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False  # close the transport; connection_lost does the rest
 
     # -- delivery -----------------------------------------------------------------------------
-    def _push(self, data: bytes):
+    def _push(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -401,11 +417,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.pause_reading()
         self._wake()
 
-    def _finish(self):
+    def _finish(self) -> None:
         self._done = True
         self._wake()
 
-    def _fail(self, exc: Exception):
+    def _fail(self, exc: Exception) -> None:
         if self._exc is None and not self._done:
             self._exc = exc
         if self._head_waiter is not None and not self._head_waiter.done():
@@ -415,16 +431,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
 
-    def _wake(self):
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _timed_out(self):
-        self._fail(asyncio.TimeoutError("no byte from the engine within the timeout"))
+    def _timed_out(self) -> None:
+        self._fail(TimeoutError("no byte from the engine within the timeout"))
 
     # -- waiting ------------------------------------------------------------------------------
-    async def wait_head(self, timeout: float):
+    async def wait_head(self, timeout: float) -> None:
         if self.parser.head_complete:
             return
         if self._exc is not None:
@@ -442,12 +458,17 @@ class UpstreamConnection(asyncio.Protocol):
         while True:
             if self._chunks:
                 chunks = self._chunks
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(
-                    [chunks.popleft() for _ in range(len(chunks))])
+                data = (
+                    chunks.popleft()
+                    if len(chunks) == 1
+                    else b"".join([chunks.popleft() for _ in range(len(chunks))])
+                )
                 self._buffered = 0 if not chunks else self._buffered - len(data)
                 if self._paused and self._buffered < _HIGH_WATER // 2:
                     self._paused = False
-                    self.transport.resume_reading()
+                    transport = self.transport
+                    assert transport is not None  # _paused is only set with a transport
+                    transport.resume_reading()
                 return data
             if self._exc is not None:
                 raise self._exc
@@ -462,6 +483,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._waiter = None
 
 
+# (host, port, TLS context or None, netloc for the Host header, path prefix) of an engine URL
+_Target = tuple[str | None, int, ssl_module.SSLContext | None, str, str]
+
+
 class UpstreamPool:
     """Idle keep-alive connections per engine URL; no cap on how many are open.
 
@@ -472,20 +497,27 @@ class UpstreamPool:
         self.connect_s = connect_s
         self.read_s = first_byte_s
         self.idle_s = idle_s
-        self._idle: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._idle: dict[str, collections.deque[UpstreamConnection]] = collections.defaultdict(
+            collections.deque
+        )
         self._heads: dict[tuple[str, str], bytes] = {}
-        self._targets: dict[str, tuple] = {}
+        self._targets: dict[str, _Target] = {}
         self._open: set[UpstreamConnection] = set()
 
-    def _target(self, url: str):
+    def _target(self, url: str) -> _Target:
         target = self._targets.get(url)
         if target is None:
             parts = urlsplit(url)
             https = parts.scheme == "https"
             port = parts.port or (443 if https else 80)
             ssl = ssl_module.create_default_context() if https else None
-            target = self._targets[url] = (parts.hostname, port, ssl, parts.netloc,
-                                           parts.path.rstrip("/"))
+            target = self._targets[url] = (
+                parts.hostname,
+                port,
+                ssl,
+                parts.netloc,
+                parts.path.rstrip("/"),
+            )
         return target
 
     def _head(self, url: str, path: str) -> bytes:
@@ -494,20 +526,29 @@ class UpstreamPool:
             host, port, ssl, netloc, prefix = self._target(url)
             head = self._heads[(url, path)] = (
                 f"POST {prefix}{path} HTTP/1.1\r\nHost: {netloc}\r\n"
-                "Content-Type: application/json\r\nAccept: */*\r\nContent-Length: ").encode()
+                "Content-Type: application/json\r\nAccept: */*\r\nContent-Length: "
+            ).encode()
         return head
 
     async def _connect(self, url: str) -> UpstreamConnection:
         host, port, ssl, netloc, _ = self._target(url)
         loop = asyncio.get_running_loop()
+        # cast: host is None only for a URL without one (http://:8000), which asyncio resolves
+        # to loopback; typeshed's create_connection overloads do not allow for it
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamConnection(loop), host, port, ssl=ssl,
-                                   server_hostname=host if ssl else None),
-            self.connect_s)
+            loop.create_connection(
+                lambda: UpstreamConnection(loop),
+                cast(str, host),
+                port,
+                ssl=ssl,
+                server_hostname=host if ssl else None,
+            ),
+            self.connect_s,
+        )
         self._open.add(conn)
         return conn
 
-    def _take_idle(self, url: str):
+    def _take_idle(self, url: str) -> UpstreamConnection | None:
         idle = self._idle.get(url)
         now = time.monotonic()
         while idle:
@@ -526,7 +567,9 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(url)
             conn._reset()
-            conn.transport.writelines((head, body))
+            transport = conn.transport
+            assert transport is not None  # set by connection_made before create_connection returns
+            transport.writelines((head, body))
             try:
                 await conn.wait_head(self.read_s)
                 return conn

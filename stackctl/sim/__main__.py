@@ -6,8 +6,12 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from stackctl.sim.config import SimConfig, parse_args
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("stackctl.sim")
 
@@ -28,13 +32,19 @@ async def serve(config: SimConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        cpu_chunks = config.engine_config().cpu_capacity_chunks  # None exactly when lmcache is
+        cpu_tier = (
+            f"{cpu_chunks * config.lmcache.chunk_size} tokens"
+            if cpu_chunks is not None and config.lmcache
+            else "off"
+        )
         log.info(
             "serving %s on http://%s:%d (%s on %s, tp=%d): %d GPU blocks of %d tokens (%d tokens), CPU tier %s, "
             "time scale %g",
             config.served_model_name, config.host, config.port, config.model_profile.name, config.hardware.name,
             config.tensor_parallel_size, config.num_gpu_blocks, config.block_size,
             config.num_gpu_blocks * config.block_size,
-            f"{config.engine_config().cpu_capacity_chunks * config.lmcache.chunk_size} tokens" if config.lmcache else "off",
+            cpu_tier,
             config.time_scale,
         )  # fmt: skip
         await stop.wait()
@@ -46,7 +56,7 @@ async def serve(config: SimConfig) -> None:
 DRAIN_TIMEOUT_S = 30.0  # below supervisord's stopwaitsecs for engines (60 s)
 
 
-async def _drain(app, site) -> None:
+async def _drain(app: web.Application, site: web.TCPSite) -> None:
     """Stop accepting connections, then let in-flight requests finish, as vLLM's server does
     on SIGTERM; a rolling restart then costs clients nothing (the router retries refused
     connections on another engine)."""
@@ -58,7 +68,10 @@ async def _drain(app, site) -> None:
     deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
     while (engine.running or engine.waiting) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-    log.info("stopped: %d request(s) still in flight after draining", len(engine.running) + len(engine.waiting))
+    log.info(
+        "stopped: %d request(s) still in flight after draining",
+        len(engine.running) + len(engine.waiting),
+    )
 
 
 def _install_uvloop() -> None:
@@ -71,7 +84,9 @@ def _install_uvloop() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the simulator; returns the process exit code (2 for bad flags)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage and the reason
@@ -79,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     _install_uvloop()
     import prometheus_client
 
-    prometheus_client.disable_created_metrics()  # vLLM's /metrics has no *_created series
+    # vLLM's /metrics has no *_created series (prometheus_client leaves this unannotated)
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         asyncio.run(serve(config))
     except OSError as exc:

@@ -12,8 +12,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any
 
 import yaml
 
@@ -57,7 +58,7 @@ class SimConfig:
     model_profile: profiles.ModelProfile
     time_scale: float
     seed: int
-    kv_transfer_config: dict | None = None
+    kv_transfer_config: dict[str, Any] | None = None  # a JSON object
     lmcache: LMCacheSettings | None = None  # None: no CPU tier
     ignored_flags: list[str] = field(default_factory=list)
 
@@ -71,7 +72,9 @@ class SimConfig:
             # LMCache runs one local CPU backend per tensor-parallel rank, each of
             # max_local_cpu_size holding that rank's 1/tp of the KV heads.
             tokens = profiles.cpu_kv_capacity_tokens(
-                self.model_profile, self.lmcache.max_local_cpu_size * self.tensor_parallel_size, self.lmcache.chunk_size
+                self.model_profile,
+                self.lmcache.max_local_cpu_size * self.tensor_parallel_size,
+                self.lmcache.chunk_size,
             )
             cpu_chunks = tokens // self.lmcache.chunk_size
         return SimEngineConfig(
@@ -104,7 +107,9 @@ def _token_count(text: str) -> int:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number of tokens, got {text!r}") from None
         if value != int(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be a positive whole number of tokens, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be a positive whole number of tokens, got {text!r}"
+            )
         return int(value)
     return _positive_int(text)
 
@@ -119,7 +124,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _json_object(text: str) -> dict:
+def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -146,13 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--max-num-seqs", type=_positive_int, default=256)
     vllm.add_argument("--max-num-batched-tokens", type=_token_count, default=None)
     vllm.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
-    vllm.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    vllm.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
+    )
     vllm.add_argument("--kv-transfer-config", type=_json_object, default=None, metavar="JSON")
     vllm.add_argument("--block-size", type=_positive_int, default=16)
     vllm.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
     vllm.add_argument("--seed", type=int, default=0)
     sim = parser.add_argument_group("simulator flags")
-    sim.add_argument("--hardware", default=profiles.REFERENCE_HARDWARE.name, choices=sorted(profiles.HARDWARE))
+    sim.add_argument(
+        "--hardware", default=profiles.REFERENCE_HARDWARE.name, choices=sorted(profiles.HARDWARE)
+    )
     sim.add_argument("--model-profile", default=None, choices=sorted(profiles.MODELS),
                      help="model profile (default: the one matching --model, else llama-3.1-8b)")  # fmt: skip
     sim.add_argument("--time-scale", type=_positive_float, default=1.0,
@@ -177,7 +186,10 @@ def load_lmcache_settings(environ: Mapping[str, str]) -> LMCacheSettings:
             raise ConfigError(f"LMCACHE_CONFIG_FILE {path}: expected a mapping")
         raw = {k: data[k] for k in ("chunk_size", "local_cpu", "max_local_cpu_size") if k in data}
         if data.get("remote_url"):
-            log.warning("LMCache remote backend %s is not simulated (only the local CPU tier is)", data["remote_url"])
+            log.warning(
+                "LMCache remote backend %s is not simulated (only the local CPU tier is)",
+                data["remote_url"],
+            )
         source = path
     else:
         names = {"chunk_size": "LMCACHE_CHUNK_SIZE", "local_cpu": "LMCACHE_LOCAL_CPU",
@@ -187,13 +199,17 @@ def load_lmcache_settings(environ: Mapping[str, str]) -> LMCacheSettings:
     try:
         settings = LMCacheSettings(
             chunk_size=int(raw.get("chunk_size", 256)),
-            local_cpu=raw["local_cpu"] if isinstance(raw.get("local_cpu"), bool) else _env_bool(str(raw.get("local_cpu", "true"))),
+            local_cpu=raw["local_cpu"]
+            if isinstance(raw.get("local_cpu"), bool)
+            else _env_bool(str(raw.get("local_cpu", "true"))),
             max_local_cpu_size=float(raw.get("max_local_cpu_size", 5.0)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"LMCache settings from {source}: {exc}") from None
     if settings.chunk_size <= 0 or settings.max_local_cpu_size < 0:
-        raise ConfigError(f"LMCache settings from {source}: chunk_size and max_local_cpu_size must be positive")
+        raise ConfigError(
+            f"LMCache settings from {source}: chunk_size and max_local_cpu_size must be positive"
+        )
     return settings
 
 
@@ -203,7 +219,9 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # `vllm serve MODEL ...`: stackctl renders one command line for both
         argv = argv[1:]
-    model_tag = argv.pop(0) if argv and not argv[0].startswith("-") else None  # vLLM's positional model
+    model_tag = (
+        argv.pop(0) if argv and not argv[0].startswith("-") else None
+    )  # vLLM's positional model
     args, unknown = parser.parse_known_args(argv)
     if model_tag is not None:
         args.model = model_tag  # as vLLM: the positional model wins over --model
@@ -216,15 +234,25 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None)
 
 def _resolve(args: argparse.Namespace, unknown: list[str], environ: Mapping[str, str]) -> SimConfig:
     hardware = profiles.HARDWARE[args.hardware]
-    model = profiles.MODELS[args.model_profile] if args.model_profile else profiles.model_for_hf_name(args.model)
+    model = (
+        profiles.MODELS[args.model_profile]
+        if args.model_profile
+        else profiles.model_for_hf_name(args.model)
+    )
     if not 0 < args.gpu_memory_utilization <= 1:
-        raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+        raise ConfigError(
+            f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}"
+        )
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be 1-65535, got {args.port}")
     tp = args.tensor_parallel_size
     if model.kv_heads % tp and tp % model.kv_heads:
-        raise ConfigError(f"--tensor-parallel-size {tp} does not divide {model.name}'s {model.kv_heads} KV heads")
-    blocks = profiles.gpu_kv_capacity_blocks(hardware, model, args.gpu_memory_utilization, tp, args.block_size)
+        raise ConfigError(
+            f"--tensor-parallel-size {tp} does not divide {model.name}'s {model.kv_heads} KV heads"
+        )
+    blocks = profiles.gpu_kv_capacity_blocks(
+        hardware, model, args.gpu_memory_utilization, tp, args.block_size
+    )
     if args.num_gpu_blocks_override:
         blocks = args.num_gpu_blocks_override
     if blocks <= 0:
@@ -255,7 +283,8 @@ def _resolve(args: argparse.Namespace, unknown: list[str], environ: Mapping[str,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=max_model_len,
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens or hardware.default_max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens
+        or hardware.default_max_num_batched_tokens,
         tensor_parallel_size=tp,
         enable_prefix_caching=args.enable_prefix_caching,
         block_size=args.block_size,

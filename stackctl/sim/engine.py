@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from stackctl.sim.kvcache import CpuChunkCache, GpuPrefixCache, extend_chain
 from stackctl.sim.timing import StepLoad, TimingModel
@@ -60,13 +60,17 @@ class SimRequest:
         self.arrival = 0.0
         self.status = WAITING
         self.num_computed = 0  # tokens whose KV is on the GPU
-        self.block_keys: list[int] = []  # chained keys of full blocks of ``tokens`` (lazily extended)
+        self.block_keys: list[
+            int
+        ] = []  # chained keys of full blocks of ``tokens`` (lazily extended)
         self.held_keys: list[int] = []  # keyed GPU blocks held, in chain order
         self.anonymous_blocks = 0  # held GPU blocks not (yet) keyed: partial, or caching off
         self.chunk_keys: list[int] = []  # chained keys of the prompt's full CPU-tier chunks
         self.stored_chunks = 0  # prompt chunks already offered to the CPU tier
         self.output_count = 0
-        self.num_cached_tokens = 0  # prompt tokens served from a cache (GPU or CPU) at first schedule
+        self.num_cached_tokens = (
+            0  # prompt tokens served from a cache (GPU or CPU) at first schedule
+        )
         self.gpu_hit_tokens = 0
         self.cpu_hit_tokens = 0
         self.scheduled_once = False
@@ -75,7 +79,7 @@ class SimRequest:
         self.last_token_time: float | None = None
         self.finish_time: float | None = None
         self.finish_reason: str | None = None
-        self.waiter: asyncio.Future | None = None
+        self.waiter: asyncio.Future[None] | None = None
         self.num_preemptions = 0
         self.notify_each_token = True  # False: wake the handler only when finished
 
@@ -110,11 +114,13 @@ class SimEngineConfig:
 class EngineObserver:
     """Receives the engine's events (metrics implement it); the default ignores them."""
 
-    def admitted(self, req: SimRequest, queried: int, gpu_hit: int, cpu_hit: int, first: bool) -> None: ...
+    def admitted(
+        self, req: SimRequest, queried: int, gpu_hit: int, cpu_hit: int, first: bool
+    ) -> None: ...
     def token(self, req: SimRequest, now: float, first: bool) -> None: ...
     def finished(self, req: SimRequest) -> None: ...
     def preempted(self, req: SimRequest) -> None: ...
-    def step_done(self, engine: "SimEngine", step: "Step") -> None: ...
+    def step_done(self, engine: SimEngine, step: Step) -> None: ...
 
 
 @dataclass(slots=True)
@@ -129,7 +135,9 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class SimEngine:
-    def __init__(self, config: SimEngineConfig, timing: TimingModel, observer: EngineObserver | None = None):
+    def __init__(
+        self, config: SimEngineConfig, timing: TimingModel, observer: EngineObserver | None = None
+    ):
         self.config = config
         self.timing = timing
         self.observer = observer or EngineObserver()
@@ -199,10 +207,10 @@ class SimEngine:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 if self.waiting[0].arrival > now:
                     break  # arrived after this step began (the loop is catching up): next step
-                n = self._admit(self.waiting[0], budget, step, now)
-                if n is None:
+                admitted = self._admit(self.waiting[0], budget, step, now)
+                if admitted is None:
                     break
-                budget -= n
+                budget -= admitted
         if not step.scheduled:
             return None
         step.duration = self.timing.step_seconds(step.load)
@@ -220,7 +228,7 @@ class SimEngine:
             req.num_computed += n
             self._commit_blocks(req)
             if self.cpu is not None:
-                self._store_chunks(req)
+                self._store_chunks(self.cpu, req)
             if req.num_computed < len(req.tokens):
                 continue  # a prefill chunk that samples nothing yet
             first = req.output_count == 0
@@ -239,7 +247,9 @@ class SimEngine:
                 req.notify()
         observer.step_done(self, step)
 
-    def run_until_idle(self, now: float = 0.0, on_step: Callable[[Step, float], None] | None = None) -> float:
+    def run_until_idle(
+        self, now: float = 0.0, on_step: Callable[[Step, float], None] | None = None
+    ) -> float:
         """Run steps back to back on a virtual clock until no work is left; returns the end time."""
         while self.has_work():
             step = self.schedule(now)
@@ -286,7 +296,7 @@ class SimEngine:
         cpu_chunks = 0
         if self.cpu is not None:
             cs = self.cpu.chunk_size
-            cpu_chunks = self.cpu.lookup(self._chunk_keys(req, req.prompt_len))
+            cpu_chunks = self.cpu.lookup(self._chunk_keys(self.cpu, req, req.prompt_len))
             start = max(gpu_hit, min(cpu_chunks * cs, hittable))
         pending = len(tokens) - start
         n = min(pending, budget)
@@ -325,19 +335,21 @@ class SimEngine:
         have = len(req.held_keys)
         if full <= have:
             return
-        keys = extend_chain(req.block_keys, req.tokens, self.config.block_size, upto=full * self.config.block_size)
+        keys = extend_chain(
+            req.block_keys, req.tokens, self.config.block_size, upto=full * self.config.block_size
+        )
         new_keys = keys[have:full]
         self.gpu.commit_many(new_keys)
         req.held_keys.extend(new_keys)
         req.anonymous_blocks -= full - have
 
-    def _chunk_keys(self, req: SimRequest, upto: int) -> list[int]:
+    def _chunk_keys(self, cpu: CpuChunkCache, req: SimRequest, upto: int) -> list[int]:
         """Chained keys of the prompt's full CPU-tier chunks within the first ``upto`` tokens.
 
         A chunk's key is the chained key of its last block when chunks are whole blocks
         (256 = 16 x 16 by default): it identifies the same prefix, and costs no hashing.
         """
-        cs, bs = self.cpu.chunk_size, self.config.block_size
+        cs, bs = cpu.chunk_size, self.config.block_size
         upto = min(upto, req.prompt_len)
         if cs % bs:
             return extend_chain(req.chunk_keys, req.tokens, cs, upto=upto)
@@ -348,13 +360,13 @@ class SimEngine:
             req.chunk_keys = req.block_keys[ratio - 1 : n * ratio : ratio]
         return req.chunk_keys
 
-    def _store_chunks(self, req: SimRequest) -> None:
+    def _store_chunks(self, cpu: CpuChunkCache, req: SimRequest) -> None:
         """Offer the prompt chunks whose KV is now computed to the CPU tier (LMCache store)."""
-        done = min(req.num_computed, req.prompt_len) // self.cpu.chunk_size
+        done = min(req.num_computed, req.prompt_len) // cpu.chunk_size
         if done <= req.stored_chunks:
             return
-        for key in self._chunk_keys(req, done * self.cpu.chunk_size)[req.stored_chunks : done]:
-            self.cpu.store(key)
+        for key in self._chunk_keys(cpu, req, done * cpu.chunk_size)[req.stored_chunks : done]:
+            cpu.store(key)
         req.stored_chunks = done
 
     def _release(self, req: SimRequest) -> None:
@@ -398,7 +410,7 @@ class EngineLoop:
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._first_arrival: float | None = None  # first arrival since the last step was planned
         self.resyncs = 0  # times the host was too slow and the timeline restarted from now
 
@@ -467,4 +479,3 @@ class EngineLoop:
             delay = self._t0 + deadline / self.time_scale - loop.time()
             await asyncio.sleep(delay if delay > 0 else 0)
             engine.complete(step, deadline)
-

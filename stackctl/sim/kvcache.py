@@ -10,12 +10,14 @@ prompt costs about a millisecond. Keys live only inside one simulator process.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 ROOT_HASH = hash("stackctl.sim.kv-root")
 
 
-def extend_chain(hashes: list[int], tokens: Sequence[str], unit: int, upto: int | None = None) -> list[int]:
+def extend_chain(
+    hashes: list[int], tokens: Sequence[str], unit: int, upto: int | None = None
+) -> list[int]:
     """Append to ``hashes`` the chained keys of the next full ``unit``-token units of ``tokens``.
 
     ``hashes`` already holds the keys of the first ``len(hashes)`` units; units are added up

@@ -214,7 +214,10 @@ def kv_bytes_per_token(model: ModelProfile) -> int:
 
 
 def gpu_kv_capacity_bytes(
-    hardware: HardwareProfile, model: ModelProfile, gpu_memory_utilization: float, tensor_parallel_size: int = 1
+    hardware: HardwareProfile,
+    model: ModelProfile,
+    gpu_memory_utilization: float,
+    tensor_parallel_size: int = 1,
 ) -> float:
     """Bytes per GPU left for the KV cache, as vLLM's memory profiling computes them."""
     budget = hardware.memory_bytes * gpu_memory_utilization
@@ -222,7 +225,10 @@ def gpu_kv_capacity_bytes(
 
 
 def gpu_kv_capacity_tokens(
-    hardware: HardwareProfile, model: ModelProfile, gpu_memory_utilization: float, tensor_parallel_size: int = 1
+    hardware: HardwareProfile,
+    model: ModelProfile,
+    gpu_memory_utilization: float,
+    tensor_parallel_size: int = 1,
 ) -> int:
     """Tokens the GPU KV cache holds (0 when the weights do not fit).
 
@@ -242,7 +248,10 @@ def gpu_kv_capacity_blocks(
     block_size: int = 16,
 ) -> int:
     """Whole KV blocks (vLLM's num_gpu_blocks) the GPU holds."""
-    return gpu_kv_capacity_tokens(hardware, model, gpu_memory_utilization, tensor_parallel_size) // block_size
+    return (
+        gpu_kv_capacity_tokens(hardware, model, gpu_memory_utilization, tensor_parallel_size)
+        // block_size
+    )
 
 
 def cpu_kv_capacity_tokens(model: ModelProfile, cpu_gb: float, chunk_size: int = 256) -> int:

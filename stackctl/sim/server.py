@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 import zlib
-from typing import Any
+from typing import Any, TypedDict
 
 from aiohttp import web
 
@@ -27,7 +27,8 @@ try:  # orjson is faster when present; the standard library is enough
     import orjson
 
     def dumps(value: Any) -> str:
-        return orjson.dumps(value).decode()
+        text: str = orjson.dumps(value).decode()  # typed whether or not mypy sees orjson
+        return text
 
     def loads(data: bytes) -> Any:
         return orjson.loads(data)
@@ -44,6 +45,22 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger(__name__)
 
+JsonObject = dict[str, Any]  # a request body or a response, as json parses and dumps them
+
+
+class PromptTokensDetails(TypedDict):
+    cached_tokens: int
+
+
+class Usage(TypedDict):
+    """The ``usage`` object of a completion, as vLLM reports it."""
+
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
 CONFIG_KEY = web.AppKey("sim_config", SimConfig)
 ENGINE_KEY = web.AppKey("sim_engine", SimEngine)
 LOOP_KEY = web.AppKey("sim_loop", EngineLoop)
@@ -57,7 +74,12 @@ DONE = b"data: [DONE]\n\n"
 class ApiError(Exception):
     """An error answered as vLLM does: ``{"error": {message, type, param, code}}``."""
 
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+    TYPES = {
+        400: "BadRequestError",
+        404: "NotFoundError",
+        500: "InternalServerError",
+        503: "ServiceUnavailableError",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
@@ -105,7 +127,9 @@ def _cache_info(config: SimConfig) -> dict[str, str]:
 
 async def _start_engine(app: web.Application) -> None:
     config = app[CONFIG_KEY]
-    metrics_ = SimMetrics(config.served_model_name, _cache_info(config), external_cache=config.lmcache is not None)
+    metrics_ = SimMetrics(
+        config.served_model_name, _cache_info(config), external_cache=config.lmcache is not None
+    )
     timing = TimingModel(config.hardware, config.model_profile, config.tensor_parallel_size)
     engine = SimEngine(config.engine_config(), timing, observer=metrics_)
     metrics_.refresh(engine)
@@ -145,23 +169,35 @@ async def version(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
     created = int(time.time())
-    data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": config.model,
-         "parent": None, "max_model_len": config.max_model_len, "permission": []}  # fmt: skip
+    data: list[JsonObject] = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": config.model,
+            "parent": None,
+            "max_model_len": config.max_model_len,
+            "permission": [],
+        }  # fmt: skip
         for name in config.served_model_names
     ]
-    return web.Response(text=dumps({"object": "list", "data": data}), content_type="application/json")
+    return web.Response(
+        text=dumps({"object": "list", "data": data}), content_type="application/json"
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
     request.app[METRICS_KEY].refresh(request.app[ENGINE_KEY])
-    return web.Response(body=request.app[METRICS_KEY].render(), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(
+        body=request.app[METRICS_KEY].render(), headers={"Content-Type": CONTENT_TYPE}
+    )
 
 
 # --- Request parsing ----------------------------------------------------------------------
 
 
-async def _json_body(request: web.Request) -> dict:
+async def _json_body(request: web.Request) -> JsonObject:
     try:
         body = loads(await request.read())
     except ValueError as exc:
@@ -171,16 +207,18 @@ async def _json_body(request: web.Request) -> dict:
     return body
 
 
-def _check_model(config: SimConfig, body: dict) -> str:
+def _check_model(config: SimConfig, body: JsonObject) -> str:
     model = body.get("model")
     if model is None:
         return config.served_model_name
-    if model not in config.served_model_names:
+    if not isinstance(model, str) or model not in config.served_model_names:
         raise ApiError(404, f"The model `{model}` does not exist.", param="model")
     return model
 
 
-def _max_tokens(config: SimConfig, body: dict, prompt_len: int, names: tuple[str, ...]) -> int:
+def _max_tokens(
+    config: SimConfig, body: JsonObject, prompt_len: int, names: tuple[str, ...]
+) -> int:
     """The output length: the first of ``names`` given, else what the context has room for."""
     requested, name = None, names[0]
     for key in names:
@@ -211,7 +249,7 @@ def _max_tokens(config: SimConfig, body: dict, prompt_len: int, names: tuple[str
     return requested
 
 
-def _check_common(body: dict) -> tuple[bool, bool]:
+def _check_common(body: JsonObject) -> tuple[bool, bool]:
     """(stream, include_usage); rejects what the simulator cannot honour."""
     n = body.get("n", 1)
     if n != 1:
@@ -223,19 +261,21 @@ def _check_common(body: dict) -> tuple[bool, bool]:
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object.", param="stream_options")
     if options and not stream:
-        raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+        raise ApiError(
+            400, "Stream options can only be defined when `stream=True`.", param="stream_options"
+        )
     include_usage = bool(options and options.get("include_usage"))
     return stream, include_usage
 
 
-def _request_seed(config: SimConfig, body: dict, prompt: str) -> int:
+def _request_seed(config: SimConfig, body: JsonObject, prompt: str) -> int:
     """A deterministic seed for the filler words: the same request gets the same answer."""
     seed = body.get("seed")
     base = seed if isinstance(seed, int) and not isinstance(seed, bool) else config.seed
     return zlib.crc32(prompt[-256:].encode()) ^ (base & 0xFFFFFFFF)
 
 
-def _usage(req: SimRequest) -> dict:
+def _usage(req: SimRequest) -> Usage:
     return {
         "prompt_tokens": req.prompt_len,
         "total_tokens": req.prompt_len + req.output_count,
@@ -257,15 +297,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list of messages.", param="messages")
         if not all(isinstance(m, dict) for m in messages):
-            raise ApiError(400, "Each message must be an object with a role and content.", param="messages")
+            raise ApiError(
+                400, "Each message must be an object with a role and content.", param="messages"
+            )
         stream, include_usage = _check_common(body)
         prompt = render_chat(messages)
         tokens = tokenize(prompt)
         max_tokens = _max_tokens(config, body, len(tokens), ("max_completion_tokens", "max_tokens"))
     except ApiError as err:
         return err.response()
-    req = SimRequest(f"chatcmpl-{uuid.uuid4().hex}", tokens, max_tokens, _request_seed(config, body, prompt))
-    return await _generate(request, req, model, chat=True, stream=stream, include_usage=include_usage)
+    req = SimRequest(
+        f"chatcmpl-{uuid.uuid4().hex}", tokens, max_tokens, _request_seed(config, body, prompt)
+    )
+    return await _generate(
+        request, req, model, chat=True, stream=stream, include_usage=include_usage
+    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -291,12 +337,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
         max_tokens = _max_tokens(config, body, len(tokens), ("max_tokens",))
     except ApiError as err:
         return err.response()
-    req = SimRequest(f"cmpl-{uuid.uuid4().hex}", tokens, max_tokens, _request_seed(config, body, prompt))
-    return await _generate(request, req, model, chat=False, stream=stream, include_usage=include_usage)
+    req = SimRequest(
+        f"cmpl-{uuid.uuid4().hex}", tokens, max_tokens, _request_seed(config, body, prompt)
+    )
+    return await _generate(
+        request, req, model, chat=False, stream=stream, include_usage=include_usage
+    )
 
 
 async def _generate(
-    request: web.Request, req: SimRequest, model: str, *, chat: bool, stream: bool, include_usage: bool
+    request: web.Request,
+    req: SimRequest,
+    model: str,
+    *,
+    chat: bool,
+    stream: bool,
+    include_usage: bool,
 ) -> web.StreamResponse:
     engine_loop = request.app[LOOP_KEY]
     req.notify_each_token = stream
@@ -326,20 +382,31 @@ def _full_response(req: SimRequest, model: str, chat: bool) -> web.Response:
                   "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None}  # fmt: skip
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None}
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": req.finish_reason,
+            "stop_reason": None,
+        }
         obj = "text_completion"
     body = {"id": req.request_id, "object": obj, "created": created, "model": model,
             "choices": [choice], "usage": _usage(req)}  # fmt: skip
     return web.Response(text=dumps(body), content_type="application/json")
 
 
-async def _stream(request: web.Request, req: SimRequest, model: str, chat: bool, include_usage: bool) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, req: SimRequest, model: str, chat: bool, include_usage: bool
+) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await response.prepare(request)
     created = int(time.time())
     head = f'data: {{"id":"{req.request_id}","object":"{"chat.completion.chunk" if chat else "text_completion"}","created":{created},"model":{dumps(model)},"choices":'
     if chat:
-        role_event = head + '[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+        role_event = (
+            head
+            + '[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+        )
         piece_open = head + '[{"index":0,"delta":{"content":'
         piece_close = '},"logprobs":null,"finish_reason":'
     else:
@@ -356,7 +423,9 @@ async def _stream(request: web.Request, req: SimRequest, model: str, chat: bool,
                 text = " ".join(words) if sent == 0 else " " + " ".join(words)
                 done = req.finished and req.output_count == count
                 reason = f'"{req.finish_reason}"' if done else "null"
-                event = f"{piece_open}{dumps(text)}{piece_close}{reason},\"stop_reason\":null}}]}}\n\n"
+                event = (
+                    f'{piece_open}{dumps(text)}{piece_close}{reason},"stop_reason":null}}]}}\n\n'
+                )
                 if sent == 0:
                     event = role_event + event
                 sent = count
@@ -369,7 +438,7 @@ async def _stream(request: web.Request, req: SimRequest, model: str, chat: bool,
                 req.waiter = loop.create_future()
                 await req.waiter
         if include_usage and req.finish_reason != "abort":
-            await response.write(f"{head}[],\"usage\":{dumps(_usage(req))}}}\n\n".encode())
+            await response.write(f'{head}[],"usage":{dumps(_usage(req))}}}\n\n'.encode())
         await response.write(DONE)
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):

@@ -44,7 +44,9 @@ class StepLoad:
 class TimingModel:
     """Step durations for one (hardware, model, tensor parallel size)."""
 
-    def __init__(self, hardware: HardwareProfile, model: ModelProfile, tensor_parallel_size: int = 1):
+    def __init__(
+        self, hardware: HardwareProfile, model: ModelProfile, tensor_parallel_size: int = 1
+    ):
         self.hardware = hardware
         self.model = model
         tp = tensor_parallel_size
@@ -78,7 +80,9 @@ class TimingModel:
         """Modelled duration of one engine step."""
         if load.new_tokens == 0 and load.loaded_tokens == 0:
             return 0.0
-        forward = max(self.compute_seconds(load), self.memory_seconds(load)) if load.new_tokens else 0.0
+        forward = (
+            max(self.compute_seconds(load), self.memory_seconds(load)) if load.new_tokens else 0.0
+        )
         return self.overhead_s + self.load_seconds(load.loaded_tokens) + forward
 
     # --- Convenience figures (reports, tests, the planner) ---------------------------------

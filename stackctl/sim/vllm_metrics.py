@@ -9,6 +9,8 @@ Each app has its own CollectorRegistry, so several simulators can live in one pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from stackctl.sim.engine import EngineObserver, SimEngine, SimRequest, Step
@@ -39,16 +41,25 @@ class SimMetrics(EngineObserver):
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, names, registry=registry).labels(**labels)
 
-        def histogram(name: str, doc: str, buckets) -> Histogram:
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
             return Histogram(name, doc, names, buckets=buckets, registry=registry).labels(**labels)
 
-        self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
-        self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
-        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
-        self.prefix_queries = counter(
-            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        self.running = gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches."
         )
-        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
+        self.waiting = gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed."
+        )
+        self.kv_usage = gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
+        )
+        self.prefix_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+        )
+        self.prefix_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
         self.external_queries = counter(
             "vllm:external_prefix_cache_queries",
             "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",
@@ -57,25 +68,42 @@ class SimMetrics(EngineObserver):
             "vllm:external_prefix_cache_hits",
             "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
         )
-        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
+        self.preemptions = counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine."
+        )
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        self.generation_tokens = counter(
+            "vllm:generation_tokens", "Number of generation tokens processed."
+        )
         success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
             names + ["finished_reason"],
             registry=registry,
         )
-        self.success = {reason: success.labels(**labels, finished_reason=reason) for reason in ("stop", "length", "abort")}
-        self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)
-        self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
+        self.success = {
+            reason: success.labels(**labels, finished_reason=reason)
+            for reason in ("stop", "length", "abort")
+        }
+        self.ttft = histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            TTFT_BUCKETS,
+        )
+        self.itl = histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            ITL_BUCKETS,
+        )
         self.tpot = histogram(
             "vllm:request_time_per_output_token_seconds",
             "Histogram of time_per_output_token_seconds per request.",
             ITL_BUCKETS,
         )
         self.e2e = histogram(
-            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
         )
         self.queue_time = histogram(
             "vllm:request_queue_time_seconds",
@@ -86,7 +114,9 @@ class SimMetrics(EngineObserver):
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS
         )
         self.request_generation_tokens = histogram(
-            "vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS
+            "vllm:request_generation_tokens",
+            "Number of generation tokens processed.",
+            TOKEN_BUCKETS,
         )
         info = Gauge(
             "vllm:cache_config_info",
@@ -98,13 +128,16 @@ class SimMetrics(EngineObserver):
 
     # --- EngineObserver ---------------------------------------------------------------------
 
-    def admitted(self, req: SimRequest, queried: int, gpu_hit: int, cpu_hit: int, first: bool) -> None:
+    def admitted(
+        self, req: SimRequest, queried: int, gpu_hit: int, cpu_hit: int, first: bool
+    ) -> None:
         self.prefix_queries.inc(queried)
         self.prefix_hits.inc(gpu_hit)
         if self.external_cache:
             self.external_queries.inc(queried)
             self.external_hits.inc(cpu_hit)
         if first:
+            assert req.first_scheduled is not None  # the engine sets it before it reports
             self.queue_time.observe(max(0.0, req.first_scheduled - req.arrival))
 
     def token(self, req: SimRequest, now: float, first: bool) -> None:
@@ -122,6 +155,7 @@ class SimMetrics(EngineObserver):
             return
         self.request_prompt_tokens.observe(req.prompt_len)
         self.request_generation_tokens.observe(req.output_count)
+        assert req.finish_time is not None  # the engine sets it before it reports
         self.e2e.observe(req.finish_time - req.arrival)
         if req.output_count > 1 and req.first_token_time is not None:
             self.tpot.observe((req.finish_time - req.first_token_time) / (req.output_count - 1))

@@ -26,6 +26,8 @@ import openai
 import pytest
 import yaml
 
+from stackctl.testing import wait_until
+
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -87,13 +89,21 @@ class Stack:
         hosts = [{"name": self.head.name, "address": self.head.address, "roles": ["router"]}]
         hosts += [{"name": h.name, "address": h.address} for h in self.engine_hosts]
         inventory = {
-            "cluster": "e2e", "deploy_dir": self.testbed.deploy_dir, "python": sys.executable, "install": True,
+            "cluster": "e2e",
+            "deploy_dir": self.testbed.deploy_dir,
+            "python": sys.executable,
+            "install": True,
             "service_user": None,  # programs run as the SSH user, root (sys.executable may be root's only)
             "ssh": self.testbed.inventory_ssh_block(),
             "model": {"name": MODEL, "hf_token_env": HF_ENV},
             "engine": self.engine,
-            "router": {"host": self.head.name, "port": ROUTER_PORT, "policy": "kv_aware", "api_keys_env": KEYS_ENV,
-                       "health_interval_s": 0.5},
+            "router": {
+                "host": self.head.name,
+                "port": ROUTER_PORT,
+                "policy": "kv_aware",
+                "api_keys_env": KEYS_ENV,
+                "health_interval_s": 0.5,
+            },
             "hosts": hosts,
         }
         self.inventory.write_text(yaml.safe_dump(inventory, sort_keys=False))
@@ -102,14 +112,23 @@ class Stack:
         if args[0] in ("up", "down", "restart"):
             self.last_status = None  # the cluster may change
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "stackctl", *args], capture_output=True, text=True,
-                              timeout=timeout, env=self.env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [sys.executable, "-m", "stackctl", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+        )
         run = Run(list(args), proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
         self.runs.append(run)
         return run
 
     def up(self, *args: str) -> Run:
-        return self.stackctl("up", str(self.inventory), "--yes", "--wheelhouse", str(self.wheelhouse), *args)
+        return self.stackctl(
+            "up", str(self.inventory), "--yes", "--wheelhouse", str(self.wheelhouse), *args
+        )
 
     def status(self, *args: str) -> tuple[Run, dict]:
         run = self.stackctl("status", str(self.inventory), "-o", "json", *args, timeout=120)
@@ -126,12 +145,18 @@ class Stack:
         return self.last_status
 
     def client(self, api_key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=api_key or self.api_key, max_retries=0, timeout=60)
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or self.api_key, max_retries=0, timeout=60
+        )
 
 
 def program_pids(status: dict) -> dict[tuple[str, str], int | None]:
     """(host, program) -> pid, from `status --json`."""
-    return {(e["host"], row["program"]): row["pid"] for e in status["hosts"] for row in e.get("programs", [])}
+    return {
+        (e["host"], row["program"]): row["pid"]
+        for e in status["hosts"]
+        for row in e.get("programs", [])
+    }
 
 
 def assert_all_healthy(status: dict, n_hosts: int) -> None:
@@ -140,25 +165,19 @@ def assert_all_healthy(status: dict, n_hosts: int) -> None:
     for entry in status["hosts"]:
         assert entry["reachable"] and entry["supervisord"]["running"], entry
         for row in entry["programs"]:
-            assert row["state"] == "RUNNING" and row["healthy"] is True and row["pid"], (entry["host"], row)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+            assert row["state"] == "RUNNING" and row["healthy"] is True and row["pid"], (
+                entry["host"],
+                row,
+            )
 
 
 def report_timing(stack: Stack, name: str, seconds: float) -> None:
     stack.timings[name] = round(seconds, 1)
     print(f"\n[e2e timing] {name}: {seconds:.1f} s")
     if os.environ.get("STACKCTL_E2E_TIMINGS"):
-        Path(os.environ["STACKCTL_E2E_TIMINGS"]).write_text(json.dumps(stack.timings, indent=2) + "\n")
+        Path(os.environ["STACKCTL_E2E_TIMINGS"]).write_text(
+            json.dumps(stack.timings, indent=2) + "\n"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +185,29 @@ def stack(testbed_factory, wheelhouse, tmp_path_factory):
     """8 engine hosts + a head, deployed once from nothing with `up` (the run is checked by the first test)."""
     testbed = testbed_factory(9)
     hf_token, api_key = "hf_e2e" + secrets.token_hex(12), "sk-e2e-" + secrets.token_hex(12)
-    env = {**os.environ, HF_ENV: hf_token, KEYS_ENV: f"{api_key},sk-other-{secrets.token_hex(4)}",
-           "COLUMNS": "200", "STACKCTL_CACHE": str(tmp_path_factory.mktemp("stackctl-cache"))}
-    stack = Stack(testbed, tmp_path_factory.mktemp("e2e"), wheelhouse, env, hf_token, api_key,
-                  engine={"kind": "sim", "port": ENGINE_PORT, "bind": "0.0.0.0", "health_timeout_s": 120,
-                          "lmcache": {"enabled": True, "cpu_offload_gb": 20},
-                          "sim": {"hardware": "a100-80gb", "time_scale": 10}})
+    env = {
+        **os.environ,
+        HF_ENV: hf_token,
+        KEYS_ENV: f"{api_key},sk-other-{secrets.token_hex(4)}",
+        "COLUMNS": "200",
+        "STACKCTL_CACHE": str(tmp_path_factory.mktemp("stackctl-cache")),
+    }
+    stack = Stack(
+        testbed,
+        tmp_path_factory.mktemp("e2e"),
+        wheelhouse,
+        env,
+        hf_token,
+        api_key,
+        engine={
+            "kind": "sim",
+            "port": ENGINE_PORT,
+            "bind": "0.0.0.0",
+            "health_timeout_s": 120,
+            "lmcache": {"enabled": True, "cpu_offload_gb": 20},
+            "sim": {"hardware": "a100-80gb", "time_scale": 10},
+        },
+    )
     stack.write_inventory()
     stack.first_up = stack.up()
     report_timing(stack, "up from nothing (8 engine hosts + head)", stack.first_up.seconds)
@@ -179,12 +215,26 @@ def stack(testbed_factory, wheelhouse, tmp_path_factory):
         yield stack
     finally:
         if not any(r.args[:1] == ["down"] and r.returncode == 0 for r in stack.runs):
-            subprocess.run([sys.executable, "-m", "stackctl", "down", str(stack.inventory), "--purge", "--yes"],
-                           capture_output=True, timeout=180, env=env, cwd=REPO_ROOT)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "stackctl",
+                    "down",
+                    str(stack.inventory),
+                    "--purge",
+                    "--yes",
+                ],
+                capture_output=True,
+                timeout=180,
+                env=env,
+                cwd=REPO_ROOT,
+            )
         testbed.cleanup()
 
 
 # ---------------------------------------------------------------- the 8-host deployment, in order
+
 
 def test_up_from_nothing_then_status_healthy_and_completions(stack):
     run = stack.first_up
@@ -196,21 +246,31 @@ def test_up_from_nothing_then_status_healthy_and_completions(stack):
     assert status_run.returncode == 0, status_run
     assert_all_healthy(status, 9)
     router = next(row for e in status["hosts"] for row in e["programs"] if row["kind"] == "router")
-    engines = router["engines"].get("engines", router["engines"]) if isinstance(router["engines"], dict) else router["engines"]
+    engines = (
+        router["engines"].get("engines", router["engines"])
+        if isinstance(router["engines"], dict)
+        else router["engines"]
+    )
     assert len(engines) == 8 and all(e.get("healthy") for e in engines), engines
 
     client = stack.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
-    completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8)
+    completion = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8
+    )
     assert completion.choices[0].text and completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == 8
     pieces, finish = [], None
-    for chunk in client.completions.create(model=MODEL, prompt="Count to ten:", max_tokens=8, stream=True):
+    for chunk in client.completions.create(
+        model=MODEL, prompt="Count to ten:", max_tokens=8, stream=True
+    ):
         if chunk.choices:
             pieces.append(chunk.choices[0].text)
             finish = chunk.choices[0].finish_reason or finish
     assert "".join(pieces).strip() and finish == "length"
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
     assert chat.choices[0].message.content
 
 
@@ -225,7 +285,9 @@ def test_second_up_changes_nothing_and_restarts_nothing(stack):
     _, after = stack.status()
     assert_all_healthy(after, 9)
     assert program_pids(after) == program_pids(before)
-    assert [e["supervisord"]["pid"] for e in after["hosts"]] == [e["supervisord"]["pid"] for e in before["hosts"]]
+    assert [e["supervisord"]["pid"] for e in after["hosts"]] == [
+        e["supervisord"]["pid"] for e in before["hosts"]
+    ]
 
 
 def test_killed_engine_is_restarted_by_supervisord(stack):
@@ -233,16 +295,28 @@ def test_killed_engine_is_restarted_by_supervisord(stack):
     old = program_pids(stack.healthy_status())[(host.name, "engine-0")]
     stack.testbed.exec_in(host, f"kill -9 {old}")
     find = ["pgrep", "-f", f"stackctl.sim .*--port {ENGINE_PORT}"]
-    wait_until(lambda: stack.testbed.exec_in(host, find, check=False).stdout.split() not in ([], [str(old)]),
-               30, f"a new engine process on {host.name}", interval=0.2)
+    wait_until(
+        lambda: (
+            stack.testbed.exec_in(host, find, check=False).stdout.split() not in ([], [str(old)])
+        ),
+        30,
+        what=f"a new engine process on {host.name}",
+        interval=0.2,
+    )
     time.sleep(5)  # supervisord's startsecs: RUNNING after 5 s up
 
     def restarted():
         _, status = stack.status("--hosts", host.name)
         row = status["hosts"][0]["programs"][0]
-        return status if row["pid"] not in (None, old) and row["state"] == "RUNNING" and row["healthy"] else None
+        return (
+            status
+            if row["pid"] not in (None, old) and row["state"] == "RUNNING" and row["healthy"]
+            else None
+        )
 
-    status = wait_until(restarted, 60, f"supervisord to restart engine-0 on {host.name}", interval=1)
+    status = wait_until(
+        restarted, 60, what=f"supervisord to restart engine-0 on {host.name}", interval=1
+    )
     row = status["hosts"][0]["programs"][0]
     assert row["uptime"].startswith("0:00:"), row
     assert stack.testbed.exec_in(host, f"kill -0 {old}", check=False).returncode != 0
@@ -259,7 +333,9 @@ class ClientLoop:
         self.ok = 0
         self.errors: list[str] = []
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True) for i in range(workers)]
+        self.threads = [
+            threading.Thread(target=self._work, args=(i,), daemon=True) for i in range(workers)
+        ]
 
     def _work(self, worker: int) -> None:
         n = 0
@@ -268,11 +344,15 @@ class ClientLoop:
             prompt = f"request {worker}-{n}: " + "tell me about rolling upgrades " * 8
             try:
                 if n % 2:
-                    answer = self.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24)
+                    answer = self.client.completions.create(
+                        model=MODEL, prompt=prompt, max_tokens=24
+                    )
                     finish, tokens = answer.choices[0].finish_reason, answer.usage.completion_tokens
                 else:
                     finish, tokens = None, 0
-                    for chunk in self.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, stream=True):
+                    for chunk in self.client.completions.create(
+                        model=MODEL, prompt=prompt, max_tokens=24, stream=True
+                    ):
                         if chunk.choices:
                             tokens += 1
                             finish = chunk.choices[0].finish_reason or finish
@@ -281,7 +361,9 @@ class ClientLoop:
                     if good:
                         self.ok += 1
                     else:
-                        self.errors.append(f"{'stream' if n % 2 == 0 else 'plain'}: truncated: finish_reason={finish}, {tokens} tokens")
+                        self.errors.append(
+                            f"{'stream' if n % 2 == 0 else 'plain'}: truncated: finish_reason={finish}, {tokens} tokens"
+                        )
             except Exception as exc:  # noqa: BLE001 - every failure a client would see counts
                 with self.lock:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
@@ -311,13 +393,17 @@ def test_rolling_change_keeps_serving_without_errors(stack):
     shown = [line.strip() for line in run.output.splitlines()]  # --diff: each host's changed line
     assert sum(line.startswith("+") and "--max-num-seqs 128" in line for line in shown) == 8, run
     assert loop.ok > 20, (loop.ok, loop.errors[:5])
-    assert loop.errors == [], f"{len(loop.errors)} client errors of {loop.ok + len(loop.errors)} requests: {loop.errors[:10]}"
+    assert loop.errors == [], (
+        f"{len(loop.errors)} client errors of {loop.ok + len(loop.errors)} requests: {loop.errors[:10]}"
+    )
     _, after = stack.status()
     assert_all_healthy(after, 9)
     new = program_pids(after)
     for host in stack.engine_hosts:
         assert new[(host.name, "engine-0")] != old[(host.name, "engine-0")], host.name
-    assert new[(stack.head.name, "router")] == old[(stack.head.name, "router")]  # its config did not change
+    assert (
+        new[(stack.head.name, "router")] == old[(stack.head.name, "router")]
+    )  # its config did not change
     conf = (stack.engine_hosts[0].deploy_source / "supervisor/conf.d/engine-0.conf").read_text()
     assert "--max-num-seqs 128" in conf
 
@@ -332,23 +418,34 @@ def test_unreachable_host_is_reported_and_next_up_resumes(stack):
         run = stack.up()
         assert run.returncode != 0, run
         assert f"{down.name}" in run.output and "unreachable" in run.stdout, run
-        error_lines = [line for line in run.stdout.splitlines() if line.startswith(f"│ {down.name} ")]
+        error_lines = [
+            line for line in run.stdout.splitlines() if line.startswith(f"│ {down.name} ")
+        ]
         assert error_lines and "connect" in error_lines[0] and down.address in run.stdout, run
-        assert "verified with a completion" in run.stdout, run  # the router still serves through the others
+        assert "verified with a completion" in run.stdout, (
+            run
+        )  # the router still serves through the others
         others = [h for h in stack.engine_hosts if h is not down]
         for host in others:
-            assert any(line.startswith(f"│ {host.name} ") and "changed" in line for line in run.stdout.splitlines()), run
+            assert any(
+                line.startswith(f"│ {host.name} ") and "changed" in line
+                for line in run.stdout.splitlines()
+            ), run
         status_run, mid = stack.status()
         assert status_run.returncode == 2, status_run
         unreachable = [e for e in mid["hosts"] if not e["reachable"]]
-        assert [e["host"] for e in unreachable] == [down.name] and down.name in unreachable[0]["error"]
+        assert [e["host"] for e in unreachable] == [down.name] and down.name in unreachable[0][
+            "error"
+        ]
         mid_pids = program_pids(mid)
         assert all(mid_pids[(h.name, "engine-0")] != old[(h.name, "engine-0")] for h in others)
     finally:
         stack.testbed.start_sshd(down)
     run = stack.up()
     assert run.returncode == 0, run
-    assert any(line.startswith(f"│ {down.name} ") and "changed" in line for line in run.stdout.splitlines()), run
+    assert any(
+        line.startswith(f"│ {down.name} ") and "changed" in line for line in run.stdout.splitlines()
+    ), run
     for host in stack.testbed.hosts:
         if host is not down:
             assert f"{host.name}: no changes" in run.output, run
@@ -360,8 +457,12 @@ def test_unreachable_host_is_reported_and_next_up_resumes(stack):
 def test_secrets_stay_secret_and_router_requires_the_key(stack):
     with pytest.raises(openai.AuthenticationError):
         stack.client(api_key="sk-wrong").completions.create(model=MODEL, prompt="hi", max_tokens=2)
-    request = urllib.request.Request(f"{stack.base_url}/completions", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode())
+    request = urllib.request.Request(
+        f"{stack.base_url}/completions",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode(),
+    )
     with pytest.raises(urllib.error.HTTPError) as no_key:
         urllib.request.urlopen(request, timeout=30)
     assert no_key.value.code == 401
@@ -370,22 +471,32 @@ def test_secrets_stay_secret_and_router_requires_the_key(stack):
     secrets_ = {stack.hf_token.encode(), stack.api_key.encode()}
     for run in stack.runs:
         for value in secrets_:
-            assert value.decode() not in run.output, f"secret in the output of stackctl {' '.join(run.args)}"
+            assert value.decode() not in run.output, (
+                f"secret in the output of stackctl {' '.join(run.args)}"
+            )
     found = []
     for host in stack.testbed.hosts:
         root = host.deploy_source
         for path in root.rglob("*"):
-            if not path.is_file() or path.is_symlink() or {"venv", "wheels"} & set(path.relative_to(root).parts[:1]):
+            if (
+                not path.is_file()
+                or path.is_symlink()
+                or {"venv", "wheels"} & set(path.relative_to(root).parts[:1])
+            ):
                 continue
             data = path.read_bytes()
             if any(value in data for value in secrets_):
-                found.append((host.name, str(path.relative_to(root)), stat.S_IMODE(path.stat().st_mode)))
+                found.append(
+                    (host.name, str(path.relative_to(root)), stat.S_IMODE(path.stat().st_mode))
+                )
     assert found == [(stack.head.name, "secrets/router_api_keys", 0o600)], found
     assert stat.S_IMODE((stack.head.deploy_source / "secrets").stat().st_mode) == 0o700
     patterns = stack.dir / "secret-patterns"  # in a file: grep's own command line must not match
     patterns.write_text(f"{stack.api_key}\n{stack.hf_token}\n")
     for host in stack.testbed.hosts:  # nor in any process's command line or environment
-        leak = stack.testbed.exec_in(host, f"grep -lsaF -f {patterns} /proc/[0-9]*/cmdline /proc/[0-9]*/environ", check=False)
+        leak = stack.testbed.exec_in(
+            host, f"grep -lsaF -f {patterns} /proc/[0-9]*/cmdline /proc/[0-9]*/environ", check=False
+        )
         assert leak.stdout.strip() == "", (host.name, leak.stdout)
 
 
@@ -400,27 +511,51 @@ def test_down_purge_leaves_nothing(stack):
         left = {}
         for pid in stack.testbed.pids(host):
             try:
-                left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                left[pid] = (
+                    Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                )
             except OSError:
                 continue
-        strays = {pid: cmd for pid, cmd in left.items() if pid != host.holder_pid and not cmd.startswith("sshd")}
+        strays = {
+            pid: cmd
+            for pid, cmd in left.items()
+            if pid != host.holder_pid and not cmd.startswith("sshd")
+        }
         assert strays == {}, (host.name, strays)
-        assert not any(host.deploy_source.iterdir()), (host.name, list(host.deploy_source.iterdir()))
+        assert not any(host.deploy_source.iterdir()), (
+            host.name,
+            list(host.deploy_source.iterdir()),
+        )
         assert stack.testbed.exec_in(host, f"ls -A {stack.testbed.deploy_dir}").stdout == ""
-    again = stack.stackctl("down", str(stack.inventory), "--purge", "--yes", "--hosts", stack.head.name, timeout=120)
-    assert again.returncode == 0, again  # idempotent: an empty (or absent) deploy dir is purged already
+    again = stack.stackctl(
+        "down", str(stack.inventory), "--purge", "--yes", "--hosts", stack.head.name, timeout=120
+    )
+    assert again.returncode == 0, (
+        again
+    )  # idempotent: an empty (or absent) deploy dir is purged already
 
 
 # ---------------------------------------------------------------- small testbeds: ProxyJump, host keys
 
+
 def small_inventory(path: Path, testbed, host, *, ssh: dict, port_base: int = 8300) -> Path:
     """One host running one engine and the router, programs run with this interpreter (no venv)."""
     inventory = {
-        "cluster": "small", "deploy_dir": testbed.deploy_dir, "python": sys.executable, "install": False,
+        "cluster": "small",
+        "deploy_dir": testbed.deploy_dir,
+        "python": sys.executable,
+        "install": False,
         "service_user": None,  # as the SSH user (root): sys.executable may be readable by root only
-        "ssh": ssh, "model": {"name": MODEL},
-        "engine": {"kind": "sim", "port": port_base, "bind": "0.0.0.0", "health_timeout_s": 60,
-                   "lmcache": {"enabled": False}, "sim": {"hardware": "a100-80gb", "time_scale": 10}},
+        "ssh": ssh,
+        "model": {"name": MODEL},
+        "engine": {
+            "kind": "sim",
+            "port": port_base,
+            "bind": "0.0.0.0",
+            "health_timeout_s": 60,
+            "lmcache": {"enabled": False},
+            "sim": {"hardware": "a100-80gb", "time_scale": 10},
+        },
         "router": {"host": host.name, "port": port_base + 80, "bind": "0.0.0.0"},
         "hosts": [{"name": host.name, "address": host.address, "roles": ["engine", "router"]}],
     }
@@ -429,8 +564,15 @@ def small_inventory(path: Path, testbed, host, *, ssh: dict, port_base: int = 83
 
 
 def stackctl(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stackctl", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "stackctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -444,11 +586,30 @@ def bastion_bed(testbed_factory):
 def test_proxyjump_up_status_down_through_the_bastion(bastion_bed, tmp_path):
     host = bastion_bed.hosts[0]
     assert host.proxy_jump == "bastion"
-    direct = subprocess.run(["ssh", "-F", "/dev/null", "-i", str(bastion_bed.client_key), "-o", "BatchMode=yes",
-                             "-o", f"UserKnownHostsFile={bastion_bed.known_hosts}", "-o", "ConnectTimeout=5",
-                             f"root@{host.address}", "true"], capture_output=True, text=True, timeout=30)
+    direct = subprocess.run(
+        [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(bastion_bed.client_key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={bastion_bed.known_hosts}",
+            "-o",
+            "ConnectTimeout=5",
+            f"root@{host.address}",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert direct.returncode != 0, "h1 must not accept SSH except through the bastion"
-    inventory = small_inventory(tmp_path / "inv.yaml", bastion_bed, host, ssh=bastion_bed.inventory_ssh_block())
+    inventory = small_inventory(
+        tmp_path / "inv.yaml", bastion_bed, host, ssh=bastion_bed.inventory_ssh_block()
+    )
     up = stackctl("up", str(inventory), "--yes")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "verified with a completion" in up.stdout
@@ -456,7 +617,9 @@ def test_proxyjump_up_status_down_through_the_bastion(bastion_bed, tmp_path):
     assert status.returncode == 0, status.stdout + status.stderr
     assert_all_healthy(json.loads(status.stdout), 1)
     again = stackctl("up", str(inventory), "--yes")
-    assert again.returncode == 0 and f"{host.name}: no changes" in again.stdout + again.stderr, again.stdout + again.stderr
+    assert again.returncode == 0 and f"{host.name}: no changes" in again.stdout + again.stderr, (
+        again.stdout + again.stderr
+    )
     down = stackctl("down", str(inventory), "--purge", "--yes")
     assert down.returncode == 0, down.stdout + down.stderr
     assert not any(host.deploy_source.iterdir())
@@ -466,29 +629,44 @@ def test_host_keys_unknown_refused_accepted_on_request_changed_refused(bastion_b
     target = bastion_bed.bastion_host  # reached directly, no ssh config
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
-    ssh = {"user": "root", "port": 22, "key": str(bastion_bed.client_key), "known_hosts": str(known_hosts),
-           "connect_timeout_s": 5}
+    ssh = {
+        "user": "root",
+        "port": 22,
+        "key": str(bastion_bed.client_key),
+        "known_hosts": str(known_hosts),
+        "connect_timeout_s": 5,
+    }
     inventory = small_inventory(tmp_path / "inv.yaml", bastion_bed, target, ssh=ssh)
 
     refused = stackctl("status", str(inventory))
     assert refused.returncode == 2, refused.stdout + refused.stderr
     text = json.loads(stackctl("status", str(inventory), "-o", "json").stdout)["hosts"][0]["error"]
-    assert target.name in text and "host key is not in" in text and "--accept-new-host-keys" in text, text
+    assert (
+        target.name in text and "host key is not in" in text and "--accept-new-host-keys" in text
+    ), text
     assert known_hosts.read_text() == ""
     up = stackctl("up", str(inventory), "--yes")
-    assert up.returncode != 0 and "host key is not in" in up.stdout + up.stderr, up.stdout + up.stderr
+    assert up.returncode != 0 and "host key is not in" in up.stdout + up.stderr, (
+        up.stdout + up.stderr
+    )
 
     accepted = stackctl("status", str(inventory), "--accept-new-host-keys")
-    assert accepted.returncode != 2, accepted.stdout + accepted.stderr  # reachable (nothing deployed: degraded)
+    assert accepted.returncode != 2, (
+        accepted.stdout + accepted.stderr
+    )  # reachable (nothing deployed: degraded)
     recorded = known_hosts.read_text().split()
     public = Path(f"{target.host_key}.pub").read_text().split()
     assert recorded[1:3] == public[:2] and target.address in recorded[0], recorded
     assert stackctl("status", str(inventory)).returncode != 2  # now known: no flag needed
 
-    other = Path(f"{bastion_bed.hosts[0].host_key}.pub").read_text().split()  # a different, valid key
+    other = (
+        Path(f"{bastion_bed.hosts[0].host_key}.pub").read_text().split()
+    )  # a different, valid key
     known_hosts.write_text(f"{recorded[0]} {other[0]} {other[1]}\n")
     changed = stackctl("status", str(inventory), "-o", "json", "--accept-new-host-keys")
     assert changed.returncode == 2, changed.stdout + changed.stderr
     error = json.loads(changed.stdout)["hosts"][0]["error"]
     assert "CHANGED" in error and target.name in error, error
-    assert known_hosts.read_text() == f"{recorded[0]} {other[0]} {other[1]}\n"  # nothing was recorded
+    assert (
+        known_hosts.read_text() == f"{recorded[0]} {other[0]} {other[1]}\n"
+    )  # nothing was recorded

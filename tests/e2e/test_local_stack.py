@@ -7,7 +7,6 @@ the same code path as SSH without the network), with a fast simulator clock.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stackctl.testing import free_ports
+
 pytestmark = pytest.mark.slow
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def stackctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stackctl", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "stackctl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +38,36 @@ def fleet(tmp_path_factory):
         "install": False,
         "deploy_dir": str(root / "head"),
         "model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
-        "engine": {"kind": "sim", "bind": "127.0.0.1", "sim": {"hardware": "a100-80gb", "time_scale": 20.0}},
-        "router": {"host": "head", "port": router_port, "bind": "127.0.0.1", "health_interval_s": 0.5},
+        "engine": {
+            "kind": "sim",
+            "bind": "127.0.0.1",
+            "sim": {"hardware": "a100-80gb", "time_scale": 20.0},
+        },
+        "router": {
+            "host": "head",
+            "port": router_port,
+            "bind": "127.0.0.1",
+            "health_interval_s": 0.5,
+        },
         "hosts": [{"name": "head", "connection": "local", "roles": ["router"]}]
         + [
-            {"name": f"sim{i}", "connection": "local", "deploy_dir": str(root / f"sim{i}"), "engine": {"port": port}}
+            {
+                "name": f"sim{i}",
+                "connection": "local",
+                "deploy_dir": str(root / f"sim{i}"),
+                "engine": {"port": port},
+            }
             for i, port in enumerate(engine_ports, start=1)
         ],
         "profiles": {
-            "naive": {"router": {"policy": "round_robin"}, "engine": {"lmcache": {"enabled": False}}},
-            "optimized": {"router": {"policy": "kv_aware"}, "engine": {"lmcache": {"enabled": True}}},
+            "naive": {
+                "router": {"policy": "round_robin"},
+                "engine": {"lmcache": {"enabled": False}},
+            },
+            "optimized": {
+                "router": {"policy": "kv_aware"},
+                "engine": {"lmcache": {"enabled": True}},
+            },
         },
     }
     path = root / "local.yaml"
@@ -71,9 +87,13 @@ def pids(status: dict) -> dict[tuple[str, str], int]:
 
 def test_up_status_idempotent_bench_down(fleet, tmp_path):
     path, root = fleet
-    check = stackctl("up", path, "--check")  # CI's question: would `up` change anything? (it changes nothing)
+    check = stackctl(
+        "up", path, "--check"
+    )  # CI's question: would `up` change anything? (it changes nothing)
     assert check.returncode == 3, check.stdout + check.stderr
-    assert "would-change" in check.stdout and not any((root / name).exists() for name in ("head", "sim1", "sim2"))
+    assert "would-change" in check.stdout and not any(
+        (root / name).exists() for name in ("head", "sim1", "sim2")
+    )
     first = stackctl("up", path, "--yes")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "verified with a completion" in first.stdout
@@ -95,25 +115,60 @@ def test_up_status_idempotent_bench_down(fleet, tmp_path):
 
     rolled = stackctl("restart", path, "--rolling", "--yes", "-l", "sim*")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
-    assert rolled.stderr.count("drain: out of the router") == 2 and rolled.stderr.count("drain: back in the router") == 2, rolled.stderr
+    assert (
+        rolled.stderr.count("drain: out of the router") == 2
+        and rolled.stderr.count("drain: back in the router") == 2
+    ), rolled.stderr
     after = status_json(path)
     assert after["code"] == 0, after
     now = pids(after)
-    assert now[("head", "router")] == before[("head", "router")]  # the router was not restarted, only told
+    assert (
+        now[("head", "router")] == before[("head", "router")]
+    )  # the router was not restarted, only told
     assert all(now[key] != before[key] for key in before if key[0] != "head"), (before, now)
     before = now
     log = stackctl("logs", path, "-l", "sim1", "--program", "engine-0", "-n", "5")
     assert log.returncode == 0 and log.stdout.strip(), log.stderr
 
     scenario = tmp_path / "tiny.yaml"
-    scenario.write_text(yaml.safe_dump({
-        "name": "tiny", "users": 6, "rounds": 3, "system_prompt_tokens": 200, "history_tokens": 2000,
-        "question_tokens": 10, "answer_tokens": 8, "qps": [2.0, 4.0], "duration_s": 3, "warmup_s": 2, "warmup_qps": 4.0,
-    }))
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "users": 6,
+                "rounds": 3,
+                "system_prompt_tokens": 200,
+                "history_tokens": 2000,
+                "question_tokens": 10,
+                "answer_tokens": 8,
+                "qps": [2.0, 4.0],
+                "duration_s": 3,
+                "warmup_s": 2,
+                "warmup_qps": 4.0,
+            }
+        )
+    )
     out = tmp_path / "out"
-    bench = stackctl("bench", path, "--compare", "naive,optimized", "--scenario", scenario, "--out", out, "--yes", timeout=600)
+    bench = stackctl(
+        "bench",
+        path,
+        "--compare",
+        "naive,optimized",
+        "--scenario",
+        scenario,
+        "--out",
+        out,
+        "--yes",
+        timeout=600,
+    )
     assert bench.returncode == 0, bench.stdout + bench.stderr
-    for name in ("requests.csv", "summary.json", "summary.md", "ttft_vs_qps.png", "throughput_vs_qps.png"):
+    for name in (
+        "requests.csv",
+        "summary.json",
+        "summary.md",
+        "ttft_vs_qps.png",
+        "throughput_vs_qps.png",
+    ):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert "naive/optimized" in (out / "summary.md").read_text()
@@ -129,7 +184,11 @@ def test_up_status_idempotent_bench_down(fleet, tmp_path):
 def test_bad_bench_input_is_a_clear_error(fleet, tmp_path):
     path, _ = fleet
     result = stackctl("bench", path, "--qps", "one,two", "--yes")
-    assert result.returncode == 2 and "--qps one,two" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "--qps one,two" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     scenario = tmp_path / "bad.yaml"
     scenario.write_text("users: many\n")
     result = stackctl("bench", path, "--scenario", scenario, "--yes")

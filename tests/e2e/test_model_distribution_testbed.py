@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from stackctl import models as models_module
 from stackctl import probe
 from stackctl.inventory import SERVICE_USER_DEFAULT
+from stackctl.testing import wait_until
 from tests.helpers import model_fanout as mf
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -54,22 +54,19 @@ def _copy(bed, host):
 
 
 def _state(bed, host):
-    return probe.model_state({"path": str(mf.model_dir(bed, host)), "name": mf.MODEL_NAME, "managed": True})
+    return probe.model_state(
+        {"path": str(mf.model_dir(bed, host)), "name": mf.MODEL_NAME, "managed": True}
+    )
 
 
 def _kill_rsync_once(ready, timeout: float = 60) -> None:
     """SIGKILL this test process's own rsync children once ``ready()`` (a transfer cut midway)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    comm, rest = stat.read_text().rsplit(")", 1)
-                    if comm.endswith("(rsync") and int(rest.split()[1]) == os.getpid():
-                        os.kill(int(stat.parent.name), signal.SIGKILL)
-            return
-        time.sleep(0.01)
-    raise AssertionError("the upload never got a fifth of the way")
+    wait_until(ready, timeout, interval=0.01, what="the upload to get a fifth of the way")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            comm, rest = stat.read_text().rsplit(")", 1)
+            if comm.endswith("(rsync") and int(rest.split()[1]) == os.getpid():
+                os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
 def test_interrupted_upload_is_not_complete_and_resumes(clean, source, tmp_path):
@@ -78,7 +75,10 @@ def test_interrupted_upload_is_not_complete_and_resumes(clean, source, tmp_path)
     total = sum(models_module.local_model_files(source).values())
 
     partial = mf.partial_dir(bed, h1)
-    killer = threading.Thread(target=_kill_rsync_once, args=(lambda: sum(probe.scan_files(str(partial)).values()) > total // 5,))
+    killer = threading.Thread(
+        target=_kill_rsync_once,
+        args=(lambda: sum(probe.scan_files(str(partial)).values()) > total // 5,),
+    )
     killer.start()
     cut = mf.apply_models(inventory, bed)  # the operator's rsync is killed a fifth of the way in
     killer.join()
@@ -116,7 +116,9 @@ def test_peer_fanout_sends_the_weights_once(clean, source, tmp_path, service_use
     the peers' pulls write as that user, the serving side reads as the SSH user. (`up` makes the
     account when it is missing; the testbed's hosts share this machine's /etc, as in the become tests.)"""
     bed = clean
-    inventory = mf.write_inventory(bed, tmp_path / "inv.yaml", source, "peer", service_user=service_user)
+    inventory = mf.write_inventory(
+        bed, tmp_path / "inv.yaml", source, "peer", service_user=service_user
+    )
     total = sum(models_module.local_model_files(source).values())
     result = mf.apply_models(inventory, bed)
     assert not result["problems"] and not result["errors"] and not result["stuck"], result
@@ -125,10 +127,12 @@ def test_peer_fanout_sends_the_weights_once(clean, source, tmp_path, service_use
     # the operator's side: one copy of the weights plus SSH and the probes, for three hosts
     assert result["operator_tx_bytes"] < 1.3 * total, (result["operator_tx_bytes"], total)
     copies = [_copy(bed, h) for h in bed.hosts]
-    for digests, manifest in copies:
+    for digests, _manifest in copies:
         assert digests == _expected(source)
     assert len({manifest for _, manifest in copies}) == 1  # the same manifest everywhere
-    listed = json.loads((mf.model_dir(bed, bed.hosts[1]) / probe.MODEL_MANIFEST).read_text())["files"]
+    listed = json.loads((mf.model_dir(bed, bed.hosts[1]) / probe.MODEL_MANIFEST).read_text())[
+        "files"
+    ]
     assert sum(listed.values()) == total and not any(p.startswith("original/") for p in listed)
     # this run's peer key is gone from every host: authorized_keys line and private key file
     assert result["keys_left"] == []

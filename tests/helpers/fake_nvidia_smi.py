@@ -30,10 +30,20 @@ from pathlib import Path
 def default_state(n_gpus: int = 1) -> dict:
     """A healthy host: driver 580 (CUDA 13.0), idle GPUs, ECC clean, persistence mode on."""
     return {
-        "driver_version": "580.65.06", "cuda_version": "13.0",
-        "gpus": [{"index": i, "uuid": f"GPU-00000000-0000-4000-8000-{i:012d}", "name": "NVIDIA A100-SXM4-80GB",
-                  "memory_total_mib": 81920, "memory_used_mib": 0, "persistence_mode": "Enabled", "ecc_uncorrected": 0}
-                 for i in range(n_gpus)],
+        "driver_version": "580.65.06",
+        "cuda_version": "13.0",
+        "gpus": [
+            {
+                "index": i,
+                "uuid": f"GPU-00000000-0000-4000-8000-{i:012d}",
+                "name": "NVIDIA A100-SXM4-80GB",
+                "memory_total_mib": 81920,
+                "memory_used_mib": 0,
+                "persistence_mode": "Enabled",
+                "ecc_uncorrected": 0,
+            }
+            for i in range(n_gpus)
+        ],
         "apps": [],
     }
 
@@ -44,7 +54,9 @@ def install(bin_dir: Path, state: dict, python: str = sys.executable) -> Path:
     state_file = bin_dir / "nvidia-smi.json"
     write_state(state_file, state)
     wrapper = bin_dir / "nvidia-smi"
-    wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(python)} {shlex.quote(__file__)} {shlex.quote(str(state_file))} \"$@\"\n")
+    wrapper.write_text(
+        f'#!/bin/sh\nexec {shlex.quote(python)} {shlex.quote(__file__)} {shlex.quote(str(state_file))} "$@"\n'
+    )
     wrapper.chmod(0o755)
     return state_file
 
@@ -61,9 +73,14 @@ def _na(value) -> str:
 
 def _gpu_field(state: dict, gpu: dict, name: str) -> str:
     values = {
-        "index": gpu["index"], "uuid": gpu["uuid"], "name": gpu["name"], "memory.total": gpu["memory_total_mib"],
-        "memory.used": gpu["memory_used_mib"], "driver_version": state["driver_version"],
-        "persistence_mode": gpu["persistence_mode"], "ecc.errors.uncorrected.volatile.total": gpu["ecc_uncorrected"],
+        "index": gpu["index"],
+        "uuid": gpu["uuid"],
+        "name": gpu["name"],
+        "memory.total": gpu["memory_total_mib"],
+        "memory.used": gpu["memory_used_mib"],
+        "driver_version": state["driver_version"],
+        "persistence_mode": gpu["persistence_mode"],
+        "ecc.errors.uncorrected.volatile.total": gpu["ecc_uncorrected"],
     }
     if name not in values:
         raise KeyError(name)
@@ -93,7 +110,7 @@ def answer(state: dict, args: list[str]) -> tuple[int, str]:
     options = dict(arg.split("=", 1) if "=" in arg else (arg, "") for arg in args)
     if options.pop("--format", None) != "csv,noheader,nounits" or len(options) != 1:
         return 2, f"fake nvidia-smi: unsupported arguments {args}\n"
-    (query, fields), = options.items()
+    ((query, fields),) = options.items()
     try:
         if query == "--query-gpu":
             rows = [[_gpu_field(state, gpu, f) for f in fields.split(",")] for gpu in state["gpus"]]

@@ -44,7 +44,9 @@ def check_lmcache_config(path: Path, python: Path | None = None) -> dict:
     return result
 
 
-def check_lmcache_configs(paths: list[Path], python: Path | None = None) -> list[dict | LMCacheConfigError]:
+def check_lmcache_configs(
+    paths: list[Path], python: Path | None = None
+) -> list[dict | LMCacheConfigError]:
     """Like ``check_lmcache_config`` for several files in one subprocess (importing LMCache
     takes ~15 s); returns, per file, the result dict or the ``LMCacheConfigError``."""
     paths = [Path(p).resolve() for p in paths]
@@ -65,16 +67,22 @@ def check_lmcache_configs(paths: list[Path], python: Path | None = None) -> list
         env=env,
         timeout=300,
     )
-    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith(_MARK)]
+    results = [
+        json.loads(line.split(" ", 1)[1])
+        for line in proc.stdout.splitlines()
+        if line.startswith(_MARK)
+    ]
     if len(results) != len(paths):
         raise LMCacheConfigError(
             f"LMCache config check crashed (rc={proc.returncode}) for {paths}:\n"
             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     out: list[dict | LMCacheConfigError] = []
-    for path, result in zip(paths, results):
+    for path, result in zip(paths, results, strict=True):
         if result["errors"]:
-            out.append(LMCacheConfigError(f"LMCache rejects {path}:\n  " + "\n  ".join(result["errors"])))
+            out.append(
+                LMCacheConfigError(f"LMCache rejects {path}:\n  " + "\n  ".join(result["errors"]))
+            )
         else:
             out.append(result)
     return out
@@ -91,14 +99,26 @@ def check_lmcache_server_args(args: list[str], python: Path) -> dict:
     LMCache's message."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMCACHE_")}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--server-args", json.dumps(args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [str(python), str(Path(__file__).resolve()), "--server-args", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     lines = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith(_MARK)]
     if not lines:
-        raise LMCacheConfigError(f"LMCache server args check crashed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise LMCacheConfigError(
+            f"LMCache server args check crashed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     result = json.loads(lines[0])
     if result["errors"]:
-        raise LMCacheConfigError("LMCache rejects `lmcache server " + " ".join(args) + "`:\n  " + "\n  ".join(result["errors"]))
+        raise LMCacheConfigError(
+            "LMCache rejects `lmcache server "
+            + " ".join(args)
+            + "`:\n  "
+            + "\n  ".join(result["errors"])
+        )
     return result
 
 
@@ -110,7 +130,10 @@ def _check_server_args_in_venv(args: list[str]) -> dict:
     from lmcache import _version as lmcache_version
     from lmcache.cli.commands.server import ServerCommand
     from lmcache.v1.distributed.config import parse_args_to_config
-    from lmcache.v1.multiprocess.config import parse_args_to_http_frontend_config, parse_args_to_mp_server_config
+    from lmcache.v1.multiprocess.config import (
+        parse_args_to_http_frontend_config,
+        parse_args_to_mp_server_config,
+    )
 
     parser = argparse.ArgumentParser(prog="lmcache server", exit_on_error=False)
     ServerCommand().add_arguments(parser)
@@ -123,7 +146,7 @@ def _check_server_args_in_venv(args: list[str]) -> dict:
         storage = parse_args_to_config(parsed)
     except SystemExit:
         return {"errors": [stderr.getvalue().strip() or "argparse exited"]}
-    except Exception as exc:  # LMCache's own message
+    except Exception as exc:  # noqa: BLE001 - LMCache's own message
         return {"errors": [f"{type(exc).__name__}: {exc}"]}
     l1 = storage.l1_manager_config
     return {
@@ -191,7 +214,7 @@ def _load(path: str, errors: list, log: list, lmc_config, lmcache_version) -> di
     try:
         cfg = lmc_config.LMCacheEngineConfig.from_file(path)
         cfg.update_config_from_env()  # -> validate()
-    except Exception as exc:  # LMCache's own message
+    except Exception as exc:  # noqa: BLE001 - LMCache's own message
         errors.append(f"{type(exc).__name__}: {exc}")
     else:
         defs = lmc_config._CONFIG_DEFINITIONS
@@ -201,9 +224,17 @@ def _load(path: str, errors: list, log: list, lmc_config, lmcache_version) -> di
                 value = getattr(cfg, key)
                 if value is None and given is not None:
                     errors.append(f"{key}: LMCache turned {given!r} into None")
-                values[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
+                values[key] = (
+                    value
+                    if isinstance(value, (str, int, float, bool, type(None), list, dict))
+                    else repr(value)
+                )
     # belt and braces, independent of log wording: keys LMCache does not define
-    known = set(lmc_config._CONFIG_DEFINITIONS) | set(lmc_config._CONFIG_ALIASES) | set(lmc_config._DEPRECATED_CONFIGS)
+    known = (
+        set(lmc_config._CONFIG_DEFINITIONS)
+        | set(lmc_config._CONFIG_ALIASES)
+        | set(lmc_config._DEPRECATED_CONFIGS)
+    )
     for key in raw:
         if key not in known and not any(key in e for e in errors):
             errors.append(f"Unknown configuration key: {key} (source: file: {path})")
@@ -217,13 +248,16 @@ def _load(path: str, errors: list, log: list, lmc_config, lmcache_version) -> di
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--server-args":
-        print(_MARK + json.dumps(_check_server_args_in_venv(json.loads(sys.argv[2])), default=repr), flush=True)
+        print(
+            _MARK + json.dumps(_check_server_args_in_venv(json.loads(sys.argv[2])), default=repr),
+            flush=True,
+        )
         sys.exit(0)
     if len(sys.argv) >= 3 and sys.argv[1] == "--in-venv":
         for arg in sys.argv[2:]:
             try:
                 out = _check_in_venv(arg)
-            except Exception as exc:  # e.g. YAML syntax error
+            except Exception as exc:  # noqa: BLE001 - e.g. YAML syntax error
                 out = {"errors": [f"{type(exc).__name__}: {exc}"], "values": {}, "log": []}
             print(_MARK + json.dumps(out, default=repr), flush=True)
         sys.exit(0)

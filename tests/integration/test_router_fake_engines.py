@@ -14,6 +14,7 @@ from aiohttp import web
 
 from stackctl.router.app import ENGINE_HEADER, Router
 from stackctl.router.config import parse_config
+from stackctl.testing import wait_until_async
 from tests.helpers.fake_engine import ANSWER_WORDS, FakeEngine
 
 ANSWER = "".join(ANSWER_WORDS)
@@ -65,18 +66,8 @@ def spec(running, models=("m",)):
     return [(r.engine.name, r.url, models[i % len(models)]) for i, r in enumerate(running)]
 
 
-async def until(predicate, timeout=10.0):
-    """Wait for a health round to notice a change (fast normally, slower on a busy machine)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 def client(router, key="none"):
-    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0,
-                              timeout=10)
+    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0, timeout=10)
 
 
 async def test_chat_and_completions_stream_and_not_through_the_router():
@@ -85,8 +76,9 @@ async def test_chat_and_completions_stream_and_not_through_the_router():
         reply = await c.chat.completions.create(model="m", messages=MESSAGES)
         assert reply.choices[0].message.content == ANSWER
         assert reply.usage.prompt_tokens == 7 and reply.usage.completion_tokens == 8
-        stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True,
-                                                 stream_options={"include_usage": True})
+        stream = await c.chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
         parts, usage = [], None
         async for chunk in stream:
             if chunk.choices:
@@ -132,8 +124,10 @@ async def test_streamed_chunks_arrive_as_the_engine_sends_them():
 
 
 async def test_errors_are_openai_json():
-    async with fleet(1) as engines, serve_router(
-            router_config(spec(engines), max_body_bytes=2000)) as router:
+    async with (
+        fleet(1) as engines,
+        serve_router(router_config(spec(engines), max_body_bytes=2000)) as router,
+    ):
         c = client(router)
         with pytest.raises(openai.NotFoundError) as info:
             await c.chat.completions.create(model="nope", messages=MESSAGES)
@@ -143,18 +137,23 @@ async def test_errors_are_openai_json():
                 (b'{"messages": []}', 400, "missing_model"),
                 (b"{not json", 400, "invalid_json"),
                 (b"[1, 2]", 400, "invalid_json"),
-                (json.dumps({"model": "m", "prompt": "x" * 3000}).encode(), 413,
-                 "request_too_large"),
+                (
+                    json.dumps({"model": "m", "prompt": "x" * 3000}).encode(),
+                    413,
+                    "request_too_large",
+                ),
             ]:
                 async with s.post(router.url + "/v1/completions", data=data) as r:
                     assert r.status == status
                     err = (await r.json())["error"]
                     assert set(err) == {"message", "type", "param", "code"}
                     assert err["code"] == code
+
             # a chunked body (no Content-Length) is limited too
             async def gen():
                 for _ in range(30):
                     yield b"x" * 100
+
             async with s.post(router.url + "/v1/completions", data=gen()) as r:
                 assert r.status == 413
         # an engine's own error passes through with its status
@@ -164,16 +163,19 @@ async def test_errors_are_openai_json():
 
 
 async def test_api_keys_are_checked():
-    async with fleet(1) as engines, serve_router(router_config(spec(engines)),
-                                                 api_keys=(b"sk-good", b"sk-other")) as router:
+    async with (
+        fleet(1) as engines,
+        serve_router(router_config(spec(engines)), api_keys=(b"sk-good", b"sk-other")) as router,
+    ):
         for key in ("sk-bad", "sk-goo"):
             with pytest.raises(openai.AuthenticationError) as info:
                 await client(router, key).completions.create(model="m", prompt="x")
             assert info.value.body["code"] == "invalid_api_key"
             assert key not in json.dumps(info.value.body)
         async with aiohttp.ClientSession() as s:  # no Authorization header at all
-            async with s.post(router.url + "/v1/completions",
-                              json={"model": "m", "prompt": "x"}) as r:
+            async with s.post(
+                router.url + "/v1/completions", json={"model": "m", "prompt": "x"}
+            ) as r:
                 assert r.status == 401
                 assert (await r.json())["error"]["type"] == "authentication_error"
         reply = await client(router, "sk-other").completions.create(model="m", prompt="x")
@@ -182,8 +184,10 @@ async def test_api_keys_are_checked():
 
 async def test_several_models_route_to_their_own_engines():
     models = ("alpha", "beta")
-    async with fleet(4, models) as engines, serve_router(
-            router_config(spec(engines, models), policy="least_loaded")) as router:
+    async with (
+        fleet(4, models) as engines,
+        serve_router(router_config(spec(engines, models), policy="least_loaded")) as router,
+    ):
         c = client(router)
         for _ in range(6):
             r = await c.completions.create(model="beta", prompt="x")
@@ -193,7 +197,11 @@ async def test_several_models_route_to_their_own_engines():
         for r in engines:
             if r.engine.models == ("beta",):
                 r.engine.healthy = False
-        await until(lambda: not any(e.healthy for e in router.pool.by_model["beta"]))
+        await wait_until_async(
+            lambda: not any(e.healthy for e in router.pool.by_model["beta"]),
+            10,
+            what="beta's engines ejected",
+        )
         with pytest.raises(openai.InternalServerError) as info:
             await c.completions.create(model="beta", prompt="x")
         assert info.value.status_code == 503
@@ -203,7 +211,11 @@ async def test_several_models_route_to_their_own_engines():
                 assert r.status == 200
             for r in engines:
                 r.engine.healthy = False
-            await until(lambda: not any(e.healthy for e in router.pool.backends.values()))
+            await wait_until_async(
+                lambda: not any(e.healthy for e in router.pool.backends.values()),
+                10,
+                what="every engine ejected",
+            )
             async with s.get(router.url + "/health") as r:
                 assert r.status == 503 and "error" in await r.json()
 
@@ -223,16 +235,24 @@ async def test_failed_engines_are_retried_elsewhere_before_any_byte():
 
 
 async def test_a_hung_engine_times_out_is_ejected_and_the_request_retried():
-    async with fleet(2) as engines, serve_router(router_config(
-            spec(engines), policy="round_robin",
-            health={"interval_s": 5, "timeout_s": 1, "backoff_s": 5, "max_backoff_s": 5},
-            timeouts={"connect_s": 0.5, "first_byte_s": 0.4})) as router:
+    async with (
+        fleet(2) as engines,
+        serve_router(
+            router_config(
+                spec(engines),
+                policy="round_robin",
+                health={"interval_s": 5, "timeout_s": 1, "backoff_s": 5, "max_backoff_s": 5},
+                timeouts={"connect_s": 0.5, "first_byte_s": 0.4},
+            )
+        ) as router,
+    ):
         engines[0].engine.delay_s = 30
         c = client(router)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        replies = await asyncio.gather(*(c.completions.create(model="m", prompt="x")
-                                         for _ in range(4)))
+        replies = await asyncio.gather(
+            *(c.completions.create(model="m", prompt="x") for _ in range(4))
+        )
         assert {r.system_fingerprint for r in replies} == {"e1"}
         assert loop.time() - start < 5.0  # far below the engine's 30 s hang
         assert router.pool.backends["e0"].healthy is False
@@ -247,7 +267,9 @@ async def test_a_client_that_leaves_cancels_its_upstream_request():
             r = await s.post(router.url + "/v1/completions", data=body)
             await r.content.readline()
             r.close()
-        await until(lambda: engine.cancelled == 1)
+        await wait_until_async(
+            lambda: engine.cancelled == 1, 10, what="the engine to see the cancel"
+        )
         assert router.pool.backends["e0"].inflight == 0
 
 
@@ -259,15 +281,18 @@ async def test_sighup_reload_swaps_engines_without_dropping_inflight(tmp_path):
         async with serve_router(first, config_path=str(path)) as router:
             engines[0].engine.chunk_delay_s = 0.1
             c = client(router)
+
             async def slow_stream():  # ~1 s: one event every 0.1 s
                 stream = await c.completions.create(model="m", prompt="x", stream=True)
-                return "".join([chunk.choices[0].text async for chunk in stream
-                                if chunk.choices])
+                return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
 
             slow = asyncio.create_task(slow_stream())
-            await until(lambda: router.pool.backends["e0"].inflight == 1)
-            path.write_text(yaml.safe_dump(router_config(spec(engines[1:]),
-                                                         policy="kv_aware")))
+            await wait_until_async(
+                lambda: router.pool.backends["e0"].inflight == 1,
+                10,
+                what="one request in flight on e0",
+            )
+            path.write_text(yaml.safe_dump(router_config(spec(engines[1:]), policy="kv_aware")))
             assert router.reload()
             assert list(router.pool.backends) == ["e1"] and router.policy.name == "kv_aware"
             assert await slow == ANSWER  # finished on the engine the reload removed
@@ -279,23 +304,35 @@ async def test_sighup_reload_swaps_engines_without_dropping_inflight(tmp_path):
 
 
 async def test_metrics_and_engines_views():
-    async with fleet(2) as engines, serve_router(
-            router_config(spec(engines), policy="kv_aware")) as router:
+    async with (
+        fleet(2) as engines,
+        serve_router(router_config(spec(engines), policy="kv_aware")) as router,
+    ):
         c = client(router)
         for _ in range(3):
-            await c.chat.completions.create(model="m", messages=[
-                {"role": "user", "content": "word " * 300}])
+            await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "word " * 300}]
+            )
         # a health round learns the capacity from /metrics
-        await until(lambda: router.pool.backends["e0"].capacity_tokens is not None)
+        await wait_until_async(
+            lambda: router.pool.backends["e0"].capacity_tokens is not None,
+            10,
+            what="e0's capacity from its metrics",
+        )
         async with aiohttp.ClientSession() as s:
             async with s.get(router.url + "/metrics") as r:
                 text = await r.text()
             async with s.get(router.url + "/engines") as r:
                 view = await r.json()
         assert 'router_requests_total{engine="' in text and 'policy="kv_aware"' in text
-        for name in ("router_ttft_seconds_bucket", "router_request_latency_seconds_count",
-                     "router_routing_decisions_total", "router_predicted_cached_tokens_total",
-                     "router_inflight_requests", "router_engine_healthy"):
+        for name in (
+            "router_ttft_seconds_bucket",
+            "router_request_latency_seconds_count",
+            "router_routing_decisions_total",
+            "router_predicted_cached_tokens_total",
+            "router_inflight_requests",
+            "router_engine_healthy",
+        ):
             assert name in text
         assert view["policy"] == "kv_aware"
         e = {x["name"]: x for x in view["engines"]}
@@ -312,15 +349,20 @@ async def test_every_name_an_engine_serves_is_routed_and_listed():
     e0 = await FakeEngine("e0", ("m", "alias-a", "alias-b")).start()
     e1 = await FakeEngine("e1", ("m",)).start()
     try:
-        async with serve_router(router_config([("e0", e0.url, "m"), ("e1", e1.url, "m")],
-                                              policy="least_loaded")) as router:
-            await until(lambda: "alias-b" in router.pool.by_model)
+        async with serve_router(
+            router_config([("e0", e0.url, "m"), ("e1", e1.url, "m")], policy="least_loaded")
+        ) as router:
+            await wait_until_async(
+                lambda: "alias-b" in router.pool.by_model, 10, what="alias-b routed"
+            )
             c = client(router)
             for _ in range(4):
                 r = await c.completions.create(model="alias-a", prompt="x")
                 assert r.system_fingerprint == "e0" and r.model == "alias-a"
-            served = {(await c.completions.create(model="m", prompt="x")).system_fingerprint
-                      for _ in range(4)}
+            served = {
+                (await c.completions.create(model="m", prompt="x")).system_fingerprint
+                for _ in range(4)
+            }
             assert served == {"e0", "e1"}  # the configured name still goes to both
             listed = [m.id for m in (await c.models.list()).data]
             assert sorted(listed) == ["alias-a", "alias-b", "m"]
@@ -332,7 +374,9 @@ async def test_every_name_an_engine_serves_is_routed_and_listed():
             with pytest.raises(openai.NotFoundError):
                 await c.completions.create(model="alias-c", prompt="x")
             e0.engine.models = ("m", "alias-c")  # restarted with other names
-            await until(lambda: "alias-c" in router.pool.by_model)
+            await wait_until_async(
+                lambda: "alias-c" in router.pool.by_model, 10, what="alias-c routed"
+            )
             assert "alias-a" not in router.pool.by_model
             r = await c.completions.create(model="alias-c", prompt="x")
             assert r.system_fingerprint == "e0"

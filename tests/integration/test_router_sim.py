@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import signal
 
 import aiohttp
 import openai
 import pytest
 
+from stackctl.metrics import PREFIX_HITS, PREFIX_QUERIES
+from stackctl.testing import read_metrics, wait_until_async
+from stackctl.tokenizer import count_tokens, render_chat
 from tests.helpers.sim_fleet import start_sims
 from tests.integration.test_router_fake_engines import serve_router
-from stackctl.tokenizer import count_tokens, render_chat
 
 pytestmark = pytest.mark.slow
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -48,8 +49,9 @@ def config(sims, policy, **overrides):
 
 
 def client(router):
-    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0,
-                              timeout=30)
+    return openai.AsyncOpenAI(
+        base_url=router.url + "/v1", api_key="none", max_retries=0, timeout=30
+    )
 
 
 async def cache_counters(sims):
@@ -58,11 +60,9 @@ async def cache_counters(sims):
     async with aiohttp.ClientSession() as s:
         for sim in sims:
             async with s.get(sim.url + "/metrics") as r:
-                text = await r.text()
-            hits += sum(float(v) for v in re.findall(
-                r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)", text, re.M))
-            queries += sum(float(v) for v in re.findall(
-                r"^vllm:prefix_cache_queries_total\{[^}]*\} (\S+)", text, re.M))
+                metrics = read_metrics(await r.text())
+            hits += metrics.value(PREFIX_HITS)
+            queries += metrics.value(PREFIX_QUERIES)
     return hits, queries
 
 
@@ -88,13 +88,20 @@ async def conversation_trace(router, seed, users=USERS, rounds=ROUNDS):
             messages = [system]
             for _ in range(rounds):
                 messages.append({"role": "user", "content": words(urng, 100)})
-                async with session.post(router.url + "/v1/chat/completions", json={
-                        "model": MODEL, "messages": messages, "max_tokens": 12,
-                        "user": f"user{u}"}) as r:
+                async with session.post(
+                    router.url + "/v1/chat/completions",
+                    json={
+                        "model": MODEL,
+                        "messages": messages,
+                        "max_tokens": 12,
+                        "user": f"user{u}",
+                    },
+                ) as r:
                     assert r.status == 200, await r.text()
                     reply = await r.json()
-                messages.append({"role": "assistant",
-                                 "content": reply["choices"][0]["message"]["content"]})
+                messages.append(
+                    {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
+                )
 
         await asyncio.gather(*(user(u) for u in range(users)))
         async with session.get(router.url + "/engines") as r:
@@ -127,14 +134,17 @@ async def test_openai_client_through_the_router_to_the_simulator(sims4):
         c = client(router)
         messages = [{"role": "user", "content": "tell me about routers " * 20}]
         prompt_tokens = count_tokens(render_chat(messages))
-        reply = await c.chat.completions.create(model=MODEL, messages=messages,
-                                                max_tokens=10)
+        reply = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=10)
         assert reply.usage.prompt_tokens == prompt_tokens
         assert reply.usage.completion_tokens == 10
         assert reply.choices[0].message.content
         stream = await c.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=10, stream=True,
-            stream_options={"include_usage": True})
+            model=MODEL,
+            messages=messages,
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         pieces, usage = [], None
         async for chunk in stream:
             if chunk.choices:
@@ -149,26 +159,39 @@ async def test_openai_client_through_the_router_to_the_simulator(sims4):
 
 async def test_a_killed_engine_causes_no_errors_for_new_requests():
     with start_sims(2) as sims:
-        async with serve_router(config(sims, "round_robin",
-                                       health={"interval_s": 30, "timeout_s": 3.0})) as router:
+        async with serve_router(
+            config(sims, "round_robin", health={"interval_s": 30, "timeout_s": 3.0})
+        ) as router:
             c = client(router)
-            await asyncio.gather(*(c.completions.create(model=MODEL, prompt="warm up",
-                                                        max_tokens=3) for _ in range(6)))
+            await asyncio.gather(
+                *(
+                    c.completions.create(model=MODEL, prompt="warm up", max_tokens=3)
+                    for _ in range(6)
+                )
+            )
             sims[0].proc.kill()
             sims[0].proc.wait()
             # health checks are 30 s apart: only retries and passive ejection can save these
-            replies = await asyncio.gather(*(c.completions.create(
-                model=MODEL, prompt=f"after the kill {i}", max_tokens=3) for i in range(24)))
+            replies = await asyncio.gather(
+                *(
+                    c.completions.create(model=MODEL, prompt=f"after the kill {i}", max_tokens=3)
+                    for i in range(24)
+                )
+            )
             assert len(replies) == 24 and all(r.choices[0].text for r in replies)
             assert router.pool.backends["sim0"].healthy is False
 
 
 async def test_a_hung_engine_is_ejected_within_the_timeout_and_requests_go_elsewhere():
     with start_sims(2) as sims:
-        async with serve_router(config(
-                sims, "round_robin",
+        async with serve_router(
+            config(
+                sims,
+                "round_robin",
                 health={"interval_s": 0.3, "timeout_s": 0.5, "backoff_s": 5.0},
-                timeouts={"connect_s": 1.0, "first_byte_s": 1.5})) as router:
+                timeouts={"connect_s": 1.0, "first_byte_s": 1.5},
+            )
+        ) as router:
             c = client(router)
             await c.completions.create(model=MODEL, prompt="warm up", max_tokens=3)
             os.kill(sims[0].proc.pid, signal.SIGSTOP)
@@ -176,14 +199,18 @@ async def test_a_hung_engine_is_ejected_within_the_timeout_and_requests_go_elsew
             start = loop.time()
 
             async def time_to_ejection():
-                while router.pool.backends["sim0"].healthy and loop.time() - start < 10:
-                    await asyncio.sleep(0.02)
+                await wait_until_async(lambda: not router.pool.backends["sim0"].healthy, 10, interval=0.02,
+                                       what="the hung sim0 to be ejected")  # fmt: skip
                 return loop.time() - start
 
             try:
                 watcher = asyncio.create_task(time_to_ejection())
-                replies = await asyncio.gather(*(c.completions.create(
-                    model=MODEL, prompt=f"while hung {i}", max_tokens=3) for i in range(9)))
+                replies = await asyncio.gather(
+                    *(
+                        c.completions.create(model=MODEL, prompt=f"while hung {i}", max_tokens=3)
+                        for i in range(9)
+                    )
+                )
                 assert all(r.choices[0].text for r in replies)
                 ejected_after = await watcher
                 assert not router.pool.backends["sim0"].healthy

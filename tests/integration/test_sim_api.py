@@ -1,15 +1,14 @@
 """The simulator's HTTP API in process: vLLM's shapes, errors, metrics, the openai client."""
 
-import asyncio
 import json
 
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 from stackctl.sim.config import parse_args
 from stackctl.sim.server import create_app
+from stackctl.testing import Metrics, read_metrics, wait_until_async
 from stackctl.tokenizer import count_tokens, render_chat
 
 MODEL = "sim-llama"
@@ -35,20 +34,8 @@ def words(n: int, tag: str = "w") -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
 
 
-async def metric_samples(client) -> dict[tuple, float]:
-    text = await (await client.get("/metrics")).text()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples, name: str, **labels) -> float:
-    for (sample_name, sample_labels), v in samples.items():
-        if sample_name == name and all(dict(sample_labels).get(k) == w for k, w in labels.items()):
-            return v
-    raise KeyError(name)
+async def metric_samples(client) -> Metrics:
+    return read_metrics(await (await client.get("/metrics")).text())
 
 
 async def test_health_and_models(client):
@@ -85,7 +72,9 @@ async def test_openai_chat_streaming_with_usage(oai):
             reasons.append(choice.finish_reason)
     assert roles[0] == "assistant"
     assert count_tokens(text) == 9 and reasons[-1] == "length"
-    assert usage.completion_tokens == 9 and usage.prompt_tokens == 32  # <|user|> + 30 words + <|assistant|>
+    assert (
+        usage.completion_tokens == 9 and usage.prompt_tokens == 32
+    )  # <|user|> + 30 words + <|assistant|>
 
 
 async def test_openai_completions_both_ways(oai):
@@ -93,7 +82,11 @@ async def test_openai_completions_both_ways(oai):
     assert count_tokens(reply.choices[0].text) == 7
     assert reply.usage.prompt_tokens == 40 and reply.usage.completion_tokens == 7
     stream = await oai.completions.create(
-        model=MODEL, prompt=[words(40)], max_tokens=7, stream=True, stream_options={"include_usage": True}
+        model=MODEL,
+        prompt=[words(40)],
+        max_tokens=7,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     pieces, usage = [], None
     async for chunk in stream:
@@ -122,7 +115,7 @@ async def test_raw_stream_format_and_done(client):
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     events = (await resp.text()).split("\n\n")
     assert events[-2] == "data: [DONE]" and events[-1] == ""
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-2]]
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
     assert "usage" not in chunks[-1]  # only with stream_options.include_usage
@@ -143,7 +136,10 @@ async def error_of(resp, status: int, err_type: str) -> dict:
         ("/v1/chat/completions", {"messages": []}),
         ("/v1/chat/completions", {"messages": ["hi"]}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "9"}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "9"},
+        ),
         ("/v1/completions", {"prompt": "x", "max_tokens": -1}),
         ("/v1/completions", {"prompt": "x", "max_tokens": 5000}),  # over the context
         ("/v1/completions", {"prompt": words(5000)}),  # prompt longer than max_model_len
@@ -162,7 +158,11 @@ async def test_bad_bodies_are_400(client, path, body):
 async def test_invalid_json_and_unknown_model(client):
     await error_of(await client.post("/v1/completions", data=b"{nope"), 400, "BadRequestError")
     await error_of(await client.post("/v1/completions", data=b"[1]"), 400, "BadRequestError")
-    err = await error_of(await client.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404, "NotFoundError")
+    err = await error_of(
+        await client.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}),
+        404,
+        "NotFoundError",
+    )
     assert "gpt-9" in err["message"]
 
 
@@ -183,33 +183,41 @@ async def test_metrics_names_labels_and_movement(client, oai):
     labels = {"model_name": MODEL}
 
     def delta(name):
-        return value(after, name, **labels) - value(before, name, **labels)
+        return after.value(name, **labels) - before.value(name, **labels)
 
     assert delta("vllm:prompt_tokens_total") == 1600
     assert delta("vllm:generation_tokens_total") == 10
     assert delta("vllm:prefix_cache_queries_total") == 1600
     assert delta("vllm:prefix_cache_hits_total") == 799 // 16 * 16  # counted in tokens
-    assert value(after, "vllm:request_success_total", finished_reason="length", **labels) >= 2
+    assert after.value("vllm:request_success_total", finished_reason="length", **labels) >= 2
     assert delta("vllm:time_to_first_token_seconds_count") == 2
     assert delta("vllm:inter_token_latency_seconds_count") == 8
     assert delta("vllm:e2e_request_latency_seconds_count") == 2
-    assert value(after, "vllm:num_requests_running", **labels) == 0
-    assert value(after, "vllm:num_requests_waiting", **labels) == 0
-    assert 0 <= value(after, "vllm:kv_cache_usage_perc", **labels) <= 1
-    assert value(after, "vllm:external_prefix_cache_queries_total", **labels) == 0  # no CPU tier
-    info = value(after, "vllm:cache_config_info", block_size="16", num_gpu_blocks="4096")
+    assert after.value("vllm:num_requests_running", **labels) == 0
+    assert after.value("vllm:num_requests_waiting", **labels) == 0
+    assert 0 <= after.value("vllm:kv_cache_usage_perc", **labels) <= 1
+    assert after.value("vllm:external_prefix_cache_queries_total", **labels) == 0  # no CPU tier
+    info = after.value("vllm:cache_config_info", block_size="16", num_gpu_blocks="4096")
     assert info == 1
 
 
 async def test_client_disconnect_aborts_the_request(client):
-    resp = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3000, "stream": True})
+    resp = await client.post(
+        "/v1/completions", json={"prompt": "x", "max_tokens": 3000, "stream": True}
+    )
     await resp.content.readline()  # the first event arrived: the request is running
     resp.close()
-    for _ in range(100):
+
+    async def aborted() -> Metrics | None:
         samples = await metric_samples(client)
-        if value(samples, "vllm:request_success_total", finished_reason="abort") == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert value(samples, "vllm:request_success_total", finished_reason="abort") == 1
-    assert value(samples, "vllm:num_requests_running") == 0
-    assert value(samples, "vllm:kv_cache_usage_perc") == 0
+        return (
+            samples
+            if samples.value("vllm:request_success_total", 0.0, finished_reason="abort") == 1
+            else None
+        )
+
+    samples = await wait_until_async(
+        aborted, 10, interval=0.02, what="the disconnected request counted as aborted"
+    )
+    assert samples.value("vllm:num_requests_running") == 0
+    assert samples.value("vllm:kv_cache_usage_perc") == 0

@@ -9,11 +9,15 @@ import time
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from stackctl.sim.profiles import A100_80GB, LLAMA_31_8B
 from stackctl.sim.timing import TimingModel
+from stackctl.testing import read_metrics
 from tests.helpers.sim_fleet import LMCACHE_ARGS, lmcache_env, start_sims
+
+pytestmark = (
+    pytest.mark.slow
+)  # modelled 20k-token prefills in near real time: 3 s a test, 8 s in all
 
 SCALE = 4.0  # slow enough that HTTP overhead stays small next to a GPU-hit TTFT
 # A GPU cache of 2048 blocks (32k tokens) holds one 20k prompt but not two, so a little
@@ -25,7 +29,9 @@ COLD_20K = TIMING.prefill_seconds(20_000, chunk=A100_80GB.default_max_num_batche
 
 @pytest.fixture(scope="module")
 def sims():
-    with start_sims(1, extra_args=[*FLAGS, *LMCACHE_ARGS], env=lmcache_env(cpu_gb=20), time_scale=SCALE) as on:
+    with start_sims(
+        1, extra_args=[*FLAGS, *LMCACHE_ARGS], env=lmcache_env(cpu_gb=20), time_scale=SCALE
+    ) as on:
         with start_sims(1, extra_args=FLAGS, time_scale=SCALE) as off:
             yield on[0].url, off[0].url
 
@@ -36,11 +42,12 @@ def words(n: int, tag: str) -> str:
 
 async def metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if "le" not in s.labels}
+        return read_metrics(await resp.text()).totals()
 
 
-async def measure(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int = 2) -> tuple[float, float, dict]:
+async def measure(
+    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int = 2
+) -> tuple[float, float, dict]:
     """(client TTFT, simulator TTFT, metric deltas) of one streamed request, in simulated seconds."""
     before = await metrics(session, url)
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
@@ -105,7 +112,10 @@ async def test_concurrent_load_raises_ttft_and_shows_in_the_gauges(sims):
         alone_client, alone, _ = await measure(session, url, words(4000, "solo"))
         before = await metrics(session, url)
         # 6 at once: their prefills queue behind each other, then ~1 s (real) of shared decode
-        tasks = [asyncio.create_task(measure(session, url, words(4000, f"busy{i}_"), 100)) for i in range(6)]
+        tasks = [
+            asyncio.create_task(measure(session, url, words(4000, f"busy{i}_"), 100))
+            for i in range(6)
+        ]
         peak_running = peak_waiting = peak_usage = 0.0
         while not all(t.done() for t in tasks):
             sample = await metrics(session, url)
@@ -118,7 +128,9 @@ async def test_concurrent_load_raises_ttft_and_shows_in_the_gauges(sims):
     client_ttfts = sorted(r[0] for r in results)
     assert sum(client_ttfts) / len(client_ttfts) > 2 * alone_client
     assert client_ttfts[-1] > 4 * alone
-    queued = after["vllm:request_queue_time_seconds_sum"] - before["vllm:request_queue_time_seconds_sum"]
+    queued = (
+        after["vllm:request_queue_time_seconds_sum"] - before["vllm:request_queue_time_seconds_sum"]
+    )
     assert queued > 2 * alone  # the later arrivals waited for the earlier prefills
     assert peak_running >= 2  # they decode together (continuous batching)
     assert peak_running + peak_waiting >= 4 and 0 < peak_usage <= 1

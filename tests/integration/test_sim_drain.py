@@ -9,13 +9,16 @@ import time
 import urllib.error
 import urllib.request
 
+from stackctl.testing import wait_until
 from tests.helpers.sim_fleet import start_sim, stop_sim
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def post(url: str, body: dict, timeout: float = 30.0):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     return urllib.request.urlopen(request, timeout=timeout)
 
 
@@ -25,16 +28,16 @@ def test_sigterm_finishes_in_flight_streams_and_refuses_new_requests():
         chunks: list[bytes] = []
 
         def stream() -> None:
-            with post(f"{sim.url}/v1/completions", {"model": MODEL, "prompt": "hello " * 50, "max_tokens": 150, "stream": True}) as resp:
+            with post(
+                f"{sim.url}/v1/completions",
+                {"model": MODEL, "prompt": "hello " * 50, "max_tokens": 150, "stream": True},
+            ) as resp:
                 for line in resp:
                     chunks.append(line)
 
         reader = threading.Thread(target=stream)
         reader.start()
-        deadline = time.monotonic() + 10
-        while not chunks and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert chunks, "the stream never started"
+        wait_until(lambda: chunks, 10, interval=0.01, what="the stream to start")
         sim.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         refused = None

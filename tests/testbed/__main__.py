@@ -17,13 +17,17 @@ from tests.testbed.netns import Testbed, cleanup_stale, environment_problem, kep
 
 def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    testbed = Testbed(args.hosts, bastion=args.bastion, deploy_dir=args.deploy_dir, keep=True).start()
+    testbed = Testbed(
+        args.hosts, bastion=args.bastion, deploy_dir=args.deploy_dir, keep=True
+    ).start()
     description = testbed.describe()
     Path(args.json).write_text(json.dumps(description, indent=2) + "\n")
     if args.inventory:
         testbed.write_inventory(args.inventory)
-    print(f"testbed {testbed.run_id} up in {time.monotonic() - started:.2f}s; bridge {testbed.bridge} "
-          f"({testbed.root_address}); dir {testbed.dir}")
+    print(
+        f"testbed {testbed.run_id} up in {time.monotonic() - started:.2f}s; bridge {testbed.bridge} "
+        f"({testbed.root_address}); dir {testbed.dir}"
+    )
     for host in testbed.all_hosts:
         via = f"  via {host.proxy_jump}" if host.proxy_jump else ""
         print(f"  {host.name:8} {host.address:15} netns {host.netns}{via}")
@@ -46,13 +50,20 @@ def cmd_cleanup_stale(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     for state in kept_runs():
-        print(state["run_id"], state["dir"], " ".join(h["name"] + "=" + h["address"] for h in state["hosts"]))
+        print(
+            state["run_id"],
+            state["dir"],
+            " ".join(h["name"] + "=" + h["address"] for h in state["hosts"]),
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.testbed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.testbed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create N hosts and leave them running")
     up.add_argument("hosts", type=int)
@@ -61,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--json", default="testbed.json", help="where to write the description")
     up.add_argument("--inventory", help="also write an inventory skeleton here")
     up.set_defaults(func=cmd_up)
-    sub.add_parser("down", help="remove every testbed left running by 'up'").set_defaults(func=cmd_down)
-    stale = sub.add_parser("cleanup-stale", help="remove leftovers of crashed runs (by name prefix)")
+    sub.add_parser("down", help="remove every testbed left running by 'up'").set_defaults(
+        func=cmd_down
+    )
+    stale = sub.add_parser(
+        "cleanup-stale", help="remove leftovers of crashed runs (by name prefix)"
+    )
     stale.add_argument("--all", action="store_true", help="also remove runs kept by 'up'")
     stale.set_defaults(func=cmd_cleanup_stale)
     sub.add_parser("list", help="show runs kept by 'up'").set_defaults(func=cmd_list)

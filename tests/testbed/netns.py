@@ -30,9 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+
+from stackctl.testing import WaitTimeout, wait_until
 
 PREFIX = "stktb"
 STATE_DIR = Path("/run/stackctl-testbed")
@@ -42,7 +44,9 @@ SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 BASTION_NAME = "bastion"
 ROOT_SSH_DIR = Path("/root/.ssh")  # each host gets its own, bind-mounted over this one
-SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sshd's own default for root
+SESSION_PATH = (
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sshd's own default for root
+)
 
 
 class TestbedError(RuntimeError):
@@ -91,7 +95,9 @@ class TestHost:
         return self.dir / "ssh_host_ed25519_key"
 
 
-def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+def run(
+    cmd: Sequence[str], *, check: bool = True, timeout: float = 30, **kw
+) -> subprocess.CompletedProcess:
     """subprocess.run with text output captured, and an error that shows the command's stderr."""
     proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
@@ -115,6 +121,7 @@ def environment_problem() -> str | None:
 
 
 # ---------------------------------------------------------------- state files (run registry)
+
 
 def _state_path(run_id: str) -> Path:
     return STATE_DIR / f"{run_id}.json"
@@ -191,6 +198,7 @@ def ensure_test_users() -> None:
 
 # ---------------------------------------------------------------- the testbed
 
+
 @dataclass
 class Testbed:
     """N SSH hosts in network namespaces behind one bridge; use as a context manager.
@@ -258,13 +266,13 @@ class Testbed:
         raise KeyError(name)
 
     # ----------------------------------------------------------- lifecycle
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
 
-    def start(self) -> "Testbed":
+    def start(self) -> Testbed:
         """Create every host and wait until each sshd answers; cleans up on any failure."""
         if not self.keep:
             atexit.register(self.cleanup)
@@ -297,9 +305,14 @@ class Testbed:
 
     def _plan_hosts(self) -> None:
         def new_host(name: str, index: int) -> TestHost:
-            return TestHost(name=name, address=str(self.network[10 + index]),
-                            netns=f"{PREFIX}-{self.run_id}-{index}", key_path=self.client_key,
-                            dir=self.dir / name, deploy_dir=self.deploy_dir)
+            return TestHost(
+                name=name,
+                address=str(self.network[10 + index]),
+                netns=f"{PREFIX}-{self.run_id}-{index}",
+                key_path=self.client_key,
+                dir=self.dir / name,
+                deploy_dir=self.deploy_dir,
+            )
 
         self.hosts = [new_host(f"h{i}", i) for i in range(1, self.n_hosts + 1)]
         if self.bastion:
@@ -310,8 +323,20 @@ class Testbed:
                     host.proxy_jump = BASTION_NAME
 
     def _make_keys_and_bridge(self) -> None:
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{PREFIX}-client",
-             "-f", str(self.client_key)])
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"{PREFIX}-client",
+                "-f",
+                str(self.client_key),
+            ]
+        )
         self.authorized_keys.write_text(Path(f"{self.client_key}.pub").read_text())
         # sshd reads authorized_keys as the logging-in user: let non-root users reach it.
         os.chmod(self.dir, 0o711)
@@ -331,7 +356,20 @@ class Testbed:
     def _create_host(self, host: TestHost) -> None:
         host.deploy_source.mkdir(parents=True)
         host.bin_dir.mkdir()
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host.name, "-f", str(host.host_key)])
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                host.name,
+                "-f",
+                str(host.host_key),
+            ]
+        )
         host.sshd_config.write_text(self._sshd_config(host))
         self._plumb_network(host)
         self._start_holder(host)
@@ -354,32 +392,70 @@ class Testbed:
         # Its own /etc/hosts naming every testbed host, as a real host resolves its own name
         # (sudo warns "unable to resolve host" on every call otherwise).
         hosts_file = host.dir / "hosts"
-        hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{h.address} {h.name}\n" for h in self.all_hosts))
+        hosts_file.write_text(
+            "127.0.0.1 localhost\n" + "".join(f"{h.address} {h.name}\n" for h in self.all_hosts)
+        )
         # And its own ~/.ssh for root (sshd also reads .ssh/authorized_keys, as on a real host: `up`
         # authorizes its host-to-host model copies there), never the machine's real one.
         host.root_ssh_dir.mkdir(mode=0o700)
-        script = ('hostname "$1" && mount --bind "$2" "$3" && mount --bind "$5" /etc/hosts && mount --bind "$6" "$7" '
-                  '&& : > "$4" && exec sleep infinity')
+        script = (
+            'hostname "$1" && mount --bind "$2" "$3" && mount --bind "$5" /etc/hosts && mount --bind "$6" "$7" '
+            '&& : > "$4" && exec sleep infinity'
+        )
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--propagation", "private",
-             "sh", "-c", script, "holder", host.name, str(host.deploy_source), self.deploy_dir, str(ready), str(hosts_file),
-             str(host.root_ssh_dir), str(ROOT_SSH_DIR)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(host.dir / "holder.log", "w"),
-            start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                host.netns,
+                "unshare",
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "holder",
+                host.name,
+                str(host.deploy_source),
+                self.deploy_dir,
+                str(ready),
+                str(hosts_file),
+                str(host.root_ssh_dir),
+                str(ROOT_SSH_DIR),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(host.dir / "holder.log", "w"),  # noqa: SIM115 - the holder's stderr while it lives
+            start_new_session=True,
+        )
         self._procs[f"holder:{host.name}"] = proc
         host.holder_pid = proc.pid
         _wait_for(lambda: ready.exists() or proc.poll() is not None, 10, f"{host.name} namespaces")
         if proc.poll() is not None:
-            raise TestbedError(f"{host.name}: namespace holder died: {(host.dir / 'holder.log').read_text()}")
+            raise TestbedError(
+                f"{host.name}: namespace holder died: {(host.dir / 'holder.log').read_text()}"
+            )
 
     def _sshd_config(self, host: TestHost) -> str:
         lines = [
-            "Port 22", "ListenAddress 0.0.0.0",
-            f"HostKey {host.host_key}", f"PidFile {host.dir / 'sshd.pid'}",
+            "Port 22",
+            "ListenAddress 0.0.0.0",
+            f"HostKey {host.host_key}",
+            f"PidFile {host.dir / 'sshd.pid'}",
             f"AuthorizedKeysFile {self.authorized_keys} .ssh/authorized_keys",
-            "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no", "UseDNS no",
-            "AllowTcpForwarding yes", "MaxStartups 200", "MaxSessions 100", "LogLevel VERBOSE",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password",
+            "UsePAM no",
+            "StrictModes no",
+            "UseDNS no",
+            "AllowTcpForwarding yes",
+            "MaxStartups 200",
+            "MaxSessions 100",
+            "LogLevel VERBOSE",
             f"Subsystem sftp {SFTP_SERVER}",
             f"SetEnv PATH={host.bin_dir}:{SESSION_PATH}",  # the hosts share /usr: per-host tools go in bin_dir
         ]
@@ -394,11 +470,19 @@ class Testbed:
         for host in self.all_hosts:
             public = Path(f"{host.host_key}.pub").read_text().split()
             known.append(f"{host.name},{host.address} {public[0]} {public[1]}")
-            config += [f"Host {host.name} {host.address}", f"    HostName {host.address}",
-                       f"    Port {host.port}", f"    User {host.user}",
-                       f"    IdentityFile {self.client_key}", "    IdentitiesOnly yes",
-                       f"    UserKnownHostsFile {self.known_hosts}", "    GlobalKnownHostsFile /dev/null",
-                       "    StrictHostKeyChecking yes", "    BatchMode yes", "    ConnectTimeout 5"]
+            config += [
+                f"Host {host.name} {host.address}",
+                f"    HostName {host.address}",
+                f"    Port {host.port}",
+                f"    User {host.user}",
+                f"    IdentityFile {self.client_key}",
+                "    IdentitiesOnly yes",
+                f"    UserKnownHostsFile {self.known_hosts}",
+                "    GlobalKnownHostsFile /dev/null",
+                "    StrictHostKeyChecking yes",
+                "    BatchMode yes",
+                "    ConnectTimeout 5",
+            ]
             if host.proxy_jump:
                 config.append(f"    ProxyJump {host.proxy_jump}")
             config.append("")
@@ -411,10 +495,14 @@ class Testbed:
         host = self._resolve(host)
         if self.sshd_running(host):
             return
-        log = open(host.dir / "sshd.log", "a")
+        log = open(host.dir / "sshd.log", "a")  # noqa: SIM115 - sshd's output while it lives
         proc = subprocess.Popen(
             [*self._nsenter(host), SSHD, "-D", "-e", "-f", str(host.sshd_config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         self._procs[f"sshd:{host.name}"] = proc
         host.sshd_pid = proc.pid
         if wait:
@@ -426,8 +514,11 @@ class Testbed:
         proc = self._procs.pop(f"sshd:{host.name}", None)
         if host.sshd_pid and _pid_alive(host.sshd_pid):
             os.kill(host.sshd_pid, signal.SIGTERM)
-            _wait_for(lambda: not _pid_alive(host.sshd_pid) or (proc and proc.poll() is not None),
-                      5, f"{host.name} sshd to stop")
+            _wait_for(
+                lambda: not _pid_alive(host.sshd_pid) or (proc and proc.poll() is not None),
+                5,
+                f"{host.name} sshd to stop",
+            )
         if proc:
             proc.wait(5)
         host.sshd_pid = None
@@ -442,7 +533,11 @@ class Testbed:
     def wait_ssh(self, host: TestHost | str, timeout: float = 10) -> None:
         """Wait until the host's sshd sends its banner (AllowUsers only bites after the banner)."""
         host = self._resolve(host)
-        _wait_for(lambda: _banner(host.address, host.port), timeout, f"sshd on {host.name} ({host.address})")
+        _wait_for(
+            lambda: _banner(host.address, host.port),
+            timeout,
+            f"sshd on {host.name} ({host.address})",
+        )
 
     def set_link(self, host: TestHost | str, up: bool) -> None:
         """Take the host's cable out (connections time out) or put it back."""
@@ -453,18 +548,27 @@ class Testbed:
     def _nsenter(self, host: TestHost) -> list[str]:
         return ["nsenter", f"--target={host.holder_pid}", "--net", "--mount", "--uts", "--"]
 
-    def exec_in(self, host: TestHost | str, cmd: str | Sequence[str], *, check: bool = True,
-                timeout: float = 30) -> subprocess.CompletedProcess:
+    def exec_in(
+        self,
+        host: TestHost | str,
+        cmd: str | Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 30,
+    ) -> subprocess.CompletedProcess:
         """Run a command inside the host's namespaces without SSH (a string goes to bash -c)."""
         host = self._resolve(host)
         argv = ["bash", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         return run([*self._nsenter(host), *argv], check=check, timeout=timeout)
 
-    def ssh(self, host: TestHost | str, cmd: str, *, check: bool = True,
-            timeout: float = 30) -> subprocess.CompletedProcess:
+    def ssh(
+        self, host: TestHost | str, cmd: str, *, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
         """Run a command over real SSH with the testbed's client config (strict host keys)."""
         host = self._resolve(host)
-        return run(["ssh", "-F", str(self.ssh_config), host.name, cmd], check=check, timeout=timeout)
+        return run(
+            ["ssh", "-F", str(self.ssh_config), host.name, cmd], check=check, timeout=timeout
+        )
 
     def pids(self, host: TestHost | str) -> list[int]:
         """Every process living in the host's network namespace."""
@@ -472,7 +576,9 @@ class Testbed:
         out = run(["ip", "netns", "pids", host.netns], check=False).stdout
         return [int(pid) for pid in out.split()]
 
-    def fabric_connection(self, host: TestHost | str, *, strict: bool = True, use_ssh_config: bool = True):
+    def fabric_connection(
+        self, host: TestHost | str, *, strict: bool = True, use_ssh_config: bool = True
+    ):
         """A Fabric Connection to the host; strict checks every hop against known_hosts.
 
         Fabric gives each Connection (gateways included) an AutoAddPolicy and never reads
@@ -486,8 +592,12 @@ class Testbed:
             config = fabric.Config(runtime_ssh_path=str(self.ssh_config))
             conn = fabric.Connection(host.name, config=config)
         else:
-            conn = fabric.Connection(host=host.address, user=host.user, port=host.port,
-                                     connect_kwargs={"key_filename": str(host.key_path)})
+            conn = fabric.Connection(
+                host=host.address,
+                user=host.user,
+                port=host.port,
+                connect_kwargs={"key_filename": str(host.key_path)},
+            )
         hop = conn
         while strict and isinstance(hop, fabric.Connection):
             hop.client.load_host_keys(str(self.known_hosts))
@@ -502,19 +612,28 @@ class Testbed:
     def inventory_ssh_block(self, user: str = "root") -> dict:
         """The ``ssh:`` block of a stackctl inventory for these hosts (``user``: e.g.
         SUDO_USER, after ensure_test_users())."""
-        return {"user": user, "port": 22, "key": str(self.client_key),
-                "known_hosts": str(self.known_hosts), "config": str(self.ssh_config)}
+        return {
+            "user": user,
+            "port": 22,
+            "key": str(self.client_key),
+            "known_hosts": str(self.known_hosts),
+            "config": str(self.ssh_config),
+        }
 
     def inventory_hosts(self) -> list[dict]:
         return [{"name": h.name, "address": h.address} for h in self.hosts]
 
-    def write_inventory(self, path: Path | str, engine_hosts: int | None = None, head: bool = True,
-                        extra: dict | None = None) -> Path:
+    def write_inventory(
+        self,
+        path: Path | str,
+        engine_hosts: int | None = None,
+        head: bool = True,
+        extra: dict | None = None,
+    ) -> Path:
         """A JSON (hence YAML) inventory skeleton: the lead's format owns the other keys via ``extra``."""
         hosts = self.inventory_hosts()
         engines = hosts[: engine_hosts if engine_hosts is not None else len(hosts)]
-        data = {"ssh": self.inventory_ssh_block(), "hosts": engines,
-                "deploy_dir": self.deploy_dir}
+        data = {"ssh": self.inventory_ssh_block(), "hosts": engines, "deploy_dir": self.deploy_dir}
         if head:
             data["head"] = hosts[0]["name"]
         data.update(extra or {})
@@ -524,16 +643,27 @@ class Testbed:
 
     def describe(self) -> dict:
         """Everything a person or a script needs: hosts, ssh files, namespaces."""
-        return {"run_id": self.run_id, "dir": str(self.dir), "bridge": self.bridge,
-                "root_address": self.root_address, "ssh": self.inventory_ssh_block(),
-                "hosts": [{**_host_dict(h)} for h in self.all_hosts]}
+        return {
+            "run_id": self.run_id,
+            "dir": str(self.dir),
+            "bridge": self.bridge,
+            "root_address": self.root_address,
+            "ssh": self.inventory_ssh_block(),
+            "hosts": [{**_host_dict(h)} for h in self.all_hosts],
+        }
 
     # ----------------------------------------------------------- cleanup
     def _save_state(self) -> None:
-        state = {"run_id": self.run_id, "slot": self.slot, "dir": str(self.dir),
-                 "owner_pid": None if self.keep else os.getpid(), "bridge": self.bridge,
-                 "deploy_dir": self.deploy_dir, "made_mountpoint": self._made_mountpoint,
-                 "hosts": [_host_dict(h) for h in self.all_hosts]}
+        state = {
+            "run_id": self.run_id,
+            "slot": self.slot,
+            "dir": str(self.dir),
+            "owner_pid": None if self.keep else os.getpid(),
+            "bridge": self.bridge,
+            "deploy_dir": self.deploy_dir,
+            "made_mountpoint": self._made_mountpoint,
+            "hosts": [_host_dict(h) for h in self.all_hosts],
+        }
         _state_path(self.run_id).write_text(json.dumps(state, indent=2))
 
     def cleanup(self) -> None:
@@ -560,8 +690,10 @@ def _exit_on_sigterm() -> None:
     """Turn SIGTERM (CI timeouts, kill) into SystemExit so finalizers and atexit still clean up."""
     import threading
 
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
@@ -575,12 +707,11 @@ def _banner(address: str, port: int) -> bool:
 
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TestbedError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-        interval = min(interval * 1.5, 0.2)
+    """stackctl.testing.wait_until, failing as a TestbedError (what callers of the testbed catch)."""
+    try:
+        wait_until(predicate, timeout, interval=interval, max_interval=0.2, what=what)
+    except WaitTimeout as exc:
+        raise TestbedError(str(exc)) from None
 
 
 def kill_netns_processes(netns: str, timeout: float = 5) -> None:
@@ -598,8 +729,12 @@ def kill_netns_processes(netns: str, timeout: float = 5) -> None:
         time.sleep(0.05)
 
 
-def cleanup_run(run_id: str, netns: Iterable[str] = (), dir: Path | str | None = None,
-                mountpoint: str | None | bool = None) -> list[str]:
+def cleanup_run(
+    run_id: str,
+    netns: Iterable[str] = (),
+    dir: Path | str | None = None,
+    mountpoint: str | None | bool = None,
+) -> list[str]:
     """Remove one run's processes, namespaces, links, temp dir and state file; return what went."""
     removed = []
     names = set(netns) | {ns for ns in list_netns() if ns.startswith(f"{PREFIX}-{run_id}-")}
@@ -609,9 +744,9 @@ def cleanup_run(run_id: str, netns: Iterable[str] = (), dir: Path | str | None =
         if run(["ip", "netns", "del", ns], check=False).returncode == 0:
             removed.append(f"netns {ns}")
     for link in list_links():
-        if link == f"{PREFIX}{run_id}" or link.startswith(f"{PREFIX}{run_id}v"):
-            if run(["ip", "link", "del", link], check=False).returncode == 0:
-                removed.append(f"link {link}")
+        mine = link == f"{PREFIX}{run_id}" or link.startswith(f"{PREFIX}{run_id}v")
+        if mine and run(["ip", "link", "del", link], check=False).returncode == 0:
+            removed.append(f"link {link}")
     if dir and Path(dir).exists():
         shutil.rmtree(dir, ignore_errors=True)
         removed.append(f"dir {dir}")
@@ -634,9 +769,16 @@ def list_links() -> list[str]:
 
 
 def _run_ids_on_machine() -> set[str]:
-    ids = {ns.split("-")[1] for ns in list_netns() if ns.startswith(f"{PREFIX}-") and ns.count("-") == 2}
-    ids |= {link[len(PREFIX):len(PREFIX) + 4] for link in list_links()
-            if link.startswith(PREFIX) and len(link) >= len(PREFIX) + 4}
+    ids = {
+        ns.split("-")[1]
+        for ns in list_netns()
+        if ns.startswith(f"{PREFIX}-") and ns.count("-") == 2
+    }
+    ids |= {
+        link[len(PREFIX) : len(PREFIX) + 4]
+        for link in list_links()
+        if link.startswith(PREFIX) and len(link) >= len(PREFIX) + 4
+    }
     ids |= {state["run_id"] for state in _read_states()}
     return ids
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from stackctl.testing import wait_until
 from tests.helpers import wheelhouse as wh
 from tests.testbed.netns import PREFIX, STATE_DIR, Testbed, cleanup_stale, list_links, list_netns
 
@@ -48,6 +49,7 @@ def traces_of(testbed: Testbed) -> list[str]:
 
 # ---------------------------------------------------------------- hosts, network, namespaces
 
+
 @needs_testbed
 def test_each_host_has_its_own_address_hostname_and_loopback(testbed):
     for host in testbed.hosts:
@@ -55,7 +57,9 @@ def test_each_host_has_its_own_address_hostname_and_loopback(testbed):
         assert out.splitlines()[0] == host.name
         assert f"inet {host.address}/24" in out
         assert "UP" in out.splitlines()[-1]
-    assert [h.address for h in testbed.hosts] == ["10.213.%d.%d" % (testbed.slot, 11 + i) for i in range(3)]
+    assert [h.address for h in testbed.hosts] == [
+        f"10.213.{testbed.slot}.{11 + i}" for i in range(3)
+    ]
 
 
 @needs_testbed
@@ -72,19 +76,27 @@ def test_loopback_listener_and_processes_stay_in_their_host(testbed):
     h1, h2 = testbed.hosts[:2]
     testbed.ssh(h1, "nohup python3 -m http.server 18777 --bind 127.0.0.1 >/dev/null 2>&1&")
     probe = "exec 3<>/dev/tcp/127.0.0.1/18777"
-    deadline = time.monotonic() + 10
-    while testbed.exec_in(h1, ["bash", "-c", probe], check=False).returncode != 0:
-        assert time.monotonic() < deadline, "http.server did not come up on h1"
-        time.sleep(0.1)
-    assert testbed.exec_in(h2, ["bash", "-c", probe], check=False).returncode != 0
+
+    def listening(host) -> bool:
+        return testbed.exec_in(host, ["bash", "-c", probe], check=False).returncode == 0
+
+    wait_until(lambda: listening(h1), 10, interval=0.1, what="http.server to come up on h1")
+    assert not listening(h2)
     # the python process itself, not a shell whose command line mentions it
-    server = int(testbed.exec_in(h1, ["pgrep", "-f", "^[^ ]*python[^ ]* -m http.server 18777"]).stdout.split()[0])
+    server = int(
+        testbed.exec_in(
+            h1, ["pgrep", "-f", "^[^ ]*python[^ ]* -m http.server 18777"]
+        ).stdout.split()[0]
+    )
     assert server in testbed.pids(h1) and server not in testbed.pids(h2)
     testbed.exec_in(h1, ["kill", "-9", str(server)])
-    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
-    while testbed.exec_in(h1, ["bash", "-c", probe], check=False).returncode == 0:
-        assert time.monotonic() < deadline, "the killed server still accepts connections"
-        time.sleep(0.1)
+    # SIGKILL is delivered asynchronously
+    wait_until(
+        lambda: not listening(h1),
+        5,
+        interval=0.1,
+        what="the killed server to stop accepting connections",
+    )
 
 
 @needs_testbed
@@ -100,6 +112,7 @@ def test_deploy_dir_is_private_to_each_host(testbed):
 
 # ---------------------------------------------------------------- authentication and host keys
 
+
 @needs_testbed
 def test_fabric_connects_with_strict_host_keys(testbed):
     h1 = testbed.hosts[0]
@@ -113,10 +126,17 @@ def test_unknown_or_wrong_host_key_is_rejected(testbed, tmp_path):
 
     h1, h2 = testbed.hosts[:2]
     wrong = tmp_path / "known_hosts"
-    h2_line = next(line for line in testbed.known_hosts.read_text().splitlines() if line.startswith("h2,"))
+    h2_line = next(
+        line for line in testbed.known_hosts.read_text().splitlines() if line.startswith("h2,")
+    )
     wrong.write_text(h2_line.replace(f"h2,{h2.address}", f"h1,{h1.address}") + "\n")
-    for known_hosts, error in ((None, paramiko.SSHException), (wrong, paramiko.BadHostKeyException)):
-        conn = fabric.Connection(h1.address, user="root", connect_kwargs={"key_filename": str(h1.key_path)})
+    for known_hosts, error in (
+        (None, paramiko.SSHException),
+        (wrong, paramiko.BadHostKeyException),
+    ):
+        conn = fabric.Connection(
+            h1.address, user="root", connect_kwargs={"key_filename": str(h1.key_path)}
+        )
         if known_hosts:
             conn.client.load_host_keys(str(known_hosts))
         conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -127,13 +147,25 @@ def test_unknown_or_wrong_host_key_is_rejected(testbed, tmp_path):
 @needs_testbed
 def test_only_key_authentication_is_offered(testbed):
     denied = subprocess.run(
-        ["ssh", "-F", str(testbed.ssh_config), "-o", "PreferredAuthentications=password,keyboard-interactive",
-         "h1", "true"], capture_output=True, text=True, timeout=30)
+        [
+            "ssh",
+            "-F",
+            str(testbed.ssh_config),
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "h1",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert denied.returncode == 255
     assert "Permission denied (publickey)" in denied.stderr
 
 
 # ---------------------------------------------------------------- unreachable hosts
+
 
 @needs_testbed
 def test_stopped_sshd_refuses_then_comes_back(testbed):
@@ -164,6 +196,7 @@ def test_link_down_makes_host_time_out(testbed):
 
 # ---------------------------------------------------------------- bastion / ProxyJump
 
+
 @needs_testbed
 def test_host_behind_bastion_only_through_proxyjump(testbed_factory):
     import fabric
@@ -182,6 +215,7 @@ def test_host_behind_bastion_only_through_proxyjump(testbed_factory):
 
 # ---------------------------------------------------------------- cleanup
 
+
 @needs_testbed
 def test_cleanup_removes_everything_even_after_a_failure():
     with pytest.raises(RuntimeError):
@@ -195,9 +229,13 @@ def test_cleanup_removes_everything_even_after_a_failure():
 
 
 def start_testbed_in_subprocess() -> tuple[subprocess.Popen, dict]:
-    code = ("import json, sys, time; from tests.testbed.netns import Testbed; "
-            "tb = Testbed(1).start(); print(json.dumps(tb.describe()), flush=True); time.sleep(300)")
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    code = (
+        "import json, sys, time; from tests.testbed.netns import Testbed; "
+        "tb = Testbed(1).start(); print(json.dumps(tb.describe()), flush=True); time.sleep(300)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
     return child, json.loads(child.stdout.readline())
 
 
@@ -207,7 +245,9 @@ def test_sigterm_still_cleans_up():
     assert described["hosts"][0]["netns"] in list_netns()
     child.terminate()
     assert child.wait(30) == 128 + signal.SIGTERM
-    assert described["hosts"][0]["netns"] not in list_netns() and not Path(described["dir"]).exists()
+    assert (
+        described["hosts"][0]["netns"] not in list_netns() and not Path(described["dir"]).exists()
+    )
 
 
 @needs_testbed
@@ -226,8 +266,13 @@ def test_cleanup_stale_removes_a_crashed_run():
 @needs_testbed
 def test_script_up_writes_json_and_down_removes_it(tmp_path):
     def script(*args):
-        return subprocess.run([sys.executable, "-m", "tests.testbed", *args], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "tests.testbed", *args],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     up = script("up", "1", "--json", str(tmp_path / "tb.json"))
     assert up.returncode == 0, up.stderr
@@ -245,17 +290,22 @@ def test_inventory_ssh_block_and_inventory_file(testbed, tmp_path):
     block = testbed.inventory_ssh_block()
     assert block["user"] == "root" and block["port"] == 22
     assert Path(block["key"]).is_file() and Path(block["known_hosts"]).is_file()
-    inventory = json.loads(testbed.write_inventory(tmp_path / "inv.yaml", engine_hosts=2).read_text())
+    inventory = json.loads(
+        testbed.write_inventory(tmp_path / "inv.yaml", engine_hosts=2).read_text()
+    )
     assert [h["name"] for h in inventory["hosts"]] == ["h1", "h2"]
 
 
 # ---------------------------------------------------------------- wheelhouse
 
+
 def _fake_repo(root: Path) -> Path:
     (root / "stackctl").mkdir(parents=True)
     (root / "stackctl" / "__init__.py").write_text("__version__ = '0'\n")
-    (root / "setup.cfg").write_text("[options]\ninstall_requires =\n    fabric>=3.2\n"
-                                    "    uvloop>=0.19; sys_platform != \"win32\"\n")
+    (root / "setup.cfg").write_text(
+        "[options]\ninstall_requires =\n    fabric>=3.2\n"
+        '    uvloop>=0.19; sys_platform != "win32"\n'
+    )
     return root
 
 
@@ -264,12 +314,17 @@ def test_wheelhouse_keys_follow_sources_and_requirements(tmp_path):
     deps, project = wh.deps_key(repo), wh.project_key(repo)
     (repo / "stackctl" / "__init__.py").write_text("__version__ = '1'\n")
     assert wh.project_key(repo) != project and wh.deps_key(repo) == deps
-    (repo / "setup.cfg").write_text("[metadata]\nname = stackctl\n" + (repo / "setup.cfg").read_text())
+    (repo / "setup.cfg").write_text(
+        "[metadata]\nname = stackctl\n" + (repo / "setup.cfg").read_text()
+    )
     assert wh.deps_key(repo) == deps
     (repo / "setup.cfg").write_text((repo / "setup.cfg").read_text() + "    click>=8.1\n")
     assert wh.deps_key(repo) != deps
-    assert wh.runtime_requirements(repo) == ["fabric>=3.2", 'uvloop>=0.19; sys_platform != "win32"',
-                                             "click>=8.1"]
+    assert wh.runtime_requirements(repo) == [
+        "fabric>=3.2",
+        'uvloop>=0.19; sys_platform != "win32"',
+        "click>=8.1",
+    ]
 
 
 @needs_testbed
@@ -277,18 +332,25 @@ def test_wheelhouse_keys_follow_sources_and_requirements(tmp_path):
 def test_stackctl_installs_from_wheelhouse_on_a_host_without_internet(testbed, wheelhouse):
     h2 = testbed.hosts[1]
     started = time.monotonic()
-    testbed.ssh(h2, "python3 -m venv /opt/stackctl/venv && PIP_CONFIG_FILE=/dev/null "
-                    f"/opt/stackctl/venv/bin/pip install -q --no-index --find-links {wheelhouse} stackctl",
-                timeout=300)
+    testbed.ssh(
+        h2,
+        "python3 -m venv /opt/stackctl/venv && PIP_CONFIG_FILE=/dev/null "
+        f"/opt/stackctl/venv/bin/pip install -q --no-index --find-links {wheelhouse} stackctl",
+        timeout=300,
+    )
     elapsed = time.monotonic() - started
-    out = testbed.ssh(h2, "/opt/stackctl/venv/bin/python -c "
-                          "'import stackctl, fabric, aiohttp, supervisor; print(stackctl.__file__)'").stdout
+    out = testbed.ssh(
+        h2,
+        "/opt/stackctl/venv/bin/python -c "
+        "'import stackctl, fabric, aiohttp, supervisor; print(stackctl.__file__)'",
+    ).stdout
     assert out.startswith("/opt/stackctl/venv/")
     print(f"venv + install from wheelhouse on {h2.name}: {elapsed:.1f}s")
     testbed.exec_in(h2, "rm -rf /opt/stackctl/venv")
 
 
 # ---------------------------------------------------------------- skip here, fail under CI
+
 
 @pytest.mark.parametrize("ci, outcome", [("", pytest.skip.Exception), ("1", pytest.fail.Exception)])
 def test_missing_testbed_skips_locally_but_fails_under_ci(monkeypatch, ci, outcome):

@@ -11,12 +11,19 @@ from aiohttp import web
 from stackctl.bench.client import chat_completions_url, new_session, stream_chat
 from stackctl.bench.workload import RequestSpec
 
-SPEC = RequestSpec(user_id=7, round_index=1, messages=({"role": "user", "content": "hi there"},),
-                   max_tokens=3, prompt_tokens=4)
+SPEC = RequestSpec(
+    user_id=7,
+    round_index=1,
+    messages=({"role": "user", "content": "hi there"},),
+    max_tokens=3,
+    prompt_tokens=4,
+)
 
 
 def sse(*chunks) -> bytes:
-    return b"".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n".encode() for c in chunks)
+    return b"".join(
+        f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n".encode() for c in chunks
+    )
 
 
 def delta(text):
@@ -45,7 +52,9 @@ async def call(handler, **options):
 def test_chat_completions_url():
     assert chat_completions_url("http://h:1") == "http://h:1/v1/chat/completions"
     assert chat_completions_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
-    assert chat_completions_url("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
+    assert (
+        chat_completions_url("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
+    )
 
 
 async def test_streamed_reply_is_timed_and_sent_as_asked():
@@ -60,8 +69,19 @@ async def test_streamed_reply_is_timed_and_sent_as_asked():
         for word in ("a", " b", " c"):
             await resp.write(sse(delta(word)))
             await asyncio.sleep(0.02)
-        await resp.write(sse({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3,
-                                                       "prompt_tokens_details": {"cached_tokens": 2}}}, "[DONE]"))
+        await resp.write(
+            sse(
+                {
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 4,
+                        "completion_tokens": 3,
+                        "prompt_tokens_details": {"cached_tokens": 2},
+                    },
+                },
+                "[DONE]",
+            )
+        )
         return resp
 
     out = await call(handler, api_key="sekret")
@@ -71,17 +91,43 @@ async def test_streamed_reply_is_timed_and_sent_as_asked():
     assert out.usage["prompt_tokens_details"]["cached_tokens"] == 2
     body = seen["body"]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
-    assert body["max_tokens"] == 3 and body["messages"] == list(SPEC.messages) and body["ignore_eos"] is True
-    assert seen["headers"]["Authorization"] == "Bearer sekret" and seen["headers"]["x-user-id"] == "7"
+    assert (
+        body["max_tokens"] == 3
+        and body["messages"] == list(SPEC.messages)
+        and body["ignore_eos"] is True
+    )
+    assert (
+        seen["headers"]["Authorization"] == "Bearer sekret" and seen["headers"]["x-user-id"] == "7"
+    )
 
 
-@pytest.mark.parametrize("reply, status, message", [
-    (lambda r: web.json_response({"error": {"message": "overloaded"}}, status=503), 503, "HTTP 503"),
-    (lambda r: web.Response(body=sse({"error": {"message": "engine died"}}), content_type="text/event-stream"),
-     200, "stream error: engine died"),
-    (lambda r: web.Response(body=sse("[DONE]"), content_type="text/event-stream"), 200, "no tokens received"),
-    (lambda r: web.Response(body=b"data: {not json\n\n", content_type="text/event-stream"), 200, "JSONDecodeError"),
-])
+@pytest.mark.parametrize(
+    "reply, status, message",
+    [
+        (
+            lambda r: web.json_response({"error": {"message": "overloaded"}}, status=503),
+            503,
+            "HTTP 503",
+        ),
+        (
+            lambda r: web.Response(
+                body=sse({"error": {"message": "engine died"}}), content_type="text/event-stream"
+            ),
+            200,
+            "stream error: engine died",
+        ),
+        (
+            lambda r: web.Response(body=sse("[DONE]"), content_type="text/event-stream"),
+            200,
+            "no tokens received",
+        ),
+        (
+            lambda r: web.Response(body=b"data: {not json\n\n", content_type="text/event-stream"),
+            200,
+            "JSONDecodeError",
+        ),
+    ],
+)
 async def test_failures_become_errors(reply, status, message):
     async def handler(request):
         return reply(request)

@@ -12,8 +12,19 @@ from stackctl.bench.workload import Workload
 
 
 def scenario(users: int) -> Scenario:
-    return Scenario(users=users, rounds=3, system_prompt_tokens=4, history_tokens=6, question_tokens=2,
-                    answer_tokens=2, qps=(1.0,), duration_s=1.0, warmup_s=0.0, stagger=False, turn_order="cyclic")
+    return Scenario(
+        users=users,
+        rounds=3,
+        system_prompt_tokens=4,
+        history_tokens=6,
+        question_tokens=2,
+        answer_tokens=2,
+        qps=(1.0,),
+        duration_s=1.0,
+        warmup_s=0.0,
+        stagger=False,
+        turn_order="cyclic",
+    )
 
 
 def test_arrival_times():
@@ -84,7 +95,9 @@ async def test_lag_is_recorded_when_no_user_is_idle():
 async def test_drain_timeout_cancels_and_frees_users():
     server = FakeServer(service_s=10.0)
     workload = Workload(scenario(users=3))
-    stats = await run_paced(workload, qps=20.0, duration_s=0.1, send=server.send, drain_timeout_s=0.1)
+    stats = await run_paced(
+        workload, qps=20.0, duration_s=0.1, send=server.send, drain_timeout_s=0.1
+    )
     assert stats.cancelled == stats.launched == 2
     assert workload.in_flight == 0 and workload.idle_users == 3
     assert stats.elapsed_s < 1.0

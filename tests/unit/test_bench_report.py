@@ -14,20 +14,56 @@ import pytest
 from stackctl.bench.client import Record, StreamOutcome, fill_record, percentile
 from stackctl.bench.metrics import cache_stats, parse_counters
 from stackctl.bench.report import comparison_rows, point_rows, write_report
-from stackctl.bench.runner import AvailabilityResult, PointResult, Probe, load_results, save_sweep, SweepResult
+from stackctl.bench.runner import (
+    AvailabilityResult,
+    PointResult,
+    Probe,
+    SweepResult,
+    load_results,
+    save_sweep,
+)
 
 
-def record(profile="naive", qps=1.0, ttft=1.0, output=10, error=None, user=0, round_=1, phase="measure"):
-    return Record(profile=profile, qps_target=qps, phase=phase, user=user, round=round_, scheduled_s=0.0,
-                  start_s=0.0, start_time=0.0, launch_lag_s=0.0, waited_for_idle_user=False, max_tokens=10,
-                  prompt_tokens_sent=100, prompt_tokens=100, cached_tokens=50, output_tokens=output,
-                  ttft_s=None if error else ttft, e2e_s=ttft + 0.5, error=error, status=500 if error else 200)
+def record(
+    profile="naive", qps=1.0, ttft=1.0, output=10, error=None, user=0, round_=1, phase="measure"
+):
+    return Record(
+        profile=profile,
+        qps_target=qps,
+        phase=phase,
+        user=user,
+        round=round_,
+        scheduled_s=0.0,
+        start_s=0.0,
+        start_time=0.0,
+        launch_lag_s=0.0,
+        waited_for_idle_user=False,
+        max_tokens=10,
+        prompt_tokens_sent=100,
+        prompt_tokens=100,
+        cached_tokens=50,
+        output_tokens=output,
+        ttft_s=None if error else ttft,
+        e2e_s=ttft + 0.5,
+        error=error,
+        status=500 if error else 200,
+    )
 
 
 def point(profile, qps, elapsed=10.0, gpu=None):
-    return PointResult(profile, qps, {"achieved_qps": qps, "elapsed_s": elapsed, "lag_p99_s": 0.001,
-                                      "lag_max_s": 0.002, "waited_for_idle_user": 0, "missed": 0},
-                       {"gpu_hit_rate": gpu, "cpu_hit_rate": None})
+    return PointResult(
+        profile,
+        qps,
+        {
+            "achieved_qps": qps,
+            "elapsed_s": elapsed,
+            "lag_p99_s": 0.001,
+            "lag_max_s": 0.002,
+            "waited_for_idle_user": 0,
+            "missed": 0,
+        },
+        {"gpu_hit_rate": gpu, "cpu_hit_rate": None},
+    )
 
 
 @pytest.mark.parametrize("q", [0, 10, 50, 90, 99, 100])
@@ -65,13 +101,25 @@ def test_comparison_ratio_naive_over_optimized():
 
 
 def test_fill_record_reads_usage_and_gaps():
-    out = StreamOutcome(answer="a b", ttft_s=0.2, e2e_s=0.5, gaps=[0.1, 0.2, 0.3], content_chunks=4,
-                        usage={"prompt_tokens": 120, "completion_tokens": 4,
-                               "prompt_tokens_details": {"cached_tokens": 96}}, status=200)
+    out = StreamOutcome(
+        answer="a b",
+        ttft_s=0.2,
+        e2e_s=0.5,
+        gaps=[0.1, 0.2, 0.3],
+        content_chunks=4,
+        usage={
+            "prompt_tokens": 120,
+            "completion_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 96},
+        },
+        status=200,
+    )
     r = fill_record(record(), out)
     assert (r.prompt_tokens, r.cached_tokens, r.output_tokens) == (120, 96, 4)
     assert r.itl_mean_s == pytest.approx(0.2) and r.itl_max_s == pytest.approx(0.3)
-    r2 = fill_record(record(), StreamOutcome(ttft_s=0.1, e2e_s=0.2, gaps=[], content_chunks=3, usage=None))
+    r2 = fill_record(
+        record(), StreamOutcome(ttft_s=0.1, e2e_s=0.2, gaps=[], content_chunks=3, usage=None)
+    )
     assert r2.output_tokens == 3 and r2.cached_tokens is None
 
 
@@ -88,11 +136,15 @@ vllm:num_requests_running{{engine="0",model_name="m"}} 3
 
 
 def test_parse_counters_and_hit_rates():
-    before = {"a": parse_counters(METRICS.format(q=100, h=10, eq=100, eh=0, g=5)),
-              "b": parse_counters(METRICS.format(q=50, h=0, eq=0, eh=0, g=0))}
-    after = {"a": parse_counters(METRICS.format(q=1100, h=810, eq=1100, eh=200, g=105)),
-             "b": parse_counters(METRICS.format(q=30, h=20, eq=0, eh=0, g=7)),  # restarted: reset
-             "c": "ClientConnectorError: refused"}
+    before = {
+        "a": parse_counters(METRICS.format(q=100, h=10, eq=100, eh=0, g=5)),
+        "b": parse_counters(METRICS.format(q=50, h=0, eq=0, eh=0, g=0)),
+    }
+    after = {
+        "a": parse_counters(METRICS.format(q=1100, h=810, eq=1100, eh=200, g=105)),
+        "b": parse_counters(METRICS.format(q=30, h=20, eq=0, eh=0, g=7)),  # restarted: reset
+        "c": "ClientConnectorError: refused",
+    }
     assert before["a"]["vllm:prefix_cache_queries_total"] == 100
     stats = cache_stats(before, after)
     assert stats.engines == 2
@@ -107,16 +159,31 @@ def test_write_report_files(tmp_path):
     records = []
     for profile, scale in (("naive", 1.0), ("optimized", 0.4)):
         for qps in (0.5, 1.0, 2.0):
-            records += [record(profile, qps, ttft=scale * qps * (1 + i / 10), user=i) for i in range(5)]
+            records += [
+                record(profile, qps, ttft=scale * qps * (1 + i / 10), user=i) for i in range(5)
+            ]
     records.append(record("naive", 2.0, error="HTTP 503: no engine"))
     points = [point(p, q, gpu=0.5) for p in ("naive", "optimized") for q in (0.5, 1.0, 2.0)]
     availability = AvailabilityResult(
-        "optimized", 1.0, 6.0,
-        [Probe(float(t), t not in (2, 3), None if t in (2, 3) else 0.05 + t / 100, 200, None) for t in range(6)],
-        [record("optimized", 1.0, phase="background")], [(2.0, "stop engine gpu01-0")])
+        "optimized",
+        1.0,
+        6.0,
+        [
+            Probe(float(t), t not in (2, 3), None if t in (2, 3) else 0.05 + t / 100, 200, None)
+            for t in range(6)
+        ],
+        [record("optimized", 1.0, phase="background")],
+        [(2.0, "stop engine gpu01-0")],
+    )
     paths = write_report(tmp_path, records, points, [availability])
-    for key in ("requests_csv", "summary_json", "summary_md", "ttft_plot", "throughput_plot",
-                "availability_optimized"):
+    for key in (
+        "requests_csv",
+        "summary_json",
+        "summary_md",
+        "ttft_plot",
+        "throughput_plot",
+        "availability_optimized",
+    ):
         assert paths[key].exists(), key
     for key in ("ttft_plot", "throughput_plot", "availability_optimized"):
         data = paths[key].read_bytes()
@@ -161,8 +228,11 @@ def test_bench_says_plots_are_missing_before_it_deploys(tmp_path, monkeypatch):
         raise StackctlError("stop here")
 
     monkeypatch.setattr(benchcmd, "up", up)
-    options = benchcmd.BenchOptions(inventory=Path(__file__).parents[2] / "inventory" / "local.yaml",
-                                    profiles=["naive"], out_dir=tmp_path)
+    options = benchcmd.BenchOptions(
+        inventory=Path(__file__).parents[2] / "inventory" / "local.yaml",
+        profiles=["naive"],
+        out_dir=tmp_path,
+    )
     with pytest.raises(StackctlError):
         benchcmd.run_bench(options, lambda message: True, said.append)
     assert "matplotlib is not installed" in said[0] and "stackctl[bench]" in said[0]

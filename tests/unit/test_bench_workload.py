@@ -15,8 +15,20 @@ SCENARIOS = Path(__file__).resolve().parents[2] / "benchmarks" / "scenarios"
 
 
 def small(**changes) -> Scenario:
-    base = dict(users=3, rounds=4, system_prompt_tokens=37, history_tokens=101, question_tokens=7,
-                answer_tokens=5, qps=(1.0,), duration_s=1.0, warmup_s=0.0, seed=1, stagger=False, turn_order="cyclic")
+    base = dict(
+        users=3,
+        rounds=4,
+        system_prompt_tokens=37,
+        history_tokens=101,
+        question_tokens=7,
+        answer_tokens=5,
+        qps=(1.0,),
+        duration_s=1.0,
+        warmup_s=0.0,
+        seed=1,
+        stagger=False,
+        turn_order="cyclic",
+    )
     base.update(changes)
     return Scenario(**base)
 
@@ -120,18 +132,32 @@ def test_deterministic_by_seed():
 
 def test_sharegpt_turns_become_questions(tmp_path):
     data = [
-        {"id": "a", "conversations": [
-            {"from": "human", "value": "What is a cache?"},
-            {"from": "gpt", "value": "A cache keeps results close so they are fast to reuse later."},
-            {"from": "human", "value": "And a prefix cache?"},
-            {"from": "gpt", "value": "It reuses attention keys and values."}]},
-        {"id": "b", "conversations": [{"from": "system", "value": "ignored"},
-                                      {"from": "human", "value": "Hello there"},
-                                      {"from": "gpt", "value": "Hi"}]},
+        {
+            "id": "a",
+            "conversations": [
+                {"from": "human", "value": "What is a cache?"},
+                {
+                    "from": "gpt",
+                    "value": "A cache keeps results close so they are fast to reuse later.",
+                },
+                {"from": "human", "value": "And a prefix cache?"},
+                {"from": "gpt", "value": "It reuses attention keys and values."},
+            ],
+        },
+        {
+            "id": "b",
+            "conversations": [
+                {"from": "system", "value": "ignored"},
+                {"from": "human", "value": "Hello there"},
+                {"from": "gpt", "value": "Hi"},
+            ],
+        },
     ]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(data))
-    scenario = small(users=1, sharegpt=str(path), system_prompt_tokens=9, history_tokens=12, answer_tokens=6)
+    scenario = small(
+        users=1, sharegpt=str(path), system_prompt_tokens=9, history_tokens=12, answer_tokens=6
+    )
     workload = Workload(scenario)
     questions = {"What is a cache?", "And a prefix cache?", "Hello there"}
     budgets = {"What is a cache?": 6, "And a prefix cache?": 6, "Hello there": 1}
@@ -157,21 +183,28 @@ def test_sharegpt_file_without_turns_is_a_clear_error(tmp_path):
 
 def test_shipped_scenarios_load():
     reference = load_scenario(SCENARIOS / "reference.yaml")
-    assert (reference.users, reference.system_prompt_tokens, reference.history_tokens,
-            reference.answer_tokens) == (320, 1000, 20000, 100)
+    assert (
+        reference.users,
+        reference.system_prompt_tokens,
+        reference.history_tokens,
+        reference.answer_tokens,
+    ) == (320, 1000, 20000, 100)
     demo = load_scenario(SCENARIOS / "demo.yaml")
     assert demo.users < reference.users
 
 
-@pytest.mark.parametrize("text, key", [
-    ("users: 0\n", "users"),
-    ("users: many\n", "users"),
-    ("qps: [1, -2]\n", "qps"),
-    ("qps: []\n", "qps"),
-    ("histroy_tokens: 5\n", "histroy_tokens"),
-    ("duration_s: 0\n", "duration_s"),
-    ("stagger: maybe\n", "stagger"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("users: 0\n", "users"),
+        ("users: many\n", "users"),
+        ("qps: [1, -2]\n", "qps"),
+        ("qps: []\n", "qps"),
+        ("histroy_tokens: 5\n", "histroy_tokens"),
+        ("duration_s: 0\n", "duration_s"),
+        ("stagger: maybe\n", "stagger"),
+    ],
+)
 def test_bad_scenario_names_file_and_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

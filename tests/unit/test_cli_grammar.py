@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from stackctl import cli
 from stackctl.cli import main
+from stackctl.testing import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 A100 = REPO / "inventory" / "a100-8.yaml"
@@ -26,22 +27,32 @@ def run(args, *, env=None, input=None) -> tuple[int, str, str]:
     return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def local(tmp_path) -> Path:
     """Two local hosts (router + one simulated engine) in tmp_path; nothing is deployed."""
+    router_port, engine_port = free_ports(2)
     inventory = {
-        "cluster": "grammar", "python": "current", "install": False, "deploy_dir": str(tmp_path / "head"),
+        "cluster": "grammar",
+        "python": "current",
+        "install": False,
+        "deploy_dir": str(tmp_path / "head"),
         "model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
         "engine": {"kind": "sim", "bind": "127.0.0.1", "sim": {"hardware": "a100-80gb"}},
-        "router": {"host": "head", "port": free_port(), "bind": "127.0.0.1", "api_keys_env": "GRAMMAR_KEYS"},
-        "hosts": [{"name": "head", "connection": "local", "roles": ["router"]},
-                  {"name": "sim1", "connection": "local", "deploy_dir": str(tmp_path / "sim1"), "engine": {"port": free_port()}}],
+        "router": {
+            "host": "head",
+            "port": router_port,
+            "bind": "127.0.0.1",
+            "api_keys_env": "GRAMMAR_KEYS",
+        },
+        "hosts": [
+            {"name": "head", "connection": "local", "roles": ["router"]},
+            {
+                "name": "sim1",
+                "connection": "local",
+                "deploy_dir": str(tmp_path / "sim1"),
+                "engine": {"port": engine_port},
+            },
+        ],
     }
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
@@ -65,7 +76,9 @@ def hosts_in_plan(*args) -> list[str]:
 def test_hosts_take_names_and_glob_patterns_in_inventory_order():
     assert hosts_in_plan("--hosts", "gpu02,head") == ["head", "gpu02"]
     assert hosts_in_plan("-l", "gpu0[1-3]") == ["gpu01", "gpu02", "gpu03"]
-    assert hosts_in_plan("-l", "gpu0*,gpu01") == [f"gpu0{i}" for i in range(1, 9)]  # overlap: once each
+    assert hosts_in_plan("-l", "gpu0*,gpu01") == [
+        f"gpu0{i}" for i in range(1, 9)
+    ]  # overlap: once each
     assert len(hosts_in_plan()) == 9
 
 
@@ -73,11 +86,22 @@ def test_hosts_take_names_and_glob_patterns_in_inventory_order():
 def test_a_name_or_pattern_matching_no_host_is_an_error(value):
     code, out, err = run(["plan", A100, "-l", value])
     assert code == 2 and out == "", (code, out, err)
-    assert "--hosts: no host named or matching" in err and value.split(",")[-1] in err and "Hosts in this inventory: head, gpu01" in err
+    assert (
+        "--hosts: no host named or matching" in err
+        and value.split(",")[-1] in err
+        and "Hosts in this inventory: head, gpu01" in err
+    )
 
 
 def test_every_host_selecting_command_has_the_same_option(local):
-    for command in (["plan"], ["up", "--check"], ["status"], ["down"], ["logs"], ["restart", "--yes"]):
+    for command in (
+        ["plan"],
+        ["up", "--check"],
+        ["status"],
+        ["down"],
+        ["logs"],
+        ["restart", "--yes"],
+    ):
         code, _, err = run([command[0], local, *command[1:], "-l", "nosuch*"])
         assert code == 2 and "no host named or matching nosuch*" in err, (command, code, err)
 
@@ -95,24 +119,33 @@ def test_plan_json_and_yaml_are_the_same_document_without_secret_values(tmp_path
     assert code == 0 and yaml.safe_load(as_yaml) == json.loads(as_json)
     document = json.loads(as_json)
     gpu01 = document["hosts"][1]
-    assert {p["name"] for p in gpu01["programs"]} == {"engine-0"} and gpu01["files"][0]["mode"] in ("0644", "0600")
+    assert {p["name"] for p in gpu01["programs"]} == {"engine-0"} and gpu01["files"][0]["mode"] in (
+        "0644",
+        "0600",
+    )
     assert {s["from_env"] for s in gpu01["secrets"]} == {"HF_TOKEN"}
     for secret in ("hf_grammarsecretvalue0123456789", "sk-routersecret"):
         assert secret not in as_json and secret not in as_yaml
 
 
 def test_plan_out_dir_writes_the_tree_and_keeps_stdout_the_document(tmp_path):
-    code, out, err = run(["plan", A100, "-l", "gpu01", "-o", "json", "--out-dir", tmp_path / "tree"])
+    code, out, err = run(
+        ["plan", A100, "-l", "gpu01", "-o", "json", "--out-dir", tmp_path / "tree"]
+    )
     assert code == 0 and json.loads(out)["hosts"][0]["host"] == "gpu01"
     assert "wrote" in err and (tmp_path / "tree" / "gpu01" / "PLAN.txt").is_file()
-    code, out, err = run(["plan", A100, "--output", tmp_path / "tree"])  # the old spelling of --out-dir
+    code, out, err = run(
+        ["plan", A100, "--output", tmp_path / "tree"]
+    )  # the old spelling of --out-dir
     assert code == 2 and "is not one of" in err
 
 
 def test_stackctl_inventory_is_the_default_inventory(local):
     code, out, _ = run(["plan", "-o", "json"], env={"STACKCTL_INVENTORY": str(local)})
     assert code == 0 and json.loads(out)["cluster"] == "grammar"
-    code, out, _ = run(["plan", A100, "-o", "json"], env={"STACKCTL_INVENTORY": str(local)})  # an argument wins
+    code, out, _ = run(
+        ["plan", A100, "-o", "json"], env={"STACKCTL_INVENTORY": str(local)}
+    )  # an argument wins
     assert code == 0 and json.loads(out)["cluster"] == "a100-8"
     code, out, err = run(["plan"])
     assert code == 2 and "STACKCTL_INVENTORY" in err and "Traceback" not in err
@@ -121,7 +154,10 @@ def test_stackctl_inventory_is_the_default_inventory(local):
 def test_up_check_exit_3_when_something_would_change_and_changes_nothing(local, tmp_path):
     code, out, err = run(["up", local, "--check", "-o", "json"])
     assert code == 3, (out, err)
-    assert {h["name"]: h["status"] for h in json.loads(out)["hosts"]} == {"head": "would-change", "sim1": "would-change"}
+    assert {h["name"]: h["status"] for h in json.loads(out)["hosts"]} == {
+        "head": "would-change",
+        "sim1": "would-change",
+    }
     assert "change(s)" in err  # the diff, on stderr
     assert not (tmp_path / "head").exists() and not (tmp_path / "sim1").exists()
 
@@ -152,7 +188,11 @@ def test_verbose_shows_remote_commands_but_no_secret(local):
 def test_status_formats_and_the_json_alias(local):
     code, out, _ = run(["status", local, "-o", "json"])
     document = json.loads(out)
-    assert code == 1 and document["overall"] == "degraded" and [h["host"] for h in document["hosts"]] == ["head", "sim1"]
+    assert (
+        code == 1
+        and document["overall"] == "degraded"
+        and [h["host"] for h in document["hosts"]] == ["head", "sim1"]
+    )
     code, out, _ = run(["status", local, "--json", "-l", "sim*"])
     assert code == 1 and [h["host"] for h in json.loads(out)["hosts"]] == ["sim1"]
     code, out, _ = run(["status", local, "-o", "yaml"])
@@ -165,7 +205,10 @@ def test_restart_and_purge_need_yes_without_a_terminal(local, args):
     assert code == 1 and "changes need confirmation: run again with --yes" in err
 
 
-@pytest.mark.parametrize("args, refusal", [(["restart"], "nothing was restarted"), (["down", "--purge"], "nothing was purged")])
+@pytest.mark.parametrize(
+    "args, refusal",
+    [(["restart"], "nothing was restarted"), (["down", "--purge"], "nothing was purged")],
+)
 def test_restart_and_purge_ask_on_a_terminal(local, monkeypatch, args, refusal):
     monkeypatch.setattr(cli, "_interactive", lambda: True)
     code, out, err = run([args[0], local, *args[1:]], input="n\n")
@@ -202,7 +245,10 @@ def test_verbose_uploads_show_path_and_size_never_content(local, tmp_path, capsy
     finally:
         set_verbosity(0)
     err = capsys.readouterr().err
-    assert f"[head] put {tmp_path / 'keys'} (mode 0600, 17 bytes)" in err and f"[head] $ cat {tmp_path / 'keys'}" in err
+    assert (
+        f"[head] put {tmp_path / 'keys'} (mode 0600, 17 bytes)" in err
+        and f"[head] $ cat {tmp_path / 'keys'}" in err
+    )
     assert "sk-uploadedsecret" not in err
 
 
@@ -211,4 +257,7 @@ def test_rolling_restart_stops_at_the_first_failed_host(local):
     left alone rather than restarted too."""
     code, out, err = run(["restart", local, "--rolling", "--yes"])
     assert code == 1
-    assert "sim1: FAILED: command exited with" in err and "head: FAILED: not restarted: stopped after sim1 failed" in err
+    assert (
+        "sim1: FAILED: command exited with" in err
+        and "head: FAILED: not restarted: stopped after sim1 failed" in err
+    )

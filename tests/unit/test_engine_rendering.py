@@ -12,8 +12,15 @@ import pytest
 import yaml
 
 from stackctl.inventory import load_inventory
-from stackctl.plan import cache_capacity_tokens, local_url, plan_cluster, router_config_text, router_engines
+from stackctl.plan import (
+    cache_capacity_tokens,
+    local_url,
+    plan_cluster,
+    router_config_text,
+    router_engines,
+)
 from stackctl.router.config import parse_config
+from stackctl.settings import as_dict
 from stackctl.sim.config import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,8 +57,15 @@ api_keys_file: {{ api_keys_file | tojson }}
 
 
 def _old_render(cluster, api_keys_file):
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(OLD_TEMPLATE).render(router=cluster.router, engines=router_engines(cluster), api_keys_file=api_keys_file)
+    env = jinja2.Environment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env.from_string(OLD_TEMPLATE).render(
+        router=as_dict(cluster.router), engines=router_engines(cluster), api_keys_file=api_keys_file
+    )
 
 
 def _variant(tmp_path, name: str, text: str) -> Path:
@@ -63,29 +77,37 @@ def _variant(tmp_path, name: str, text: str) -> Path:
 VARIANTS = {
     "reference": lambda text: text,
     "api keys, session policy, own timeouts": lambda text: text.replace(
-        "router:\n", "router:\n  api_keys_env: ROUTER_KEYS\n  retries: 5\n  first_byte_timeout_s: 12.5\n  health_interval_s: 0.5\n", 1),
+        "router:\n",
+        "router:\n  api_keys_env: ROUTER_KEYS\n  retries: 5\n  first_byte_timeout_s: 12.5\n  health_interval_s: 0.5\n",
+        1,
+    ),
 }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_router_yaml_loads_to_the_same_router_config_as_the_old_template(variant, tmp_path):
     cluster = load_inventory(_variant(tmp_path, "inv", VARIANTS[variant](A100.read_text())))
-    head = next(p for p in plan_cluster(cluster) if p.host.name == cluster.router["host"])
+    head = next(p for p in plan_cluster(cluster) if cluster.runs_router(p.host))
     new = next(f.content for f in head.files if f.path == head.router_config)
-    keys = head.router_keys_file if cluster.router.get("api_keys_env") else None
+    keys = head.router_keys_file if cluster.router.api_keys_env else None
     old = _old_render(cluster, keys)
     assert parse_config(yaml.safe_load(new)) == parse_config(yaml.safe_load(old))
-    assert yaml.safe_load(new) == yaml.safe_load(old)  # the same document, not only the same defaults
+    assert yaml.safe_load(new) == yaml.safe_load(
+        old
+    )  # the same document, not only the same defaults
 
 
 def test_router_yaml_of_simulated_engines_keeps_their_capacity(tmp_path):
     cluster = load_inventory(REPO / "inventory" / "local.yaml")
-    head = next(p for p in plan_cluster(cluster) if p.host.name == cluster.router["host"])
+    head = next(p for p in plan_cluster(cluster) if cluster.runs_router(p.host))
     new = yaml.safe_load(router_config_text(cluster, head))
     old = yaml.safe_load(_old_render(cluster, None))
     assert new == old and parse_config(new) == parse_config(old)
     capacities = [e.get("cache_capacity_tokens") for e in new["engines"]]
-    assert capacities == [cache_capacity_tokens(cluster.host(e.host).engine, cluster.model["name"]) for e in cluster.engines]
+    assert capacities == [
+        cache_capacity_tokens(cluster.host(e.host).engine, cluster.model.name)
+        for e in cluster.engines
+    ]
 
 
 def test_drain_renders_the_planned_document_minus_the_host(tmp_path):
@@ -93,8 +115,12 @@ def test_drain_renders_the_planned_document_minus_the_host(tmp_path):
     head = next(p for p in plan_cluster(cluster) if p.host.name == "head")
     full = yaml.safe_load(router_config_text(cluster, head))
     drained = yaml.safe_load(router_config_text(cluster, head, without={"gpu03-0"}))
-    assert [e["name"] for e in drained["engines"]] == [e["name"] for e in full["engines"] if e["name"] != "gpu03-0"]
-    assert {k: v for k, v in drained.items() if k != "engines"} == {k: v for k, v in full.items() if k != "engines"}
+    assert [e["name"] for e in drained["engines"]] == [
+        e["name"] for e in full["engines"] if e["name"] != "gpu03-0"
+    ]
+    assert {k: v for k, v in drained.items() if k != "engines"} == {
+        k: v for k, v in full.items() if k != "engines"
+    }
 
 
 def test_router_inventory_defaults_are_the_routers_own():
@@ -102,16 +128,33 @@ def test_router_inventory_defaults_are_the_routers_own():
 
     router = load_inventory(A100).router
     config = RouterConfig(engines=())
-    assert (router["bind"], router["port"], router["policy"], router["retries"], router["max_body_bytes"]) == (
-        config.host, config.port, config.policy, config.retries, config.max_body_bytes)
-    assert (router["health_interval_s"], router["health_timeout_s"]) == (HealthConfig().interval_s, HealthConfig().timeout_s)
-    assert (router["connect_timeout_s"], router["first_byte_timeout_s"]) == (TimeoutsConfig().connect_s, TimeoutsConfig().first_byte_s)
+    assert (router.bind, router.port, router.policy, router.retries, router.max_body_bytes) == (
+        config.host,
+        config.port,
+        config.policy,
+        config.retries,
+        config.max_body_bytes,
+    )
+    assert (router.health_interval_s, router.health_timeout_s) == (
+        HealthConfig().interval_s,
+        HealthConfig().timeout_s,
+    )
+    assert (router.connect_timeout_s, router.first_byte_timeout_s) == (
+        TimeoutsConfig().connect_s,
+        TimeoutsConfig().first_byte_s,
+    )
 
 
-@pytest.mark.parametrize("bind, url", [
-    ("0.0.0.0", "http://127.0.0.1:8000"), ("::", "http://[::1]:8000"), ("10.0.0.11", "http://10.0.0.11:8000"),
-    ("127.0.0.1", "http://127.0.0.1:8000"), ("fd00::11", "http://[fd00::11]:8000"),
-])
+@pytest.mark.parametrize(
+    "bind, url",
+    [
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("10.0.0.11", "http://10.0.0.11:8000"),
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("fd00::11", "http://[fd00::11]:8000"),
+    ],
+)
 def test_local_url_is_an_address_the_program_listens_on(bind, url):
     assert local_url(bind, 8000) == url
 
@@ -119,15 +162,31 @@ def test_local_url_is_an_address_the_program_listens_on(bind, url):
 def test_probe_urls_follow_engine_bind(tmp_path):
     """An engine bound to its cluster address does not answer on 127.0.0.1: health, metrics
     (status, drain) use its bind address."""
-    text = A100.read_text().replace("  - {name: gpu01, address: 10.0.0.11", "  - {name: gpu01, address: 10.0.0.11, engine: {bind: 10.0.0.11}", 1)
+    text = A100.read_text().replace(
+        "  - {name: gpu01, address: 10.0.0.11",
+        "  - {name: gpu01, address: 10.0.0.11, engine: {bind: 10.0.0.11}",
+        1,
+    )
     assert text != A100.read_text()
-    plan = next(p for p in plan_cluster(load_inventory(_variant(tmp_path, "bind", text))) if p.host.name == "gpu01")
+    plan = next(
+        p
+        for p in plan_cluster(load_inventory(_variant(tmp_path, "bind", text)))
+        if p.host.name == "gpu01"
+    )
     engine = plan.program("engine-0")
-    assert engine.health_url == "http://10.0.0.11:8000/health" and engine.url("/metrics") == "http://10.0.0.11:8000/metrics"
+    assert (
+        engine.health_url == "http://10.0.0.11:8000/health"
+        and engine.url("/metrics") == "http://10.0.0.11:8000/metrics"
+    )
     argv = list(engine.command)
     assert argv[argv.index("--host") + 1] == "10.0.0.11"
-    router = next(p for p in plan_cluster(load_inventory(A100)) if p.host.name == "head").program("router")
-    assert router.health_url == "http://127.0.0.1:8080/health" and router.url("/engines") == "http://127.0.0.1:8080/engines"
+    router = next(p for p in plan_cluster(load_inventory(A100)) if p.host.name == "head").program(
+        "router"
+    )
+    assert (
+        router.health_url == "http://127.0.0.1:8080/health"
+        and router.url("/engines") == "http://127.0.0.1:8080/engines"
+    )
 
 
 def test_simulator_takes_the_vllm_serve_command_line():
@@ -140,8 +199,12 @@ def test_simulator_takes_the_vllm_serve_command_line():
     assert argv[start] == "serve" and not argv[start + 1].startswith("-")
     config = parse_args(argv[start:], environ={})
     assert config.model == argv[start + 1] and config.port == plan.programs[0].port
-    assert parse_args(["serve", "meta-llama/Llama-3.1-70B-Instruct", "-tp", "4"], environ={}).model_profile.name.startswith("llama-3.1-70b")
-    assert parse_args(["m1", "--model", "m2"], environ={}).model == "m1"  # positional wins, as in vLLM
+    assert parse_args(
+        ["serve", "meta-llama/Llama-3.1-70B-Instruct", "-tp", "4"], environ={}
+    ).model_profile.name.startswith("llama-3.1-70b")
+    assert (
+        parse_args(["m1", "--model", "m2"], environ={}).model == "m1"
+    )  # positional wins, as in vLLM
     assert parse_args(["--model", "m2"], environ={}).model == "m2"  # the old shape still works
 
 
@@ -151,9 +214,20 @@ def test_vllm_cpu_engines_start_the_serve_module_without_the_cli(tmp_path):
     from stackctl.plan import ENGINE_ENTRY
 
     text = A100.read_text().replace("  package: vllm\n", "  package: vllm-cpu\n", 1)
-    plan = next(p for p in plan_cluster(load_inventory(_variant(tmp_path, "cpu", text))) if p.host.name == "gpu01")
+    plan = next(
+        p
+        for p in plan_cluster(load_inventory(_variant(tmp_path, "cpu", text)))
+        if p.host.name == "gpu01"
+    )
     argv = list(plan.program("engine-0").command)
     i = argv.index("-m")
-    assert tuple(argv[i:i + 2]) == ENGINE_ENTRY["vllm-cpu"] == ("-m", "vllm.entrypoints.launchers.api_server.entry")
-    assert argv[i + 2:i + 4] == ["--model", plan.model.remote_path]
-    assert "CUDA_DEVICE_ORDER" not in plan.program("engine-0").environment and json.dumps(argv).count("api_server.entry") == 1
+    assert (
+        tuple(argv[i : i + 2])
+        == ENGINE_ENTRY["vllm-cpu"]
+        == ("-m", "vllm.entrypoints.launchers.api_server.entry")
+    )
+    assert argv[i + 2 : i + 4] == ["--model", plan.model.remote_path]
+    assert (
+        "CUDA_DEVICE_ORDER" not in plan.program("engine-0").environment
+        and json.dumps(argv).count("api_server.entry") == 1
+    )

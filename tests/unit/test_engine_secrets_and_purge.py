@@ -10,26 +10,29 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from supervisor.options import UnhosedConfigParser
+from test_inventory import GOOD, run_cli, write
 
 from stackctl.inventory import load_inventory
 from stackctl.ops import purge_command
 from stackctl.plan import owned_entries, plan_cluster
 from stackctl.show import MASK, format_host_plan
-from supervisor.options import UnhosedConfigParser
-from test_inventory import GOOD, run_cli, write
 
 SECRET = "wandb-secret-value-0123456789"
 
 
 def inventory(tmp_path: Path, kind: str) -> Path:
-    return write(tmp_path, f"""\
+    return write(
+        tmp_path,
+        f"""\
     cluster: t
     model: {{name: m}}
     engine: {{kind: {kind}, port: 8000, lmcache: {{enabled: false}}, env: {{WANDB_API_KEY: {{from_env: WANDB_KEY}}, WANDB_PROJECT: p1}}}}
     router: {{host: a}}
     hosts:
       - {{name: a, connection: local, deploy_dir: {tmp_path}/deploy, python: /usr/bin/python3, install: false}}
-    """)
+    """,
+    )
 
 
 @pytest.mark.parametrize("kind", ["vllm", "sim"])
@@ -60,17 +63,34 @@ def test_the_rendered_command_exports_the_secret_file(kind, tmp_path):
     argv = shlex.split(parser.get(f"program:{engine.name}", "command").replace("%%", "%"))
     assert argv == list(engine.command)
     cut = argv.index("--") + 1  # what follows is the engine's own argv
-    assert argv[cut:cut + 4] == ["/usr/bin/python3", "-m", "stackctl.sim" if kind == "sim" else "vllm.entrypoints.cli.main", "serve"]
+    assert argv[cut : cut + 4] == [
+        "/usr/bin/python3",
+        "-m",
+        "stackctl.sim" if kind == "sim" else "vllm.entrypoints.cli.main",
+        "serve",
+    ]
     for d in plan.dirs.values():
         os.makedirs(d, exist_ok=True)
     secret = Path(plan.secrets[0].path)
     secret.write_text(SECRET + "\n")
     secret.chmod(0o600)
-    run = subprocess.run(argv[:cut] + ["/usr/bin/env"], capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        argv[:cut] + ["/usr/bin/env"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 0, run.stderr
     assert f"WANDB_API_KEY={SECRET}\n" in run.stdout
     secret.unlink()  # a missing secret file: the engine is not started at all
-    run = subprocess.run(argv[:cut] + ["/usr/bin/env"], capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        argv[:cut] + ["/usr/bin/env"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode != 0 and "WANDB_API_KEY" not in run.stdout
 
 

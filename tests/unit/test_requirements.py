@@ -12,14 +12,17 @@ from stackctl.apply import _requirement_satisfied
 from stackctl.wheels import package_name
 
 
-@pytest.mark.parametrize("requirement, installed, ok", [
-    ("supervisor>=4.2", "4.2.5", True),
-    ("supervisor>=4.2", "4.1.0", False),  # an old version no longer passes for installed
-    ("vllm==0.32.0", "0.32.0", True),
-    ("vllm==0.32.0", "0.32.1", False),
-    ("lmcache==0.5.6", None, False),
-    ("torch>=2.5,<3", "2.9.1", True),
-])
+@pytest.mark.parametrize(
+    "requirement, installed, ok",
+    [
+        ("supervisor>=4.2", "4.2.5", True),
+        ("supervisor>=4.2", "4.1.0", False),  # an old version no longer passes for installed
+        ("vllm==0.32.0", "0.32.0", True),
+        ("vllm==0.32.0", "0.32.1", False),
+        ("lmcache==0.5.6", None, False),
+        ("torch>=2.5,<3", "2.9.1", True),
+    ],
+)
 def test_requirement_satisfied_uses_the_specifier(requirement, installed, ok):
     assert _requirement_satisfied(requirement, installed, None, None) is ok
 

@@ -45,7 +45,12 @@ def test_the_pool_tells_the_policy_about_every_change():
     assert policy.calls == [("added", "a"), ("added", "b")]
     a = pool.backends["a"]
     policy.calls.clear()
-    pool.update(config(A, {**B, "url": "http://127.0.0.1:3"}, ))  # b moved: a new backend
+    pool.update(
+        config(
+            A,
+            {**B, "url": "http://127.0.0.1:3"},
+        )
+    )  # b moved: a new backend
     assert policy.calls == [("removed", "b"), ("added", "b")]
     assert pool.backends["a"] is a  # a survives with its state
     policy.calls.clear()

@@ -44,18 +44,21 @@ def test_good_config_loads_with_defaults_filled(tmp_path):
     assert config.models == {"m1", "m2"}
 
 
-@pytest.mark.parametrize("change, expected", [
-    ("policy: fastest", "policy: expected one of"),
-    ("engines: []", "engines: expected a non-empty list"),
-    ("policy_options: {gamma: 1}", "unknown key(s) gamma for policy kv_aware"),
-    ("policy_options: {beta: fast}", "policy_options.beta: expected a number"),
-    ("health: {interval_s: 0}", "health.interval_s: must be > 0"),
-    ("health: {interval: 1}", "health: unknown key(s) interval"),
-    ("timeouts: {connect_s: -1}", "timeouts.connect_s: must be > 0"),
-    ("retries: 1.5", "retries: expected an integer"),
-    ("listen: {port: 70000}", "listen.port: must be <= 65535"),
-    ("routes: []", "unknown top-level key(s) routes"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ("policy: fastest", "policy: expected one of"),
+        ("engines: []", "engines: expected a non-empty list"),
+        ("policy_options: {gamma: 1}", "unknown key(s) gamma for policy kv_aware"),
+        ("policy_options: {beta: fast}", "policy_options.beta: expected a number"),
+        ("health: {interval_s: 0}", "health.interval_s: must be > 0"),
+        ("health: {interval: 1}", "health: unknown key(s) interval"),
+        ("timeouts: {connect_s: -1}", "timeouts.connect_s: must be > 0"),
+        ("retries: 1.5", "retries: expected an integer"),
+        ("listen: {port: 70000}", "listen.port: must be <= 65535"),
+        ("routes: []", "unknown top-level key(s) routes"),
+    ],
+)
 def test_bad_values_are_named(tmp_path, change, expected):
     raw = yaml.safe_load(GOOD)
     raw.update(yaml.safe_load(change))
@@ -66,26 +69,39 @@ def test_bad_values_are_named(tmp_path, change, expected):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("engine, expected", [
-    ('{name: a, model: m}', "engines[0].url: required"),
-    ('{name: a, url: "ftp://x", model: m}', "engines[0].url: expected http(s)"),
-    ('{name: a, url: "http://x:1", model: m, cache_capacity_tokens: 0}',
-     "engines[0].cache_capacity_tokens: must be > 0"),
-    ('{name: a, url: "http://x:1", model: m, gpu: 1}', "engines[0]: unknown key(s) gpu"),
-])
+@pytest.mark.parametrize(
+    "engine, expected",
+    [
+        ("{name: a, model: m}", "engines[0].url: required"),
+        ('{name: a, url: "ftp://x", model: m}', "engines[0].url: expected http(s)"),
+        (
+            '{name: a, url: "http://x:1", model: m, cache_capacity_tokens: 0}',
+            "engines[0].cache_capacity_tokens: must be > 0",
+        ),
+        ('{name: a, url: "http://x:1", model: m, gpu: 1}', "engines[0]: unknown key(s) gpu"),
+    ],
+)
 def test_bad_engines_are_named(tmp_path, engine, expected):
     path = write(tmp_path, f"engines:\n  - {engine}\n")
-    with pytest.raises(RouterConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")
-                       .replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        RouterConfigError,
+        match=expected.replace("[", r"\[")
+        .replace("]", r"\]")
+        .replace("(", r"\(")
+        .replace(")", r"\)"),
+    ):
         load_config(path)
 
 
 def test_duplicate_engine_names(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         engines:
           - {name: a, url: "http://x:1", model: m}
           - {name: a, url: "http://x:2", model: m}
-        """)
+        """,
+    )
     with pytest.raises(RouterConfigError, match="duplicate name"):
         load_config(path)
 

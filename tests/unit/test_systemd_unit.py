@@ -22,20 +22,27 @@ def unit_of(plan) -> str:
 
 
 def keys(text: str) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    return dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
+    )
 
 
 def systemd_analyze() -> str:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         if os.environ.get("CI"):
-            pytest.fail("CI is set but systemd-analyze is missing (apt-get install systemd; scripts/test does it)", pytrace=False)
+            pytest.fail(
+                "CI is set but systemd-analyze is missing (apt-get install systemd; scripts/test does it)",
+                pytrace=False,
+            )
         pytest.skip("systemd-analyze not installed (apt-get install systemd)")
     return tool
 
 
 def verify(tool: str, path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([tool, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [tool, "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a100_8_unit_values():
@@ -44,8 +51,15 @@ def test_a100_8_unit_values():
     assert head.unit_name == gpu.unit_name == "stackctl-a100-8.service"
     assert gpu.system_unit_path == "/etc/systemd/system/stackctl-a100-8.service"
     values = keys(unit_of(gpu))
-    assert values["ExecStart"] == "/opt/stackctl/venv/bin/python -m supervisor.supervisord -c /opt/stackctl/supervisor/supervisord.conf -n"
-    assert values["User"] == "stackctl" and values["Restart"] == "always" and values["KillMode"] == "mixed"
+    assert (
+        values["ExecStart"]
+        == "/opt/stackctl/venv/bin/python -m supervisor.supervisord -c /opt/stackctl/supervisor/supervisord.conf -n"
+    )
+    assert (
+        values["User"] == "stackctl"
+        and values["Restart"] == "always"
+        and values["KillMode"] == "mixed"
+    )
     assert int(values["LimitNOFILE"]) >= 65536
     assert int(values["TimeoutStopSec"]) > max(p.stopwaitsecs for p in gpu.programs)
     assert values["WantedBy"] == "multi-user.target"
@@ -54,7 +68,10 @@ def test_a100_8_unit_values():
 
 
 def test_systemd_quoting():
-    assert systemd_command(["/opt/a b/python", "100%", "$HOME", 'say "hi"']) == '"/opt/a b/python" "100%%" "$$HOME" "say \\"hi\\""'
+    assert (
+        systemd_command(["/opt/a b/python", "100%", "$HOME", 'say "hi"'])
+        == '"/opt/a b/python" "100%%" "$$HOME" "say \\"hi\\""'
+    )
 
 
 def test_a100_8_unit_passes_systemd_analyze_verify(tmp_path):
@@ -85,4 +102,6 @@ def test_unit_with_an_existing_interpreter_verifies_clean(tmp_path):
     path = tmp_path / plan.unit_name
     path.write_text(unit_of(plan))
     result = verify(tool, path)
-    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr
+    )

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.lmcache_check import LMCacheConfigError, check_lmcache_config, check_lmcache_configs
+from tests.helpers.lmcache_check import (
+    LMCacheConfigError,
+    check_lmcache_config,
+    check_lmcache_configs,
+)
 from tests.helpers.vllm_env import read_stamp, vllm_venv_or_skip
 
 # timeout: the first test may build the vLLM venv (3-11 min, see vllm_env.py)
@@ -46,7 +50,7 @@ def results(tmp_path_factory, venv_python):
     for name, text in CASES.items():
         paths.append(d / f"{name}.yaml")
         paths[-1].write_text(text)
-    return dict(zip(CASES, check_lmcache_configs(paths, python=venv_python)))
+    return dict(zip(CASES, check_lmcache_configs(paths, python=venv_python), strict=True))
 
 
 def test_good_config_passes(results):
@@ -123,20 +127,34 @@ def test_server_mode_renders_what_lmcache_server_and_vllm_accept(tmp_path, venv_
 
     repo = Path(__file__).resolve().parents[2]
     server_mode = tmp_path / "server.yaml"
-    server_mode.write_text((repo / "inventory" / "a100-8.yaml").read_text().replace("chunk_size: 256}", "chunk_size: 256, mode: server}"))
+    server_mode.write_text(
+        (repo / "inventory" / "a100-8.yaml")
+        .read_text()
+        .replace("chunk_size: 256}", "chunk_size: 256, mode: server}")
+    )
     plan = next(p for p in plan_cluster(load_inventory(server_mode)) if p.host.name == "gpu01")
     assert not any(f.path.endswith(".lmcache.yaml") for f in plan.files)
     server = plan.program("lmcache-server")
     assert server.command[1:4] == ("-m", "lmcache.cli.main", "server")
     checked = check_lmcache_server_args(list(server.command[4:]), python=venv_python)
     assert checked["mp"] == {"host": "127.0.0.1", "port": 65432, "chunk_size": 256}
-    assert checked["http"]["port"] == 65433 and checked["l1_size_gb"] == 120.0 and checked["eviction_policy"] == "LRU"
+    assert (
+        checked["http"]["port"] == 65433
+        and checked["l1_size_gb"] == 120.0
+        and checked["eviction_policy"] == "LRU"
+    )
     engine = plan.program("engine-0")
     argv = list(engine.command)
     kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
     assert kv["kv_connector"] == "LMCacheMPConnector"
-    assert kv["kv_connector_extra_config"] == {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": 65432}
-    assert "--disable-hybrid-kv-cache-manager" in argv and "LMCACHE_CONFIG_FILE" not in engine.environment
+    assert kv["kv_connector_extra_config"] == {
+        "lmcache.mp.host": "tcp://127.0.0.1",
+        "lmcache.mp.port": 65432,
+    }
+    assert (
+        "--disable-hybrid-kv-cache-manager" in argv
+        and "LMCACHE_CONFIG_FILE" not in engine.environment
+    )
 
 
 def test_lmcache_server_args_check_rejects_what_lmcache_refuses(venv_python):
@@ -145,4 +163,16 @@ def test_lmcache_server_args_check_rejects_what_lmcache_refuses(venv_python):
     with pytest.raises(LMCacheConfigError, match="eviction-policy"):
         check_lmcache_server_args(["--port", "65432", "--l1-size-gb", "4"], python=venv_python)
     with pytest.raises(LMCacheConfigError, match="unrecognized arguments"):
-        check_lmcache_server_args(["--port", "65432", "--l1-size-gb", "4", "--eviction-policy", "LRU", "--l1-size-tb", "4"], python=venv_python)
+        check_lmcache_server_args(
+            [
+                "--port",
+                "65432",
+                "--l1-size-gb",
+                "4",
+                "--eviction-policy",
+                "LRU",
+                "--l1-size-tb",
+                "4",
+            ],
+            python=venv_python,
+        )

@@ -37,7 +37,10 @@ def test_wheel_is_reproducible_and_records_every_file(tmp_path):
     assert "stackctl/_roles/engine/defaults.yaml" in members
     assert "stackctl/_templates/supervisord.conf.j2" in members
     assert not [n for n in members if "__pycache__" in n or n.endswith(".pyc")]
-    assert "stackctl = stackctl.cli:main" in members["stackctl-0.1.0.dist-info/entry_points.txt"].decode()
+    assert (
+        "stackctl = stackctl.cli:main"
+        in members["stackctl-0.1.0.dist-info/entry_points.txt"].decode()
+    )
     assert any(r.startswith("supervisor>=") for r in _requires(members))
 
 
@@ -47,25 +50,50 @@ def test_wheel_installs_plans_and_rewrites_itself_from_the_plain_install(tmp_pat
     venv = tmp_path / "venv"
     # Dependencies come from this interpreter's site-packages; stackctl itself only from the wheel.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=True)
+    subprocess.run(
+        [str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
+        check=True,
+    )
     inventory = tmp_path / "a100-8.yaml"
     inventory.write_text((REPO / "inventory" / "a100-8.yaml").read_text())
     where = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import stackctl, stackctl.resources as r; print(stackctl.__file__); print(r.roles_dir())"],
-        cwd=tmp_path, capture_output=True, text=True, check=True,
+        [
+            str(venv / "bin/python"),
+            "-c",
+            "import stackctl, stackctl.resources as r; print(stackctl.__file__); print(r.roles_dir())",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert where[0].startswith(str(venv)) and where[1].startswith(str(venv)), where
-    result = subprocess.run([str(venv / "bin/stackctl"), "plan", str(inventory), "-l", "gpu01"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(venv / "bin/stackctl"), "plan", str(inventory), "-l", "gpu01"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "[program:engine-0]" in result.stdout
     assert "max_local_cpu_size: 120.0" in result.stdout
     # The installed copy (no setup.cfg, no sources) writes the wheel for the hosts from its own files.
     again = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import sys; from pathlib import Path; from stackctl.wheels import build_stackctl_wheel as b; print(b(Path(sys.argv[1])))", str(tmp_path / "again")],
-        cwd=tmp_path, capture_output=True, text=True,
+        [
+            str(venv / "bin/python"),
+            "-c",
+            "import sys; from pathlib import Path; from stackctl.wheels import build_stackctl_wheel as b; print(b(Path(sys.argv[1])))",
+            str(tmp_path / "again"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert again.returncode == 0, again.stderr
     original, rewritten = _members(wheel), _members(Path(again.stdout.strip()))
-    code = lambda members: {n: d for n, d in members.items() if not n.startswith("stackctl-0.1.0.dist-info/")}  # noqa: E731
+
+    def code(members):
+        return {n: d for n, d in members.items() if not n.startswith("stackctl-0.1.0.dist-info/")}
+
     assert code(rewritten) == code(original)
     assert _requires(rewritten) == _requires(original)
