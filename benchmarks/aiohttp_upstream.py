@@ -46,6 +46,7 @@ class AiohttpUpstreamClient:
 
     def __init__(self, connect_s: float, first_byte_s: float, idle_s: float = 4.0):
         self.connect_s, self.read_s = connect_s, first_byte_s
+        self.engine_key: str | None = None  # set by the router from its engine_key_file
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=idle_s),
             auto_decompress=False,
@@ -55,13 +56,21 @@ class AiohttpUpstreamClient:
             total=None, sock_connect=connect_s, sock_read=first_byte_s
         )
 
-    async def request(self, url: str, path: str, body: bytes) -> AiohttpResponse:
+    async def request(
+        self, url: str, path: str, body: bytes, timeout: float | None = None
+    ) -> AiohttpResponse:
+        limits = self._timeout
+        if timeout is not None:  # the head's timeout (the router's first_byte_s or total_s)
+            limits = aiohttp.ClientTimeout(
+                total=None, sock_connect=self.connect_s, sock_read=timeout
+            )
         try:
             resp = await self.session.post(
                 url + path,
                 data=body,
-                timeout=self._timeout,
-                headers={"Content-Type": "application/json"},
+                timeout=limits,
+                headers={"Content-Type": "application/json"}
+                | ({"Authorization": f"Bearer {self.engine_key}"} if self.engine_key else {}),
             )
         except aiohttp.ClientConnectorError as exc:
             raise ConnectionRefusedError(str(exc)) from exc

@@ -13,16 +13,16 @@ import difflib
 import enum
 import hashlib
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.requirements import Requirement
 
 from . import hostchecks
-from .connect import Connector, q
+from .connect import BecomeConnector, Connector, q
 from .errors import DeployError
-from .facts import Facts, FileFacts, ModelFacts, run_probe
+from .facts import Facts, FileFacts, ModelFacts, WaitAnswer, probe_wait, run_probe
 from .inventory import Cluster
 from .models import ModelDistributor
 from .parallel import Cancellation
@@ -91,20 +91,27 @@ def _requirement_satisfied(
 ) -> bool:
     if installed is None:
         return False
-    requirement = Requirement(requirement)
-    if requirement.name == "stackctl":
+    parsed = Requirement(requirement)
+    if parsed.name == "stackctl":
         return stackctl_wheel_sha is not None and stackctl_marker == stackctl_wheel_sha
-    return requirement.specifier.contains(installed, prereleases=True)
+    return parsed.specifier.contains(installed, prereleases=True)
 
 
-def secret_content(cluster: Cluster, secret: SecretSpec, value: str) -> str:
-    """What a secret file holds: the variable's value, except the router's API keys, which the
-    inventory gives comma-separated and the router reads one key a line."""
-    if (
-        secret.env_var == cluster.router.api_keys_env
-        and Path(secret.path).name == "router_api_keys"
-    ):
-        return "".join(f"{key.strip()}\n" for key in value.split(",") if key.strip())
+def secret_content(
+    cluster: Cluster, secret: SecretSpec, value: str, secrets: Mapping[str, str] | None = None
+) -> str:
+    """What a secret file holds: the variable's value, except the router's API keys file,
+    ``name key`` a line for every comma-separated key of each source
+    (``RouterSettings.key_sources``: api_keys_env's are the client ``default``), which the
+    router reads (``load_client_keys``); ``secrets``: every variable's value."""
+    if Path(secret.path).name == "router_api_keys" and cluster.router.key_sources:
+        values = secrets if secrets is not None else {secret.env_var: value}
+        return "".join(
+            f"{name} {key.strip()}\n"
+            for name, var in cluster.router.key_sources
+            for key in values.get(var, "").split(",")
+            if key.strip()
+        )
     return value
 
 
@@ -169,6 +176,7 @@ def _model_change(cluster: Cluster, plan: HostPlan, facts: Facts, diff: HostDiff
     partial = facts.model.partial_bytes if facts.model else None
     if partial:
         how += f"; resumes the {partial / GIB:.1f} GiB an earlier try left"
+    assert plan.model.remote_path is not None  # plan._model_spec gives uploads and downloads one
     diff.changes.append(Change(ChangeKind.MODEL, plan.model.remote_path, how))
 
 
@@ -179,13 +187,13 @@ def _file_changes(
     planned; the paths written."""
     for secret in plan.secrets:
         if facts.secrets.get(secret.path) != sha256(
-            secret_content(cluster, secret, secrets.get(secret.env_var, ""))
+            secret_content(cluster, secret, secrets.get(secret.env_var, ""), secrets)
         ):
             diff.changes.append(
                 Change(
                     ChangeKind.SECRET,
                     secret.path,
-                    f"{secret.purpose} from ${secret.env_var} (mode 0600, value not shown)",
+                    f"{secret.purpose} from {secret.source} (mode 0600, value not shown)",
                 )
             )
     changed_files = {c.target for c in diff.changes if c.kind == ChangeKind.SECRET}
@@ -210,6 +218,8 @@ def _supervisor_changes(
     """The systemd unit, supervisord itself, else its programs (restart, reload, start)."""
     use_unit = uses_systemd(plan, facts)
     if use_unit:
+        # uses_systemd: the plan has a unit (unit_name, and so system_unit_path)
+        assert plan.unit_name is not None and plan.system_unit_path is not None
         systemd = facts.systemd
         if systemd.unit_sha256 != sha256(unit_content(plan)):
             diff.changes.append(
@@ -257,6 +267,7 @@ def _account_changes(plan: HostPlan, facts: Facts, diff: HostDiff) -> None:
     account = facts.account
     if not account.manage:
         return
+    assert account.user is not None  # account_facts names the account it manages
     if not account.exists:
         diff.changes.append(
             Change(
@@ -315,7 +326,9 @@ def _program_inputs(plan: HostPlan, program: ProgramSpec) -> list[str]:
     """Files a program reads at start (besides its supervisor section); the router also
     re-reads its API keys file on SIGHUP."""
     keys = [
-        s.path for s in plan.secrets if program.kind == "router" and s.path == plan.router_keys_file
+        s.path
+        for s in plan.secrets
+        if program.kind == "router" and s.path in (plan.router_keys_file, plan.engine_key_file)
     ]
     secret_files = {
         s.path for s in plan.secrets
@@ -526,13 +539,18 @@ class Applier:
     # ------------------------------------------------------------ one handler per change kind
     def _create_user(self, change: Change) -> None:
         self._do("service user")
+        # A USER change comes from the connector's identity (facts.account_facts), which only a
+        # BecomeConnector has (connect() always returns one).
+        assert isinstance(self.conn, BecomeConnector)
         self.conn.create_service_user(self.plan.deploy_dir)
 
     def _own_deploy_dir(self, change: Change) -> None:
         self._do("deploy dir")
         existed = self.diff.facts.deploy_dir_uid is not None
+        user = self.diff.facts.account.user
+        assert user is not None  # an OWNER change is planned only for a managed account
         self.conn.run(
-            own_dir_command(self.plan.deploy_dir, self.diff.facts.account.user, recursive=existed),
+            own_dir_command(self.plan.deploy_dir, user, recursive=existed),
             as_root=True,
             timeout=600,
         )
@@ -553,6 +571,7 @@ class Applier:
 
     def _create_venv(self, change: Change) -> None:
         self._do("venv")
+        assert self.plan.venv is not None  # a VENV change is planned only for a plan with a venv
         self.run(
             f"{q(self.plan.host.python)} -m venv {q(self.plan.venv)}", timeout=300, hangup=True
         )
@@ -561,7 +580,9 @@ class Applier:
         self._do("secrets")
         secret = next(s for s in self.plan.secrets if s.path == change.target)
         self.conn.put_bytes(
-            secret_content(self.cluster, secret, self.secrets[secret.env_var]).encode(),
+            secret_content(
+                self.cluster, secret, self.secrets[secret.env_var], self.secrets
+            ).encode(),
             secret.path,
             0o600,
         )
@@ -579,6 +600,7 @@ class Applier:
         plan = self.plan
         self._do("systemd unit")
         path, tmp = plan.system_unit_path, f"{plan.system_unit_path}.stackctl-tmp"
+        assert path is not None  # a UNIT change is planned only where uses_systemd
         self.conn.run(
             f"umask 022 && printf %s {q(unit_content(plan))} > {q(tmp)} && mv -f -- {q(tmp)} {q(path)} && systemctl daemon-reload",
             as_root=True,
@@ -587,7 +609,9 @@ class Applier:
 
     def _enable_unit(self, change: Change) -> None:
         self._do("systemd enable")
-        self.conn.run(f"systemctl enable {q(self.plan.unit_name)}", as_root=True, timeout=120)
+        unit = self.plan.unit_name
+        assert unit is not None  # an ENABLE change is planned only where uses_systemd
+        self.conn.run(f"systemctl enable {q(unit)}", as_root=True, timeout=120)
 
     def _model_parents(self) -> list[str]:
         model = self.plan.model
@@ -637,6 +661,7 @@ class Applier:
                 hangup=True,
             )
         if needs_stackctl:
+            assert ours is not None  # without it, the check above raised
             if not self.diff.has(
                 ChangeKind.VENV
             ):  # a rebuilt wheel of the same version: pip skipped it above
@@ -662,7 +687,9 @@ class Applier:
         if not uses_systemd(plan, facts):
             self.run(shlex.join(plan.supervisord()))
             return
+        assert plan.unit_name is not None  # uses_systemd
         if facts.supervisor_running:  # started before the unit existed: hand it over
+            assert facts.supervisor.pid is not None  # the probe gives a running one's pid
             pid = int(facts.supervisor.pid)
             self.conn.run(
                 f"{self._ctl('shutdown')}; for i in $(seq 1 600); do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.5; done; exit 1",
@@ -706,17 +733,12 @@ class Applier:
             for c in self.diff.changes
         )
 
-    def wait_healthy(self, timeout: float) -> dict:
+    def wait_healthy(self, timeout: float) -> WaitAnswer:
         urls = [p.health_url for p in self.plan.programs if p.kind == "engine" and p.health_url]
-        health = {"healthy": [], "unhealthy": []}
+        health: WaitAnswer = {"healthy": [], "unhealthy": [], "last": {}}
         if urls:
             self._do("wait for engines")
-            health = run_probe(
-                self.conn,
-                self.plan.python,
-                {"action": "wait", "urls": urls, "timeout": timeout, "interval": 1.0},
-                timeout=timeout + 60,
-            )
+            health = probe_wait(self.conn, self.plan.python, urls, timeout, interval=1.0)
         if not health["unhealthy"]:
             self._wait_running()
         return health

@@ -77,10 +77,10 @@ def run_bench(
                 f"profile {name}: deployment failed, so it was not measured: {failed or result.verify_error}"
             )
         api_key = None
-        if cluster.router.api_keys_env:
+        if cluster.router.key_sources:  # api_keys_env's, else the first named client's
             import os
 
-            api_key = os.environ[cluster.router.api_keys_env].split(",")[0].strip()
+            api_key = os.environ[cluster.router.key_sources[0][1]].split(",")[0].strip()
         metrics_urls = [cluster.engine_url(e) for e in cluster.engines]
         model = cluster.model.name
         if options.availability_s:

@@ -106,10 +106,13 @@ class Connector:
         stdin: str | None = None,
         stream: bool = False,
         hangup: bool = False,
+        as_root: bool = False,
     ) -> Result:
         """Run a shell command. ``hangup``: give it a terminal (SSH: a pty), so that closing
         the connection (``close``, as the first Ctrl-C does) hangs it up and ends it instead
-        of leaving it running on the host; its stderr then arrives merged into stdout."""
+        of leaving it running on the host; its stderr then arrives merged into stdout.
+        ``as_root``: as root (BecomeConnector); a transport has no user to switch to and runs
+        every command as the SSH user, as a plain identity's ``as_root`` does."""
         raise NotImplementedError
 
     def put_bytes(self, data: bytes, path: str, mode: int = 0o644) -> None:
@@ -140,7 +143,17 @@ class LocalConnector(Connector):
         self.host = host
         self._context = invoke.Context()
 
-    def run(self, command, *, check=True, timeout=None, stdin=None, stream=False, hangup=False):
+    def run(
+        self,
+        command,
+        *,
+        check=True,
+        timeout=None,
+        stdin=None,
+        stream=False,
+        hangup=False,
+        as_root=False,
+    ):
         # ``hangup`` needs nothing here: a local command is this process's child, in the
         # terminal's process group, so the same Ctrl-C reaches it.
         kwargs = {
@@ -259,7 +272,17 @@ class SSHConnector(Connector):
         except Exception as exc:  # socket.timeout, gaierror, auth errors from paramiko
             raise ConnectError(f"{where}: cannot connect: {type(exc).__name__}: {exc}.") from exc
 
-    def run(self, command, *, check=True, timeout=None, stdin=None, stream=False, hangup=False):
+    def run(
+        self,
+        command,
+        *,
+        check=True,
+        timeout=None,
+        stdin=None,
+        stream=False,
+        hangup=False,
+        as_root=False,
+    ):
         self.open()
         kwargs = {
             "warn": True,

@@ -12,12 +12,13 @@ import enum
 import json
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from . import engine_key
 from .apply import (
     Applier,
     ChangeKind,
@@ -29,12 +30,12 @@ from .apply import (
 )
 from .connect import BecomeError, Connector, connect
 from .errors import StackctlError
-from .facts import gather, run_probe
+from .facts import Facts, gather, probe_http, probe_wait
 from .inventory import Cluster, check_secrets
 from .metrics import engine_summary
 from .models import ModelDistributor, check_operator, model_bytes
 from .parallel import Cancellation, Interrupted, each
-from .plan import HostPlan, plan_cluster, router_config_text
+from .plan import HostPlan, plan_cluster, router_config_text, router_key_file
 from .progress import Progress
 from .wheels import requires_stackctl, stackctl_wheel, wheels_for_upload
 
@@ -117,6 +118,7 @@ class Deployment:
         self.result = UpResult(router_url=cluster.router_url)
         self.conns: dict[str, Connector] = {}
         self.diffs: dict[str, HostDiff] = {}
+        self.facts: dict[str, Facts] = {}  # the hosts that answered, before they are diffed
         self.appliers: dict[str, Applier] = {}
         self.cancellation = Cancellation()
         self.models: ModelDistributor | None = (
@@ -168,6 +170,11 @@ class Deployment:
         """Gather: connect to every host and diff its facts against its plan, all in parallel."""
         with self.progress:
             self._parallel(self.plans, self._gather)
+            # the engine key every host's diff compares with: read back from a host, or new
+            self.secrets.update(
+                engine_key.resolve(self.cluster, self.plans, self.facts, self.conns)
+            )
+            self._parallel([p for p in self.plans if p.host.name in self.facts], self._diff)
 
     def _show_changes(self) -> list[HostPlan]:
         """Show: every reachable host's diff; refused and unchanged hosts are settled here.
@@ -222,6 +229,9 @@ class Deployment:
         """Engine hosts one by one, each drained through the running router; then the router
         host (its config reloads)."""
         drain = RouterDrain.open(self)
+        if drain.conn is not None and drain.plan is not None:  # the router's key before theirs
+            router = drain.plan.host.name
+            engine_key.router_copy_first(self.cluster, self.diffs[router], drain.conn, self.secrets)
         for k, plan in enumerate(engine_hosts):
             self.cancellation.check()
             self._apply_drained(drain, plan)
@@ -279,24 +289,42 @@ class Deployment:
                 )
 
     def _gather(self, plan: HostPlan) -> None:
-        """One host: connect, gather its facts, diff them against its plan."""
+        """One host: connect and gather its facts."""
         name = plan.host.name
-        outcome = self.result.outcomes[name]
-        try:
+        with self._gathering(name):
             self.progress.update(name, "connect")
             conn = connect(plan.host, accept_new_host_keys=self.options.accept_new_host_keys)
             self.conns[name] = conn
             self.cancellation.on_cancel(conn.close)
             self.progress.update(name, "facts")
             needs_gpus = plan.host.runs_engines and plan.host.engine.needs_gpus
-            facts = gather(conn, plan, needs_gpus)
+            self.facts[name] = gather(conn, plan, needs_gpus)
+
+    def _diff(self, plan: HostPlan) -> None:
+        """One host that answered: its facts against its plan (with `--diff`, also the lines of
+        each changed file, read back from the host)."""
+        name = plan.host.name
+        with self._gathering(name):
             self.diffs[name] = compute_diff(
-                self.cluster, plan, facts, self.secrets, self.stackctl_sha, model_bytes(plan)
+                self.cluster,
+                plan,
+                self.facts[name],
+                self.secrets,
+                self.stackctl_sha,
+                model_bytes(plan),
             )
             if self.options.show_diff:
-                attach_content_diffs(conn, self.diffs[name])
-            outcome.changes = len(self.diffs[name].changes)
+                attach_content_diffs(self.conns[name], self.diffs[name])
+            self.result.outcomes[name].changes = len(self.diffs[name].changes)
             self.progress.update(name, "planned")
+
+    @contextlib.contextmanager
+    def _gathering(self, name: str) -> Iterator[None]:
+        """A host that cannot be reached or asked is settled (refused, unreachable); the others
+        carry on."""
+        outcome = self.result.outcomes[name]
+        try:
+            yield
         except (
             BecomeError
         ) as exc:  # reachable, but cannot run the privileged steps: nothing was changed
@@ -409,16 +437,15 @@ class Deployment:
     def _verify_router(self, conn: Connector, router_host: str) -> None:
         router_plan = next(p for p in plan_cluster(self.cluster, [router_host]))
         router = router_plan.program("router")
+        assert router.health_url is not None  # plan._plan_router always gives the router one
         self.progress.update(router_host, "verify: router health")
-        health = run_probe(
-            conn,
-            router_plan.python,
-            {"action": "wait", "urls": [router.health_url], "timeout": 60, "interval": 0.5},
-            timeout=120,
-        )
+        health = probe_wait(conn, router_plan.python, [router.health_url], 60, interval=0.5)
         if health["unhealthy"]:
-            last = health["last"].get(router.health_url, {})
-            self.result.verify_error = f"the router's /health did not answer 200 within 60 s (last: {last.get('status')} {last.get('body', '')[:300]})"
+            last = health["last"].get(router.health_url)
+            status, said = (last["status"], last["body"][:300]) if last else (None, "")
+            self.result.verify_error = (
+                f"the router's /health did not answer 200 within 60 s (last: {status} {said})"
+            )
             self.progress.update(router_host, "verify failed")
             return
         self.progress.update(router_host, "verify: completion")
@@ -429,16 +456,14 @@ class Deployment:
                 "max_tokens": 4,
             }
         )
-        keys_file = router_plan.router_keys_file if self.cluster.router.api_keys_env else None
+        keys_file = router_key_file(self.cluster, router_plan)
         request = {
             "url": router.url("/v1/completions"),
             "body": body,
             "timeout": 300,
             "bearer_file": keys_file,
         }
-        answer = run_probe(
-            conn, router_plan.python, {"action": "http", "requests": [request]}, timeout=360
-        )[0]
+        answer = probe_http(conn, router_plan.python, [request], timeout=360)[0]
         if answer["status"] != 200:
             self.result.verify_error = (
                 f"a completion through the router failed: {answer['status']} {answer['body'][:300]}"
@@ -478,34 +503,33 @@ class RouterDrain:
         engines = {p.name for p in plan.programs if p.kind == "engine"}
         names = {e.name for e in plan.host.engines}
         restarts = any(c.kind == ChangeKind.RESTART and c.target in engines for c in diff.changes)
-        if self.conn is None or not restarts:
+        conn, router = self.conn, self.plan  # both set, or both None (``open``)
+        if conn is None or router is None or not restarts:
             yield
             return
         progress = self.deployment.progress
         cluster = self.deployment.cluster
         progress.update(plan.host.name, "drain: out of the router")
-        self._load(router_config_text(cluster, self.plan, without=names), absent=names)
+        self._load(conn, router, router_config_text(cluster, router, without=names), absent=names)
         try:
             progress.update(plan.host.name, "drain: finishing requests")
             self._wait_idle(plan)
             yield
         finally:
             progress.update(plan.host.name, "drain: back in the router")
-            self._load(router_config_text(cluster, self.plan), absent=set())
+            self._load(conn, router, router_config_text(cluster, router), absent=set())
 
-    def _load(self, text: str, absent: set[str]) -> None:
+    def _load(self, conn: Connector, router: HostPlan, text: str, absent: set[str]) -> None:
         """Write the router's config, SIGHUP it, wait until its /engines shows the change."""
-        self.conn.put_bytes(text.encode(), self.plan.router_config)
-        self.conn.run(shlex.join(self.plan.supervisorctl("signal", "HUP", "router")))
-        url = self.plan.program("router").url("/engines")
+        conn.put_bytes(text.encode(), router.router_config)
+        conn.run(shlex.join(router.supervisorctl("signal", "HUP", "router")))
+        url = router.program("router").url("/engines")
         expected = len(yaml.safe_load(text).get("engines") or [])
         deadline = time.monotonic() + self.RELOAD_TIMEOUT_S
         while time.monotonic() < deadline:
-            answer = run_probe(
-                self.conn,
-                self.plan.python,
-                {"action": "http", "requests": [{"url": url, "timeout": 5}]},
-            )[0]
+            keys = router_key_file(self.deployment.cluster, router)  # /engines may want a key
+            request = {"url": url, "timeout": 5, "bearer_file": keys}
+            answer = probe_http(conn, router.python, [request])[0]
             try:
                 listed = json.loads(answer["body"]) if answer["status"] == 200 else None
             except ValueError:
@@ -517,7 +541,7 @@ class RouterDrain:
                     return
             time.sleep(0.2)
         raise StackctlError(
-            f"the router on {self.plan.host.name} did not reload its config within {self.RELOAD_TIMEOUT_S:.0f} s"
+            f"the router on {router.host.name} did not reload its config within {self.RELOAD_TIMEOUT_S:.0f} s"
         )
 
     def _wait_idle(self, plan: HostPlan) -> None:
@@ -526,11 +550,7 @@ class RouterDrain:
         urls = [p.url("/metrics") for p in plan.programs if p.kind == "engine"]
         deadline = time.monotonic() + self.IDLE_TIMEOUT_S
         while time.monotonic() < deadline:
-            answers = run_probe(
-                conn,
-                plan.python,
-                {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]},
-            )
+            answers = probe_http(conn, plan.python, [{"url": u, "timeout": 5} for u in urls])
             busy = 0.0
             for answer in answers:
                 if answer["status"] == 200:

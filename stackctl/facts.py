@@ -8,6 +8,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TypedDict, cast
 
 from .connect import CommandError, Connector, q
 from .plan import HostPlan
@@ -46,6 +47,48 @@ def run_probe(
         hangup=hangup,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class HttpAnswer(TypedDict):
+    """One URL's answer (probe.http_one); ``status`` None: no HTTP answer, ``body`` says why."""
+
+    url: str
+    status: int | None
+    body: str
+    seconds: float
+
+
+class WaitAnswer(TypedDict):
+    """probe.wait: the URLs that answered 200 in time, those that did not, each one's last answer."""
+
+    healthy: list[str]
+    unhealthy: list[str]
+    last: dict[str, HttpAnswer]
+
+
+def probe_http(
+    conn: Connector, interpreter: str, requests: list[dict], timeout: float | None = 120
+) -> list[HttpAnswer]:
+    """The probe's ``http`` action: one answer per request, in their order."""
+    answers = run_probe(
+        conn, interpreter, {"action": "http", "requests": requests}, timeout=timeout
+    )
+    assert isinstance(answers, list), answers  # probe.http answers a list
+    return answers
+
+
+def probe_wait(
+    conn: Connector, interpreter: str, urls: list[str], wait_s: float, interval: float
+) -> WaitAnswer:
+    """The probe's ``wait`` action: until every URL answers 200, or ``wait_s`` passes."""
+    answer = run_probe(
+        conn,
+        interpreter,
+        {"action": "wait", "urls": urls, "timeout": wait_s, "interval": interval},
+        timeout=wait_s + 60,
+    )
+    assert isinstance(answer, dict), answer  # probe.wait answers an object of that shape
+    return cast(WaitAnswer, answer)
 
 
 @dataclass(frozen=True)
@@ -311,7 +354,9 @@ def supervisor_request(plan: HostPlan) -> dict:
 
 def supervisor_facts(conn: Connector, plan: HostPlan) -> Facts:
     """supervisord, its programs and the unit only (``supervisor_request``): `status`, `down`."""
-    return Facts.from_probe(run_probe(conn, bootstrap_interpreter(plan), supervisor_request(plan)))
+    doc = run_probe(conn, bootstrap_interpreter(plan), supervisor_request(plan))
+    assert isinstance(doc, dict), doc  # probe.facts answers an object
+    return Facts.from_probe(doc)
 
 
 def gather(conn: Connector, plan: HostPlan, needs_gpus: bool) -> Facts:
@@ -348,6 +393,8 @@ def gather(conn: Connector, plan: HostPlan, needs_gpus: bool) -> Facts:
                 interpreter, "".join(output), exists=exc.result.exited == 126
             ),
         )
+    # probe.facts answers an object, and so does the loader for a Python too old to run it
+    assert isinstance(doc, dict), doc
     if doc.get("partial"):
         return Facts.from_probe(doc)
     listing = conn.run(f"ls -1 {q(conf_dir)} 2>/dev/null || true").stdout.split()

@@ -69,7 +69,8 @@ def _dotted(version: tuple[int, ...]) -> str:
 
 def check_host(plan: HostPlan, facts: Facts, weights: int | None) -> tuple[list[str], list[str]]:
     """(refusals, warnings) from the checks of this module."""
-    problems, warnings = check_python(plan, facts), []
+    problems = check_python(plan, facts)
+    warnings: list[str] = []
     if facts.partial:  # the interpreter cannot run the probe: nothing else is known
         return problems or [
             f"the probe could not run with `{plan.host.python}` on this host; set `python:` to a Python {_dotted(MIN_PYTHON)}+ interpreter."

@@ -8,6 +8,7 @@ keys, the chosen profile (a deep-merged overlay), then each host's own ``engine:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -32,6 +33,7 @@ from .settings import (
     ModelSettings,
     RouterSettings,
     SimSettings,
+    as_dict,
     build,
     schema,
 )
@@ -111,9 +113,14 @@ SSH_SCHEMA = {
     "config": OPT_STR,
     "connect_timeout_s": NUM,
 }
+# engine.bind: auto (the default) listens on the host's cluster_address when it names one,
+# else on every address (ENGINE_BIND_ANY), as before there was a cluster address.
+ENGINE_BIND_AUTO = "auto"
+ENGINE_BIND_ANY = "0.0.0.0"
 HOST_SCHEMA = {
     "name": str,
     "address": OPT_STR,
+    "cluster_address": OPT_STR,
     "connection": ("enum", CONNECTIONS),
     "roles": ("list", ("enum", HOST_ROLES)),
     "gpus": ("list", int),
@@ -216,6 +223,9 @@ class Host:
     )
     become_user: str = "root"
     service_user: str | None = None  # the account programs run as; None: the connecting user
+    # the address the router reaches this host's engines at (and, with engine.bind: auto, the
+    # only one they listen on); None: ``address``
+    cluster_address: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -259,7 +269,8 @@ class Cluster:
         return f"http://{_url_host(self.router_host.address)}:{self.router.port}"
 
     def engine_url(self, engine: Engine) -> str:
-        return f"http://{_url_host(self.host(engine.host).address)}:{engine.port}"
+        host = self.host(engine.host)
+        return f"http://{_url_host(host.cluster_address or host.address)}:{engine.port}"
 
     def secret_env_vars(self) -> list[tuple[str, str]]:
         """(key path, environment variable name) of every secret the inventory references."""
@@ -272,6 +283,11 @@ class Cluster:
             refs.append((("model", "hf_token_env"), self.model.hf_token_env))
         if self.router.api_keys_env:
             refs.append((("router", "api_keys_env"), self.router.api_keys_env))
+        if self.router.engine_key_env:
+            refs.append((("router", "engine_key_env"), self.router.engine_key_env))
+        for client_name, client in self.router.clients.items():
+            if client.key_env:
+                refs.append((("router", "clients", client_name, "key_env"), client.key_env))
         for key, value in self.engine.env.items():
             if (name := env_secret(value)) is not None:
                 refs.append((("engine", "env", key, "from_env"), name))
@@ -608,6 +624,10 @@ def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, top: dict
     connection = raw.get("connection", "ssh")
     roles = tuple(raw.get("roles") or ("engine",))
     host_engine = build(EngineSettings, deep_merge(engine, raw.get("engine") or {}))
+    if host_engine.bind == ENGINE_BIND_AUTO:  # the host's cluster address, when it names one
+        host_engine = dataclasses.replace(
+            host_engine, bind=raw.get("cluster_address") or ENGINE_BIND_ANY
+        )
     address = raw.get("address")
     if address is None:
         if connection != "local":
@@ -654,6 +674,7 @@ def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, top: dict
             "service_user",
             top.get("service_user", None if connection == "local" else SERVICE_USER_DEFAULT),
         ),
+        cluster_address=raw.get("cluster_address"),
     )
 
 
@@ -812,8 +833,13 @@ def _check_ssh(doc: _Doc, path: tuple, host: Host) -> None:
 ROUTER_DURATIONS = (
     "health_interval_s",
     "health_timeout_s",
+    "header_timeout_s",
+    "body_timeout_s",
+    "keepalive_timeout_s",
     "connect_timeout_s",
     "first_byte_timeout_s",
+    "chunk_gap_timeout_s",
+    "total_timeout_s",
 )
 
 
@@ -838,6 +864,12 @@ def _check_router(doc: _Doc, router: RouterSettings) -> None:
             ("router", "max_body_bytes"),
             f"max_body_bytes is {router.max_body_bytes}; use a positive size in bytes (default 16777216).",
         )
+    for key in ("max_connections", "max_connections_per_client"):
+        if getattr(router, key) <= 0:
+            raise doc.error(
+                ("router", key),
+                f"{key} is {getattr(router, key)}; use a positive number of connections.",
+            )
     policy = router.policy
     for key, value in router.policy_options.items():
         try:  # one key at a time, so the error points at its line
@@ -848,6 +880,61 @@ def _check_router(doc: _Doc, router: RouterSettings) -> None:
                 ("router", "policy_options", key),
                 f"the router would refuse its config: {exc}.{hint}",
             ) from None
+    _check_admission(doc, router)
+
+
+def _check_admission(doc: _Doc, router: RouterSettings) -> None:
+    """Admission caps and named clients (router.clients), as the router would check them."""
+    from .router.config import CLIENT_NAME, DEFAULT_CLIENT, RouterConfigError, parse_clients
+
+    for key in ("max_inflight", "max_body_bytes_inflight", "max_prompt_chars", "write_timeout_s"):
+        value = getattr(router, key)
+        if value is not None and not value > 0:
+            raise doc.error(
+                ("router", key),
+                f"{key} is {value}; use a positive number"
+                + (", or null for no cap." if key != "write_timeout_s" else " of seconds."),
+            )
+    seen: dict[str, KeyPath] = (
+        {router.api_keys_env: ("router", "api_keys_env")} if router.api_keys_env else {}
+    )
+    for name, client in router.clients.items():
+        path = ("router", "clients", name)
+        if not CLIENT_NAME.match(name):
+            raise doc.error(
+                path,
+                f"client name '{name}' is not a plain name; use 1-64 letters, digits, '_', '.' "
+                "or '-', starting with a letter or digit (it names the client in metrics).",
+            )
+        if name == DEFAULT_CLIENT and client.key_env:
+            raise doc.error(
+                path + ("key_env",),
+                f"the client '{DEFAULT_CLIENT}' has the keys of router.api_keys_env (or, without "
+                "keys, every request); give it limits only, or name the client differently.",
+            )
+        if name != DEFAULT_CLIENT and not client.key_env:
+            raise doc.error(
+                path,
+                f"client '{name}' has no key_env; name the environment variable that holds its "
+                f"key(s), e.g. key_env: {re.sub(r'[^A-Z0-9]', '_', name.upper())}_KEY.",
+            )
+        if client.key_env in seen:
+            raise doc.error(
+                path + ("key_env",),
+                f"{client.key_env} is also {format_path(seen[client.key_env])}; a key belongs "
+                "to one client: give each its own variable.",
+            )
+        if client.key_env:
+            seen[client.key_env] = path + ("key_env",)
+        for key, value in as_dict(client).items():
+            if key == "key_env":
+                continue
+            try:  # the router's own schema, one key at a time for the line
+                parse_clients({name: {key: value}})
+            except RouterConfigError as exc:
+                raise doc.error(
+                    path + (key,), f"the router would refuse its config: {exc}."
+                ) from None
 
 
 def _check_extra_args(doc: _Doc, cluster: Cluster) -> None:
@@ -937,6 +1024,11 @@ def _check_values(doc: _Doc, path: tuple, engine: EngineSettings) -> None:
             raise doc.error(
                 path + ("env", key),
                 f"'{key}' is not an environment variable name; use letters, digits and '_', not starting with a digit (e.g. WANDB_PROJECT).",
+            )
+        if key == "VLLM_API_KEY":  # plan.ENGINE_KEY_VAR: the engines' key is the cluster's
+            raise doc.error(
+                path + ("env", key),
+                "VLLM_API_KEY is set by stackctl: it is the cluster's engine key, which the router sends. Remove it here; to choose the key yourself, set router.engine_key_env to the name of the variable that holds it.",
             )
         if isinstance(value, Mapping):
             if set(value) != {"from_env"} or not isinstance(value["from_env"], str):
@@ -1115,4 +1207,13 @@ def check_secrets(cluster: Cluster, environ: Mapping[str, str] | None = None) ->
                 f"{cluster.source}: {key_path}: the environment variable {env_name} is not set (or empty), but the inventory says it holds the secret. Export it before running stackctl (export {env_name}=...), or remove {key_path}."
             )
         values[env_name] = environ[env_name]
+    key_vars = {var for _, var in cluster.router.key_sources}
+    for key_path, env_name in cluster.secret_env_vars():
+        if env_name not in key_vars:
+            continue
+        keys = [k.strip() for k in values[env_name].split(",") if k.strip()]
+        if not keys or any(c.isspace() or not c.isprintable() for k in keys for c in k):
+            raise InventoryError(
+                f"{cluster.source}: {key_path}: the environment variable {env_name} must hold comma-separated API keys, none with a space or line break in it (the router's keys file has one 'name key' a line); fix its value (not shown)."
+            )
     return values

@@ -11,7 +11,7 @@ import click
 from .apply import Change, ChangeKind, HostDiff
 from .connect import connect, q
 from .errors import StackctlError
-from .facts import Facts, gather, run_probe, supervisor_facts
+from .facts import Facts, gather, probe_wait, supervisor_facts
 from .inventory import Cluster
 from .parallel import Cancellation, each
 from .plan import HostPlan, owned_entries, plan_cluster
@@ -45,14 +45,12 @@ def down(
         try:
             facts = supervisor_facts(conn, plan)
             pid, running = facts.supervisor.pid, facts.supervisor.running
-            unit_installed = plan.unit_name and facts.systemd.present and facts.systemd.unit_sha256
-            if (
-                unit_installed
-            ):  # stop it through systemd: Restart=always would bring supervisord back
+            installed = facts.systemd.present and facts.systemd.unit_sha256
+            unit = plan.unit_name if installed else None  # the cluster's unit, when installed
+            unit_path = plan.system_unit_path if installed else None  # (set with unit_name)
+            if unit:  # stop it through systemd: Restart=always would bring supervisord back
                 stop_s = sum(p.stopwaitsecs for p in plan.programs) + 60
-                conn.run(
-                    f"systemctl disable --now {q(plan.unit_name)}", as_root=True, timeout=stop_s
-                )
+                conn.run(f"systemctl disable --now {q(unit)}", as_root=True, timeout=stop_s)
                 running = (
                     conn.run(f"kill -0 {int(pid)} 2>/dev/null", check=False).ok if pid else False
                 )
@@ -60,6 +58,7 @@ def down(
                 conn.run(shlex.join(plan.supervisorctl("stop", "all")), check=False, timeout=300)
                 conn.run(shlex.join(plan.supervisorctl("shutdown")), check=False, timeout=120)
                 # supervisord exits once its children are gone; wait for it so nothing is left running
+                assert pid is not None  # the probe, or kill -0 above, found it running by its pid
                 conn.run(
                     f"for i in $(seq 1 120); do kill -0 {int(pid)} 2>/dev/null || exit 0; sleep 0.5; done; exit 1",
                     timeout=90,
@@ -76,9 +75,9 @@ def down(
                         f"{plan.host.name}: refusing to purge {plan.deploy_dir}: it does not look like a stackctl deploy dir ({conf} is missing or not ours)."
                     )
                 conn.run(purge_command(plan), timeout=600, as_root=True)
-                if unit_installed:
+                if unit_path:
                     conn.run(
-                        f"rm -f -- {q(plan.system_unit_path)} && systemctl daemon-reload",
+                        f"rm -f -- {q(unit_path)} && systemctl daemon-reload",
                         as_root=True,
                         timeout=120,
                     )
@@ -230,12 +229,7 @@ def _wait_healthy(conn, plan: HostPlan, names: list[str], progress: Progress) ->
         return
     timeout = plan.host.engine.health_timeout_s
     progress.update(plan.host.name, "wait for engines")
-    health = run_probe(
-        conn,
-        plan.python,
-        {"action": "wait", "urls": urls, "timeout": timeout, "interval": 1.0},
-        timeout=timeout + 60,
-    )
+    health = probe_wait(conn, plan.python, urls, timeout, interval=1.0)
     if health["unhealthy"]:
         raise StackctlError(
             f"{plan.host.name}: engine(s) at {', '.join(health['unhealthy'])} did not become healthy within {timeout:.0f} s after the restart; "

@@ -663,7 +663,8 @@ def http_one(request):
     if request.get("bearer_file"):
         try:
             with open(request["bearer_file"]) as fh:
-                key = fh.readline().strip().split(",")[0]
+                fields = fh.readline().split()  # "name key" (older files: a bare key)
+                key = fields[-1].split(",")[0] if fields else ""
             req.add_header("Authorization", "Bearer " + key)
         except OSError:
             pass

@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping
 import yaml
 
 from .router.config import RouterConfig
-from .settings import RouterSettings
+from .settings import RouterSettings, as_dict
 
 HEADER = "# Router configuration (rendered by stackctl from the inventory; reloaded on SIGHUP)\n"
 
@@ -23,10 +23,21 @@ INVENTORY_KEYS: dict[str, tuple[str, ...]] = {
     "policy_options": ("policy_options",),
     "health_interval_s": ("health", "interval_s"),
     "health_timeout_s": ("health", "timeout_s"),
+    "header_timeout_s": ("timeouts", "header_s"),
+    "body_timeout_s": ("timeouts", "body_s"),
+    "keepalive_timeout_s": ("timeouts", "keepalive_s"),
     "connect_timeout_s": ("timeouts", "connect_s"),
     "first_byte_timeout_s": ("timeouts", "first_byte_s"),
+    "chunk_gap_timeout_s": ("timeouts", "chunk_gap_s"),
+    "total_timeout_s": ("timeouts", "total_s"),
+    "max_connections": ("connections", "max"),
+    "max_connections_per_client": ("connections", "per_client"),
     "retries": ("retries",),
     "max_body_bytes": ("max_body_bytes",),
+    "max_inflight": ("admission", "max_inflight"),
+    "max_body_bytes_inflight": ("admission", "max_body_bytes_inflight"),
+    "max_prompt_chars": ("admission", "max_prompt_chars"),
+    "write_timeout_s": ("admission", "write_timeout_s"),
 }
 
 
@@ -51,6 +62,7 @@ def router_document(
     engines: list[dict],
     api_keys_file: str | None,
     without: Collection[str] = (),
+    engine_key_file: str | None = None,
 ) -> dict:
     """router.yaml for the inventory's ``router`` settings and engines (``plan.router_engines``),
     minus the engines named in ``without`` (a rolling drain). Keys in the contract's order."""
@@ -64,7 +76,22 @@ def router_document(
         if key == "policy_options":  # engines come next, as in docs/architecture.md
             doc["engines"] = [_engine_entry(e) for e in engines if e["name"] not in without]
     doc["api_keys_file"] = api_keys_file
+    doc["clients"] = client_limits(router)
+    doc["engine_key_file"] = engine_key_file
     return doc
+
+
+def client_limits(router: RouterSettings) -> dict:
+    """router.yaml's ``clients:``: each named client's limits that are set (their keys go
+    only into the 0600 keys file, never here)."""
+    return {
+        name: {
+            key: value
+            for key, value in as_dict(client).items()
+            if key != "key_env" and value is not None
+        }
+        for name, client in router.clients.items()
+    }
 
 
 def _engine_entry(engine: dict) -> dict:

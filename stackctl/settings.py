@@ -99,6 +99,16 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class ClientSettings:
+    """``router.clients.<name>``: a named client (tenant) and its limits (null: none)."""
+
+    key_env: str | None = None  # required but for `default` (whose keys are api_keys_env's)
+    max_inflight: int | None = None
+    requests_per_s: float | None = None
+    tokens_per_min: int | None = None
+
+
+@dataclass(frozen=True)
 class RouterSettings:
     host: str  # required: the inventory refuses a cluster without it before building this
     port: int
@@ -106,12 +116,33 @@ class RouterSettings:
     policy: Policy
     policy_options: Mapping[str, Any]
     api_keys_env: str | None
+    engine_key_env: str | None  # null: `up` generates the cluster's engine key and keeps it
     health_interval_s: float
     health_timeout_s: float
+    header_timeout_s: float
+    body_timeout_s: float
+    keepalive_timeout_s: float
     connect_timeout_s: float
     first_byte_timeout_s: float
+    chunk_gap_timeout_s: float
+    total_timeout_s: float
+    max_connections: int
+    max_connections_per_client: int
     retries: int
     max_body_bytes: int
+    max_inflight: int | None  # admission (stackctl/router/admission.py); null: no cap
+    max_body_bytes_inflight: int | None
+    max_prompt_chars: int | None
+    write_timeout_s: float
+    clients: Mapping[str, ClientSettings]  # named client keys, each with optional limits
+
+    @property
+    def key_sources(self) -> tuple[tuple[str, str], ...]:
+        """(client name, environment variable) of every source of client keys, in the keys
+        file's order: ``api_keys_env``'s comma-separated keys are the client ``default``."""
+        sources = [("default", self.api_keys_env)] if self.api_keys_env else []
+        sources += [(name, c.key_env) for name, c in self.clients.items() if c.key_env]
+        return tuple(sources)
 
 
 @dataclass(frozen=True)
@@ -188,6 +219,9 @@ def _value(hint: Any, value: Any) -> Any:
     if origin is tuple:
         return tuple(value)
     if origin is Mapping:
+        item = get_args(hint)[1]
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            return types.MappingProxyType({k: build(item, v or {}) for k, v in value.items()})
         return types.MappingProxyType(dict(value))
     return value
 
@@ -202,7 +236,14 @@ def as_dict(settings: Any) -> dict:
         elif isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, Mapping):
-            value = {k: dict(v) if isinstance(v, Mapping) else v for k, v in value.items()}
+            value = {
+                k: as_dict(v)
+                if dataclasses.is_dataclass(v)
+                else dict(v)
+                if isinstance(v, Mapping)
+                else v
+                for k, v in value.items()
+            }
         out[f.name] = value
     return out
 

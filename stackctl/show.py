@@ -38,7 +38,7 @@ def format_host_plan(plan: HostPlan, with_files: bool = True) -> str:
         lines.append(f"model {plan.model.name}: {plan.model.remote_path} ({source})")
     for secret in plan.secrets:
         lines.append(
-            f"secret {secret.purpose}: {secret.path} (mode 0600) <- ${secret.env_var} = {MASK}"
+            f"secret {secret.purpose}: {secret.path} (mode 0600) <- {secret.source} = {MASK}"
         )
     for program in plan.programs:
         lines.append(f"program {program.name}: {program.description}")
@@ -88,7 +88,14 @@ def plan_document(cluster: Cluster, plans: list[HostPlan]) -> dict:
             if model
             else None,
             "secrets": [
-                {"purpose": s.purpose, "path": s.path, "from_env": s.env_var} for s in plan.secrets
+                {
+                    "purpose": s.purpose,
+                    "path": s.path,
+                    "from_env": None if s.generated else s.env_var,
+                    "generated": s.generated,
+                    **({"also_from_env": list(s.also_from)} if s.also_from else {}),
+                }
+                for s in plan.secrets
             ],
             "programs": [
                 {

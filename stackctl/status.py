@@ -11,18 +11,25 @@ import re
 
 from .connect import connect
 from .errors import StackctlError
-from .facts import SupervisorFacts, SystemdFacts, bootstrap_interpreter, run_probe, supervisor_facts
+from .facts import (
+    HttpAnswer,
+    SupervisorFacts,
+    SystemdFacts,
+    bootstrap_interpreter,
+    probe_http,
+    supervisor_facts,
+)
 from .inventory import Cluster
 from .metrics import engine_summary
 from .parallel import Cancellation, each
-from .plan import HostPlan, plan_cluster
+from .plan import HostPlan, plan_cluster, router_key_file
 
 HEALTHY, DEGRADED, UNREACHABLE = 0, 1, 2
 _DETAIL = re.compile(r"pid (\d+), uptime ([\d:]+(?: days?,? [\d:]+)?)")
 
 
 def _program_row(
-    plan: HostPlan, program, supervisor: SupervisorFacts, http: dict[str, dict], model: str
+    plan: HostPlan, program, supervisor: SupervisorFacts, http: dict[str, HttpAnswer], model: str
 ) -> dict:
     info = supervisor.programs.get(program.name)
     match = _DETAIL.search(info.detail if info else "")
@@ -36,19 +43,19 @@ def _program_row(
         "healthy": None,
     }
     if program.health_url:
-        health = http.get(program.health_url, {})
-        row["healthy"] = health.get("status") == 200
+        health = http.get(program.health_url)
+        row["healthy"] = health is not None and health["status"] == 200
     if program.kind == "engine":
         row["model"] = model
-        metrics = http.get(program.url("/metrics"), {})
-        if metrics.get("status") == 200:
+        metrics = http.get(program.url("/metrics"))
+        if metrics is not None and metrics["status"] == 200:
             try:
                 row["metrics"] = engine_summary(metrics["body"])
             except Exception as exc:  # noqa: BLE001 - a malformed exposition must not hide the rest
                 row["metrics_error"] = f"unparseable /metrics: {exc}"
     if program.kind == "router":
-        engines = http.get(program.url("/engines"), {})
-        if engines.get("status") == 200:
+        engines = http.get(program.url("/engines"))
+        if engines is not None and engines["status"] == 200:
             try:
                 row["engines"] = json.loads(engines["body"])
             except ValueError:
@@ -83,23 +90,16 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
         entry["reachable"] = True
         entry["supervisord"] = {"running": facts.supervisor.running, "pid": facts.supervisor.pid}
         entry["systemd"] = _systemd_row(facts.systemd)
-        urls = []
+        requests = []
         for program in plan.programs:
             if program.health_url:
-                urls.append(program.health_url)
+                requests.append({"url": program.health_url, "timeout": 5})
             if program.kind == "engine":
-                urls.append(program.url("/metrics"))
-            if program.kind == "router":
-                urls.append(program.url("/engines"))
-        answers = (
-            run_probe(
-                conn,
-                interpreter,
-                {"action": "http", "requests": [{"url": u, "timeout": 5} for u in urls]},
-            )
-            if urls
-            else []
-        )
+                requests.append({"url": program.url("/metrics"), "timeout": 5})
+            if program.kind == "router":  # /engines wants a client key when the router has keys
+                url, keys = program.url("/engines"), router_key_file(cluster, plan)
+                requests.append({"url": url, "timeout": 5, "bearer_file": keys})
+        answers = probe_http(conn, interpreter, requests) if requests else []
         http = {a["url"]: a for a in answers}
         entry["programs"] = [
             _program_row(plan, p, facts.supervisor, http, cluster.model.name) for p in plan.programs

@@ -29,20 +29,28 @@ def count_tokens(text: str) -> int:
     return len(text.split())
 
 
-def _content_text(content) -> str:
-    """Text of an OpenAI message ``content`` (a string or a list of content parts)."""
-    if content is None:
-        return ""
+def _content_text(content: object) -> str:
+    """Text of an OpenAI message ``content``: a string, or the text of a list of parts.
+
+    Total: whatever is not text (an image part, a number where text belongs) adds nothing,
+    so rendering never fails; the router and the simulator refuse such requests before.
+    """
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        return ""
     parts = []
     for part in content:
-        if isinstance(part, Mapping) and part.get("type") == "text":
-            parts.append(str(part.get("text", "")))
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, Mapping) and part.get("type") == "text":
+            text = part.get("text")
+            if isinstance(text, str):
+                parts.append(text)
     return " ".join(parts)
 
 
-def render_chat(messages: Iterable[Mapping]) -> str:
+def render_chat(messages: Iterable[Mapping[str, object]]) -> str:
     """Render OpenAI chat messages to one prompt, like a chat template would.
 
     Each message becomes ``<|role|> content`` on its own line, and the prompt ends with
@@ -51,9 +59,10 @@ def render_chat(messages: Iterable[Mapping]) -> str:
     """
     lines = []
     for m in messages:
-        content = m.get("content")
-        if not isinstance(content, str):
-            content = _content_text(content)
-        lines.append(f"{_MARK_OPEN}{m.get('role', 'user')}{_MARK_CLOSE} {content}")
+        role = m.get("role", "user")
+        content = _content_text(m.get("content"))
+        lines.append(
+            f"{_MARK_OPEN}{role if isinstance(role, str) else 'user'}{_MARK_CLOSE} {content}"
+        )
     lines.append(ROLE_MARK.format(role="assistant"))
     return "\n".join(lines)

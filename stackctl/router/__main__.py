@@ -10,10 +10,16 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
 from .app import Router
-from .config import RouterConfigError, load_api_keys, load_config
+from .config import (
+    FD_HEADROOM,
+    RouterConfigError,
+    load_client_keys,
+    load_config,
+    load_engine_key,
+)
+from .listener import raise_fd_limit, start_listener
+from .requests import ParserErrorLog
 from .upstream import UpstreamClient, UpstreamPool
 
 log = logging.getLogger("stackctl.router")
@@ -30,13 +36,19 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 async def serve(router: Router) -> None:
     """Serve until SIGINT/SIGTERM; SIGHUP reloads the config file."""
     config = router.config
-    # handler_cancellation: a client that disconnects cancels its handler, which closes the
-    # upstream connection, which makes the engine abort the request.
-    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
+    limit, needed = raise_fd_limit(config.connections)
+    if limit < needed:
+        log.warning(
+            "open-file limit %d is below the %d that connections.max %d needs: past about "
+            "%d connections the router may meet EMFILE; raise the limit (LimitNOFILE) or "
+            "lower connections.max",
+            limit,
+            needed,
+            config.connections.max,
+            max(0, (limit - FD_HEADROOM) // 2),
+        )
+    runner, _ = await start_listener(router)  # caps, read deadlines (listener.py)
     try:
-        await site.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGHUP, router.reload)
@@ -71,9 +83,12 @@ def main(
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # A request aiohttp's HTTP parser rejects: one line, rate-limited, not a traceback.
+    logging.getLogger("aiohttp.server").addFilter(ParserErrorLog())
     try:
         config = load_config(args.config)
-        keys = load_api_keys(config.api_keys_file)
+        keys = load_client_keys(config.api_keys_file)
+        load_engine_key(config.engine_key_file)  # a missing or bad file: exit 2, not a traceback
     except RouterConfigError as exc:
         print(f"stackctl router: error: {exc}", file=sys.stderr)
         return 2

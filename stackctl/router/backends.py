@@ -9,6 +9,7 @@ health or capacity goes through it, and it tells the routing policy (the hooks o
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ class Backend:
         "healthy_since",
         "served",
         "last_error",
+        "waiting",
     )
 
     def __init__(self, config: BackendConfig):
@@ -54,10 +56,26 @@ class Backend:
         self.healthy_since = time.monotonic()
         self.served = 0
         self.last_error: str | None = None
+        # requests here that have sent nothing to their client yet (app.Router._forward):
+        # each waits inside this scope, which an ejection expires (cut_waiting)
+        self.waiting: set[asyncio.Timeout] = set()
 
     @property
     def capacity_tokens(self) -> int | None:
         return self.configured_capacity_tokens or self.learned_capacity_tokens
+
+    def cut_waiting(self) -> int:
+        """End every wait of the requests that have sent nothing to their client yet (the
+        backend was just ejected): each gets a TimeoutError from its scope and fails over."""
+        if not self.waiting:
+            return 0
+        now = asyncio.get_running_loop().time()
+        for scope in self.waiting:
+            try:
+                scope.reschedule(now)
+            except RuntimeError:  # already expiring (cut before its task ran): nothing to do
+                pass
+        return len(self.waiting)
 
     def same_endpoint(self, config: BackendConfig) -> bool:
         return self.url == config.url and self.model == config.model

@@ -7,7 +7,8 @@ the key path, so ``stackctl router`` can print it and exit 2 without a traceback
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
@@ -28,6 +29,9 @@ POLICY_OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
         "beta": 0.75,  # weight of relative excess load against predicted cached fraction
         "load_factor": 2.0,  # engines above load_factor * mean in-flight are skipped
         "default_capacity_tokens": 1_000_000,  # when neither config nor engine tells
+        # longer rendered prompts are routed as new ones and never indexed: one huge prompt
+        # would evict real conversations' prefixes (and cost its hashing on the event loop)
+        "max_indexed_chars": 524_288,
     },
 }
 
@@ -38,9 +42,13 @@ TOP_LEVEL_KEYS = {
     "engines",
     "health",
     "timeouts",
+    "connections",
     "retries",
     "max_body_bytes",
     "api_keys_file",
+    "admission",
+    "clients",
+    "engine_key_file",
 }
 
 
@@ -69,8 +77,69 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class TimeoutsConfig:
-    connect_s: float = 3.0
-    first_byte_s: float = 300.0
+    """Every wait the router does on a client or an engine is bounded (docs/architecture.md,
+    "Router internals": what each bounds and what happens when it fires)."""
+
+    # the client's side (the router's listener, stackctl/router/listener.py)
+    header_s: float = 10.0  # request line + headers: from the connection's opening (or the
+    #                         first byte of a later request on it) to the end of the head
+    body_s: float = 60.0  # the whole request body, from the end of its head
+    keepalive_s: float = 30.0  # an idle keep-alive connection between two requests
+    # the engine's side (stackctl/router/upstream.py, app.Router._forward)
+    connect_s: float = 3.0  # TCP (and TLS) connect
+    first_byte_s: float = 60.0  # request sent -> response head, for a streamed request (a
+    #                             non-streamed answer's head comes with its end: total_s)
+    chunk_gap_s: float = 120.0  # between two pieces of the body, streamed or not
+    total_s: float = 1800.0  # the whole answer, from the request's arrival
+
+
+@dataclass(frozen=True)
+class ConnectionsConfig:
+    """Caps on the router's listener; a connection above either is closed at once (with a
+    canned 503) and established ones are not affected."""
+
+    max: int = 16384  # open client connections, all clients together
+    per_client: int = 2048  # open client connections from one source IP address
+
+
+#: File descriptors besides the client connections and their upstream ones: idle upstream
+#: connections, health checks, logs, the event loop's own.
+FD_HEADROOM = 1024
+
+
+def fds_needed(max_connections: int) -> int:
+    """File descriptors the router may hold with ``max_connections`` clients: one for each
+    client connection and one for the engine connection each may have in flight, plus
+    headroom. The router host's ``LimitNOFILE`` is at least this (stackctl.plan.fd_limit)."""
+    return 2 * max_connections + FD_HEADROOM
+
+
+#: A client name: a metric label and a keys-file field, so no spaces, quotes or control bytes.
+CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: The client of the keys given one a line without a name (``api_keys_env``'s), and of every
+#: request when authentication is off.
+DEFAULT_CLIENT = "default"
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Router-wide caps; null (None) turns a cap off."""
+
+    max_inflight: int | None = 1024  # requests admitted and not finished, body read included
+    # their bodies' bytes (Content-Length; a chunked body counts as max_body_bytes): the
+    # router's request memory (a body costs about 3x its size while parsed and routed)
+    max_body_bytes_inflight: int | None = 268_435_456
+    max_prompt_chars: int | None = 2_097_152  # rendered prompt; longer: 400 context_length_exceeded
+    write_timeout_s: float = 30.0  # a response write blocked this long ends the request
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """One named client's limits (``clients.<name>``); None: no such limit."""
+
+    max_inflight: int | None = None
+    requests_per_s: float | None = None  # token bucket, burst of one second's requests
+    tokens_per_min: int | None = None  # token bucket, burst of one minute's tokens
 
 
 @dataclass(frozen=True)
@@ -82,9 +151,13 @@ class RouterConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     health: HealthConfig = HealthConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
     retries: int = 2
     max_body_bytes: int = 16 * 1024 * 1024
     api_keys_file: str | None = None
+    admission: AdmissionConfig = AdmissionConfig()
+    clients: Mapping[str, ClientLimits] = field(default_factory=dict)
+    engine_key_file: str | None = None  # the key every engine requires (sent as a Bearer token)
 
     @property
     def models(self) -> set[str]:
@@ -123,7 +196,7 @@ def _mapping(where: str, value: Any) -> dict[str, Any]:
     return value
 
 
-_Section = TypeVar("_Section", HealthConfig, TimeoutsConfig)
+_Section = TypeVar("_Section", HealthConfig, TimeoutsConfig, ConnectionsConfig)
 
 
 def _section(
@@ -240,7 +313,17 @@ def _parse(raw: Any) -> RouterConfig:
         positive={"interval_s", "timeout_s", "failures_to_eject", "backoff_s", "max_backoff_s"},
     )
     timeouts = _section(
-        "timeouts", raw.get("timeouts"), TimeoutsConfig, positive={"connect_s", "first_byte_s"}
+        "timeouts",
+        raw.get("timeouts"),
+        TimeoutsConfig,
+        positive=TimeoutsConfig.__dataclass_fields__,
+    )
+    connections = _section(
+        "connections",
+        raw.get("connections"),
+        ConnectionsConfig,
+        integers=ConnectionsConfig.__dataclass_fields__,
+        positive=ConnectionsConfig.__dataclass_fields__,
     )
     retries = _number("retries", raw.get("retries", 2), integer=True)
     max_body = _number(
@@ -249,6 +332,11 @@ def _parse(raw: Any) -> RouterConfig:
     keys_file = raw.get("api_keys_file")
     if keys_file is not None and (not isinstance(keys_file, str) or not keys_file):
         raise RouterConfigError("api_keys_file: expected a path or null")
+    engine_key_file = raw.get("engine_key_file")
+    if engine_key_file is not None and (
+        not isinstance(engine_key_file, str) or not engine_key_file
+    ):
+        raise RouterConfigError("engine_key_file: expected a path or null")
     return RouterConfig(
         engines=engines,
         host=host,
@@ -257,9 +345,13 @@ def _parse(raw: Any) -> RouterConfig:
         policy_options=_policy_options(policy, raw.get("policy_options")),
         health=health,
         timeouts=timeouts,
+        connections=connections,
         retries=retries,
         max_body_bytes=max_body,
         api_keys_file=keys_file,
+        admission=parse_admission(raw.get("admission")),
+        clients=parse_clients(raw.get("clients")),
+        engine_key_file=engine_key_file,
     )
 
 
@@ -282,20 +374,127 @@ def load_config(path: str | Path) -> RouterConfig:
 
 
 def load_api_keys(path: str | None) -> tuple[bytes, ...]:
-    """Accepted Bearer keys, one a line; empty tuple means authentication is off."""
+    """Accepted Bearer keys (names dropped: :func:`load_client_keys`); empty: no auth."""
+    return tuple(key for _, key in load_client_keys(path))
+
+
+def load_engine_key(path: str | None) -> str | None:
+    """The key the engines require (one line, the file `up` writes with mode 0600), or None
+    when the config names no file (engines without a key)."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise RouterConfigError(f"engine_key_file {path}: cannot read: {why}") from None
+    if not key or not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):
+        raise RouterConfigError(
+            f"engine_key_file {path}: expected one key on one line (no spaces), "
+            "as `up` writes it; run `stackctl up` again to rewrite it"
+        )
+    return key
+
+
+# --------------------------------------------------------------------------- admission control
+# router.yaml's ``admission:`` (router-wide caps) and ``clients:`` (per named client: the
+# names the keys file gives its keys). Enforced by stackctl/router/admission.py.
+
+
+def _optional(where: str, value: Any, *, integer: bool) -> Any:
+    return None if value is None else _number(where, value, integer=integer, positive=True)
+
+
+def parse_admission(raw: Any) -> AdmissionConfig:
+    raw = _mapping("admission", raw)
+    known = AdmissionConfig.__dataclass_fields__
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise RouterConfigError(
+            f"admission: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(known)}"
+        )
+    default = AdmissionConfig()
+    return AdmissionConfig(
+        max_inflight=_optional(
+            "admission.max_inflight", raw.get("max_inflight", default.max_inflight), integer=True
+        ),
+        max_body_bytes_inflight=_optional(
+            "admission.max_body_bytes_inflight",
+            raw.get("max_body_bytes_inflight", default.max_body_bytes_inflight),
+            integer=True,
+        ),
+        max_prompt_chars=_optional(
+            "admission.max_prompt_chars",
+            raw.get("max_prompt_chars", default.max_prompt_chars),
+            integer=True,
+        ),
+        write_timeout_s=_number(
+            "admission.write_timeout_s",
+            raw.get("write_timeout_s", default.write_timeout_s),
+            positive=True,
+        ),
+    )
+
+
+def parse_clients(raw: Any) -> dict[str, ClientLimits]:
+    raw = _mapping("clients", raw)
+    known = ClientLimits.__dataclass_fields__
+    out: dict[str, ClientLimits] = {}
+    for name, limits in raw.items():
+        where = f"clients.{name}"
+        if not isinstance(name, str) or not CLIENT_NAME.match(name):
+            raise RouterConfigError(
+                f"{where}: a client name is 1-64 letters, digits, '_', '.' or '-', starting "
+                "with a letter or digit"
+            )
+        limits = _mapping(where, limits)
+        unknown = set(limits) - set(known)
+        if unknown:
+            raise RouterConfigError(
+                f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(known)}"
+            )
+        out[name] = ClientLimits(
+            max_inflight=_optional(
+                f"{where}.max_inflight", limits.get("max_inflight"), integer=True
+            ),
+            requests_per_s=_optional(
+                f"{where}.requests_per_s", limits.get("requests_per_s"), integer=False
+            ),
+            tokens_per_min=_optional(
+                f"{where}.tokens_per_min", limits.get("tokens_per_min"), integer=True
+            ),
+        )
+    return out
+
+
+def load_client_keys(path: str | None) -> tuple[tuple[str, bytes], ...]:
+    """(client name, key) of every accepted Bearer key; empty: authentication is off.
+
+    A line is ``name key`` (what `up` writes) or, the older format, a bare ``key``, which
+    belongs to the client ``default``. Errors name the line, never the key.
+    """
     if path is None:
         return ()
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise RouterConfigError(
-            f"api_keys_file {path}: cannot read: {exc.strerror or exc}"
-        ) from None
-    keys = tuple(
-        line.strip().encode()
-        for line in lines
-        if line.strip() and not line.lstrip().startswith("#")
-    )
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise RouterConfigError(f"api_keys_file {path}: cannot read: {why}") from None
+    keys: list[tuple[str, bytes]] = []
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) == 1:
+            name, key = DEFAULT_CLIENT, fields[0]
+        elif len(fields) == 2 and CLIENT_NAME.match(fields[0]):
+            name, key = fields
+        else:
+            raise RouterConfigError(
+                f"api_keys_file {path}:{number}: expected 'name key' or 'key' (a name is "
+                "letters, digits, '_', '.' or '-'; the line is not shown: it holds a key)"
+            )
+        keys.append((name, key.encode()))
     if not keys:
         raise RouterConfigError(f"api_keys_file {path}: contains no key")
-    return keys
+    return tuple(keys)

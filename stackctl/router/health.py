@@ -1,11 +1,16 @@
 """Active health checks and passive ejection with exponential backoff.
 
-An engine is ejected after ``failures_to_eject`` consecutive failed checks, or at once when a
-proxied request hits a connection error or timeout (the request itself is retried elsewhere).
-An ejected engine is not probed again before ``backoff_s * 2**(ejections-1)`` (capped at
-``max_backoff_s``) has passed; the first successful probe after that re-admits it. Ejection
-and re-admission go through the backend pool, which tells the policy (kv_aware forgets the
-engine's prefix index: a restarted engine comes back with a cold cache).
+An engine is ejected after ``failures_to_eject`` consecutive failures: failed health checks
+and proxied requests that could not reach it, died with it or got a broken answer
+(``upstream.Failure.counted``); a success resets the count. A request that timed out after it
+was sent (a slow answer) is no failure: it asks for a health check now, and only a failed
+check ejects. The router's own shortages (EMFILE and kin, here or on the proxy path) never
+count. When an engine is ejected, the requests on it that have sent nothing to their client
+yet are cut short and fail over (``Backend.cut_waiting``). An ejected engine is not probed
+again before ``backoff_s * 2**(ejections-1)`` (capped at ``max_backoff_s``) has passed; the
+first successful probe after that re-admits it. Ejection and re-admission go through the
+backend pool, which tells the policy (kv_aware forgets the engine's prefix index: a restarted
+engine comes back with a cold cache).
 
 A healthy engine is also asked what it serves (``/v1/models``): every name it lists (vLLM's
 ``--served-model-name a b``, or names added by extra flags) is routed to it, besides the
@@ -25,6 +30,7 @@ import aiohttp
 
 from .backends import Backend, BackendPool
 from .config import HealthConfig
+from .upstream import local_resource_error
 
 log = logging.getLogger("stackctl.router.health")
 
@@ -73,22 +79,48 @@ class HealthMonitor:
         self.session = session
         self.on_change = on_change  # callback(engine) when health flips, for metrics/logs
         self._task: asyncio.Task[None] | None = None
+        self._soon: dict[Backend, asyncio.Task[None]] = {}  # checks asked for by check_soon
+        self._local_logged = 0.0  # when a local shortage was last logged (rate limit)
+        self.engine_key: str | None = None  # the engines' API key (for /v1/models), set by Router
 
     # -- passive -----------------------------------------------------------------------
     def request_failed(self, engine: Backend, reason: str) -> None:
-        """A proxied request could not reach the engine: eject it now."""
-        engine.last_error = reason
-        if engine.healthy:
-            self._eject(engine, reason)
+        """A proxied request could not reach the engine, died there or got a broken answer:
+        one more consecutive failure (``failures_to_eject`` of them eject)."""
+        self._failed(engine, reason)
 
     def request_succeeded(self, engine: Backend) -> None:
         engine.failures = 0
+
+    def request_timed_out(self, engine: Backend, reason: str) -> None:
+        """A request sent to the engine timed out: no failure by itself (a slow answer is not
+        a dead engine), but the engine is checked now rather than at the next round."""
+        engine.last_error = reason
+        self.check_soon(engine)
+
+    def local_shortage(self, what: str, exc: BaseException) -> None:
+        """The router is out of file descriptors or memory: logged (at most every 10 s),
+        counted against no engine."""
+        now = time.monotonic()
+        if now - self._local_logged >= 10.0:
+            self._local_logged = now
+            log.warning("router out of resources (%s): %s; no engine is blamed", what, exc)
+
+    def check_soon(self, engine: Backend) -> None:
+        """Check ``engine`` now (one check at a time per engine)."""
+        if engine in self._soon or not engine.healthy:
+            return  # a check is under way, or the engine is ejected (probed on its backoff)
+        task = asyncio.get_running_loop().create_task(self.check(engine))
+        self._soon[engine] = task
+        task.add_done_callback(lambda _: self._soon.pop(engine, None))
 
     # -- active ------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        for task in list(self._soon.values()):
+            task.cancel()
         if self._task:
             self._task.cancel()
             try:
@@ -118,29 +150,42 @@ class HealthMonitor:
                 await resp.read()
                 ok = resp.status == 200
                 reason = f"health returned HTTP {resp.status}"
-            if ok:
-                await self._learn_models(engine, timeout)
+            if ok and (refused := await self._learn_models(engine, timeout)):
+                ok, reason = False, refused
             if ok and engine.capacity_tokens is None:
                 await self._learn_capacity(engine, timeout)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if local_resource_error(exc):  # our EMFILE says nothing about the engine
+                self.local_shortage(f"health check of {engine.name}", exc)
+                return
             ok, reason = False, f"health check failed: {type(exc).__name__} {exc}".strip()
         if ok:
             self._succeeded(engine)
         else:
             self._failed(engine, reason)
 
-    async def _learn_models(self, engine: Backend, timeout: aiohttp.ClientTimeout) -> None:
-        """Route every name the engine lists; keep what was known when it does not answer."""
+    async def _learn_models(self, engine: Backend, timeout: aiohttp.ClientTimeout) -> str | None:
+        """Route every name the engine lists; keep what was known when it does not answer.
+        Returns why the engine is unusable when it refuses the engine key (401/403): every
+        request would fail there, so the check fails (and /engines says why)."""
+        headers = {"Authorization": f"Bearer {self.engine_key}"} if self.engine_key else None
         try:
-            async with self.session.get(engine.url + "/v1/models", timeout=timeout) as resp:
+            async with self.session.get(
+                engine.url + "/v1/models", timeout=timeout, headers=headers
+            ) as resp:
+                if resp.status in (401, 403):
+                    return (
+                        f"engine refused the router's engine key (HTTP {resp.status} on /v1/models)"
+                    )
                 if resp.status != 200:
-                    return
+                    return None
                 body = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError):
-            return
+            return None
         names = served_models(body)
         if names is not None and self.pool.set_served_models(engine, names):
             log.info("engine %s serves %s", engine.name, ", ".join(engine.models))
+        return None
 
     async def _learn_capacity(self, engine: Backend, timeout: aiohttp.ClientTimeout) -> None:
         try:
@@ -181,10 +226,12 @@ class HealthMonitor:
         engine.ejections += 1
         self.pool.ejected(engine)
         self._schedule_retry(engine)
+        cut = engine.cut_waiting()  # its requests that sent nothing yet fail over
         log.warning(
-            "engine %s ejected (%s); next probe in %.1fs",
+            "engine %s ejected (%s); %d waiting request(s) failing over; next probe in %.1fs",
             engine.name,
             reason,
+            cut,
             engine.retry_at - time.monotonic(),
         )
         self._changed(engine)

@@ -149,7 +149,9 @@ class LeastLoadedPolicy(Policy):
 
 
 def _stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    # surrogatepass: a lone surrogate from JSON ("\ud800") or a header's undecodable byte
+    data = text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 class SessionPolicy(Policy):
@@ -222,6 +224,7 @@ class KvAwarePolicy(Policy):
         beta: float = 0.75,
         load_factor: float = 2.0,
         default_capacity_tokens: int = 1_000_000,
+        max_indexed_chars: int = 524_288,
         **options: Any,
     ):
         super().__init__(
@@ -230,8 +233,10 @@ class KvAwarePolicy(Policy):
             beta=beta,
             load_factor=load_factor,
             default_capacity_tokens=default_capacity_tokens,
+            max_indexed_chars=max_indexed_chars,
             **options,
         )
+        self.max_indexed_chars = max_indexed_chars
         self.chunk_chars = chunk_chars
         self.chars_per_token = chars_per_token
         self.beta = beta
@@ -298,8 +303,10 @@ class KvAwarePolicy(Policy):
         return best
 
     def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
-        hashes = request.hashes(self.chunk_chars)
         prompt_chars = len(request.prompt) or 1
+        # A prompt too long to be worth indexing is neither hashed nor recorded: it is placed
+        # as a new conversation (for balance), and the indexes keep real conversations' state.
+        hashes = request.hashes(self.chunk_chars) if prompt_chars <= self.max_indexed_chars else []
         n = len(backends)
         mean = sum(b.inflight for b in backends) / n
         cap = self.load_factor * mean + 1

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -82,10 +82,17 @@ class RouterMetrics:
         self.prompt_tokens: defaultdict[str, float] = defaultdict(float)
         self.retries: defaultdict[tuple[str, str], int] = defaultdict(int)  # (engine, reason)
         self.health_changes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (engine, to)
+        # admission (admission.py), by client name, never by key
+        self.refusals: defaultdict[tuple[str, str], int] = defaultdict(int)  # (client, reason)
+        self.write_timeouts: defaultdict[str, int] = defaultdict(int)  # client
         self.ttft: defaultdict[str, _Histogram] = defaultdict(_Histogram)
         self.latency: defaultdict[str, _Histogram] = defaultdict(_Histogram)
+        # the listener's counters (listener.Listener.stats), set by listener.start_listener
+        self.connections: Callable[[], Mapping[str, int]] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        # process_open_fds, process_max_fds, process_resident_memory_bytes, ... (Linux /proc)
+        ProcessCollector(registry=self.registry)
 
     # -- request path -------------------------------------------------------------------
     def routed(self, engine: str, predicted_tokens: float, prompt_tokens: float) -> None:
@@ -102,6 +109,12 @@ class RouterMetrics:
 
     def retried(self, engine: str, reason: str) -> None:
         self.retries[(engine, reason.split(" ", 1)[0])] += 1
+
+    def refused(self, client: str, reason: str) -> None:
+        self.refusals[(client, reason)] += 1
+
+    def write_timed_out(self, client: str) -> None:
+        self.write_timeouts[client] += 1
 
     def health_changed(self, engine: str, healthy: bool) -> None:
         self.health_changes[(engine, "healthy" if healthy else "ejected")] += 1
@@ -156,6 +169,19 @@ class RouterMetrics:
             ["engine", "to"],
             self.health_changes,
         )
+        yield counter(
+            "router_admission_rejections",
+            "Requests refused by admission control, by client name and reason (global_inflight, "
+            "body_bytes_inflight, client_inflight, requests_per_s, tokens_per_min, prompt_too_long)",
+            ["client", "reason"],
+            self.refusals,
+        )
+        yield counter(
+            "router_write_timeouts",
+            "Requests ended because the client stopped reading (admission.write_timeout_s)",
+            ["client"],
+            self.write_timeouts,
+        )
         for name, doc, hists in (
             (
                 "router_ttft_seconds",
@@ -193,3 +219,21 @@ class RouterMetrics:
         yield inflight
         yield healthy
         yield indexed
+        stats = self.connections() if self.connections is not None else None
+        if stats is not None:
+            yield GaugeMetricFamily(
+                "router_client_connections", "Open client connections", value=stats["open"]
+            )
+            yield CounterMetricFamily(
+                "router_connections_refused",
+                "Client connections closed at once: connections.max or per_client reached",
+                value=stats["refused"],
+            )
+            timeouts = CounterMetricFamily(
+                "router_client_read_timeouts",
+                "Client connections closed for a slow request head (header_s) or body (body_s)",
+                labels=["phase"],
+            )
+            timeouts.add_metric(["head"], stats["head_timeouts"])
+            timeouts.add_metric(["body"], stats["body_timeouts"])
+            yield timeouts

@@ -19,6 +19,14 @@ Pooling: idle keep-alive connections per engine, no cap on connections (like
 5 s keep-alive, so the engine never closes one under our feet); a reused connection that
 turns out dead before any response byte is replaced by a fresh one, once, without blaming
 the engine. TCP_NODELAY is set on every connection (uvloop sets it too).
+
+Failures are sorted by :func:`classify` into what the router may do about them (app.py retries
+and health.py counts by it; docs/architecture.md, "Router internals"): the request never
+reached the engine (:class:`ConnectFailed`: refused, unreachable, connect timeout), the engine
+closed the connection before any byte of its answer (:class:`ClosedBeforeAnswer`: it died, and
+its work with it), a timeout after the request was sent (the engine has the work: not run
+again elsewhere), a broken answer, or the router's own resources ran out (EMFILE and kin:
+never the engine's fault).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import errno
 import socket
 import ssl as ssl_module
 import time
@@ -46,8 +55,67 @@ class ParseError(UpstreamError):
     """The bytes are not a well-formed HTTP/1.1 response (the only error the parser raises)."""
 
 
-class _StaleConnection(UpstreamError):
+class ConnectFailed(UpstreamError):
+    """No connection to the engine (refused, unreachable, timed out): it never saw the request."""
+
+
+class ClosedBeforeAnswer(UpstreamError):
+    """The engine closed or reset the connection before any byte of its answer."""
+
+
+class _StaleConnection(ClosedBeforeAnswer):
     """A reused idle connection died before any response byte: safe to resend."""
+
+
+# -- what a failure means ---------------------------------------------------------------------
+#: errnos that say the router itself is out of a resource (file descriptors, memory, buffers)
+LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
+
+
+class Failure(enum.Enum):
+    """What a failed attempt at an engine means for the request and for the engine."""
+
+    LOCAL = "local"  # the router ran out of a resource: not retried, not the engine's fault
+    UNREACHED = "unreached"  # the engine never saw the request: retried elsewhere, counted
+    DIED = "died"  # closed before any answer byte, the work died with it: retried, counted
+    TIMEOUT = "timeout"  # sent and too slow: not retried, not counted (a health check decides)
+    BROKEN = "broken"  # malformed answer or closed mid-answer: not retried, counted
+
+    @property
+    def retried(self) -> bool:
+        return self is Failure.UNREACHED or self is Failure.DIED
+
+    @property
+    def counted(self) -> bool:
+        """Counts toward the engine's ``failures_to_eject``."""
+        return self is not Failure.LOCAL and self is not Failure.TIMEOUT
+
+
+def local_resource_error(exc: BaseException | None) -> bool:
+    """``exc`` (or what it wraps: aiohttp's ``os_error``, the cause) is EMFILE/ENFILE/ENOMEM/
+    ENOBUFS, the router's own shortage."""
+    for _ in range(8):  # a bounded walk down the chain
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+            return True
+        wrapped = getattr(exc, "os_error", None)
+        exc = wrapped if isinstance(wrapped, BaseException) else (exc.__cause__ or exc.__context__)
+    return False
+
+
+def classify(exc: BaseException) -> Failure:
+    """The :class:`Failure` an UpstreamClient's error stands for (any client: the shipped one
+    raises the types below; others' refusals are ConnectionRefusedError, timeouts TimeoutError)."""
+    if local_resource_error(exc):
+        return Failure.LOCAL
+    if isinstance(exc, (ConnectFailed, ConnectionRefusedError)):
+        return Failure.UNREACHED
+    if isinstance(exc, ClosedBeforeAnswer):
+        return Failure.DIED
+    if isinstance(exc, TimeoutError):
+        return Failure.TIMEOUT
+    return Failure.BROKEN
 
 
 # -- the declared interface the router uses ---------------------------------------------------
@@ -80,15 +148,17 @@ class UpstreamClient(Protocol[R]):
     """What the proxy needs from an HTTP client: POST bytes, stream the answer back.
 
     Errors are ``OSError`` (refused, reset, DNS, TLS), :class:`UpstreamError` (closed early,
-    malformed) or ``asyncio.TimeoutError`` (connect or first-byte timeout), nothing else: the
-    router retries or ejects on exactly these.
+    malformed) or ``asyncio.TimeoutError`` (connect or head timeout), nothing else: the
+    router retries or ejects on exactly these, as :func:`classify` sorts them.
     """
 
     connect_s: float  # connect timeout, updated on reload
-    read_s: float  # first-byte (and between-bytes) timeout, updated on reload
+    read_s: float  # head timeout when ``request`` is given none, updated on reload
+    engine_key: str | None  # sent as ``Authorization: Bearer`` to every engine, updated on reload
 
-    async def request(self, url: str, path: str, body: bytes) -> R:
-        """Send ``body`` as a JSON POST to ``url + path``; return once the head arrived."""
+    async def request(self, url: str, path: str, body: bytes, timeout: float | None = None) -> R:
+        """Send ``body`` as a JSON POST to ``url + path``; return once the head arrived, within
+        ``timeout`` seconds of sending (default ``read_s``)."""
         ...
 
     def release(self, response: R, url: str) -> None:
@@ -384,6 +454,8 @@ class UpstreamConnection(asyncio.Protocol):
         except ParseError:
             if not self._got_bytes and self.reused:
                 self._fail(_StaleConnection("idle connection closed by the engine"))
+            elif not self._got_bytes:
+                self._fail(ClosedBeforeAnswer(f"engine closed the connection: {exc or 'EOF'}"))
             else:
                 self._fail(UpstreamError(f"engine closed the connection: {exc or 'EOF'}"))
         else:
@@ -503,6 +575,20 @@ class UpstreamPool:
         self._heads: dict[tuple[str, str], bytes] = {}
         self._targets: dict[str, _Target] = {}
         self._open: set[UpstreamConnection] = set()
+        self._engine_key: str | None = None
+        self._auth = b""  # the engine key's header line, written into every cached head
+
+    @property
+    def engine_key(self) -> str | None:
+        return self._engine_key
+
+    @engine_key.setter
+    def engine_key(self, key: str | None) -> None:
+        """A new key re-renders the request heads once, not per request."""
+        if key != self._engine_key:
+            self._engine_key = key
+            self._auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+            self._heads.clear()
 
     def _target(self, url: str) -> _Target:
         target = self._targets.get(url)
@@ -525,9 +611,10 @@ class UpstreamPool:
         if head is None:
             host, port, ssl, netloc, prefix = self._target(url)
             head = self._heads[(url, path)] = (
-                f"POST {prefix}{path} HTTP/1.1\r\nHost: {netloc}\r\n"
-                "Content-Type: application/json\r\nAccept: */*\r\nContent-Length: "
-            ).encode()
+                f"POST {prefix}{path} HTTP/1.1\r\nHost: {netloc}\r\n".encode()
+                + self._auth
+                + b"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: "
+            )
         return head
 
     async def _connect(self, url: str) -> UpstreamConnection:
@@ -535,16 +622,21 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         # cast: host is None only for a URL without one (http://:8000), which asyncio resolves
         # to loopback; typeshed's create_connection overloads do not allow for it
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: UpstreamConnection(loop),
-                cast(str, host),
-                port,
-                ssl=ssl,
-                server_hostname=host if ssl else None,
-            ),
-            self.connect_s,
-        )
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(loop),
+                    cast(str, host),
+                    port,
+                    ssl=ssl,
+                    server_hostname=host if ssl else None,
+                ),
+                self.connect_s,
+            )
+        except OSError as exc:  # TimeoutError (the connect timeout) is one too
+            if local_resource_error(exc):
+                raise  # EMFILE and kin: the router's shortage, classify() says so
+            raise ConnectFailed(str(exc) or type(exc).__name__) from exc
         self._open.add(conn)
         return conn
 
@@ -559,8 +651,11 @@ class UpstreamPool:
             return conn
         return None
 
-    async def request(self, url: str, path: str, body: bytes) -> UpstreamConnection:
-        """Send ``body`` and wait for the response head (connect + first-byte timeouts)."""
+    async def request(
+        self, url: str, path: str, body: bytes, timeout: float | None = None
+    ) -> UpstreamConnection:
+        """Send ``body`` and wait for the response head: connect_s to connect, then ``timeout``
+        (default ``read_s``) for the head."""
         head = self._head(url, path) + str(len(body)).encode() + b"\r\n\r\n"
         conn = self._take_idle(url)
         for _ in range(2):
@@ -571,7 +666,7 @@ class UpstreamPool:
             assert transport is not None  # set by connection_made before create_connection returns
             transport.writelines((head, body))
             try:
-                await conn.wait_head(self.read_s)
+                await conn.wait_head(self.read_s if timeout is None else timeout)
                 return conn
             except _StaleConnection:
                 self._discard(conn)
@@ -579,7 +674,7 @@ class UpstreamPool:
             except BaseException:
                 self._discard(conn)
                 raise
-        raise UpstreamError("engine closed a fresh connection before answering")
+        raise ClosedBeforeAnswer("engine closed a fresh connection before answering")
 
     def release(self, conn: UpstreamConnection, url: str) -> None:
         """Return a connection whose response was read to the end; close any other."""

@@ -61,6 +61,7 @@ class SimConfig:
     kv_transfer_config: dict[str, Any] | None = None  # a JSON object
     lmcache: LMCacheSettings | None = None  # None: no CPU tier
     ignored_flags: list[str] = field(default_factory=list)
+    api_keys: tuple[str, ...] = ()  # --api-key, else VLLM_API_KEY (as vLLM): none, no auth
 
     @property
     def served_model_name(self) -> str:
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--block-size", type=_positive_int, default=16)
     vllm.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
     vllm.add_argument("--seed", type=int, default=0)
+    vllm.add_argument("--api-key", nargs="+", default=None, metavar="KEY")
     sim = parser.add_argument_group("simulator flags")
     sim.add_argument(
         "--hardware", default=profiles.REFERENCE_HARDWARE.name, choices=sorted(profiles.HARDWARE)
@@ -296,4 +298,5 @@ def _resolve(args: argparse.Namespace, unknown: list[str], environ: Mapping[str,
         kv_transfer_config=args.kv_transfer_config,
         lmcache=lmcache,
         ignored_flags=unknown,
+        api_keys=tuple(k for k in (args.api_key or [environ.get("VLLM_API_KEY")]) if k),
     )

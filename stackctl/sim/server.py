@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 
 from aiohttp import web
 
+from stackctl.sim.auth import api_key_middleware
 from stackctl.sim.config import SimConfig
 from stackctl.sim.engine import EngineLoop, SimEngine, SimRequest
 from stackctl.sim.timing import TimingModel
@@ -92,7 +93,8 @@ class ApiError(Exception):
 
 
 def create_app(config: SimConfig) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    middlewares = [api_key_middleware(config.api_keys)] if config.api_keys else []
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
@@ -198,13 +200,66 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def _json_body(request: web.Request) -> JsonObject:
+    data = await request.read()
     try:
-        body = loads(await request.read())
+        body = loads(data)
+    except RecursionError:  # the standard library's parser; orjson says ValueError
+        raise ApiError(400, "JSON decode error: nested too deeply.") from None
     except ValueError as exc:
         raise ApiError(400, f"JSON decode error: {exc}") from None
+    if b"\\u" in data and _has_lone_surrogate(body):
+        raise ApiError(400, "JSON decode error: a string holds a lone surrogate (\\ud800-\\udfff).")
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a string in ``value`` holds an unpaired surrogate escape, which is not text:
+    vLLM's JSON parser refuses it (400), as orjson does; the standard library's takes it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _check_messages(body: JsonObject) -> list[JsonObject]:
+    """``messages`` as vLLM's request model takes them: a non-empty list of objects with a
+    string role and content that is a string, null, or a list of parts (objects with a
+    string type, or strings); anything else is a 400, not a rendering error."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of messages.", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(
+                400, f"messages[{i}] must be an object with a string role.", param="messages"
+            )
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not all(
+            isinstance(p, str) or (isinstance(p, dict) and isinstance(p.get("type"), str))
+            for p in content
+        ):
+            raise ApiError(
+                400,
+                f"messages[{i}].content must be a string, null or a list of content parts "
+                "(objects with a string type, or strings).",
+                param="messages",
+            )
+    return messages
 
 
 def _check_model(config: SimConfig, body: JsonObject) -> str:
@@ -293,13 +348,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         _refuse_if_draining(request)
         body = await _json_body(request)
         model = _check_model(config, body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list of messages.", param="messages")
-        if not all(isinstance(m, dict) for m in messages):
-            raise ApiError(
-                400, "Each message must be an object with a role and content.", param="messages"
-            )
+        messages = _check_messages(body)
         stream, include_usage = _check_common(body)
         prompt = render_chat(messages)
         tokens = tokenize(prompt)

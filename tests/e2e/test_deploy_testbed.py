@@ -467,8 +467,21 @@ def test_secrets_stay_secret_and_router_requires_the_key(stack):
         urllib.request.urlopen(request, timeout=30)
     assert no_key.value.code == 401
     assert stack.client().completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+    # an engine, reached directly without the cluster's engine key, refuses the same request
+    engine = stack.engine_hosts[0]
+    direct = urllib.request.Request(
+        f"http://{engine.address}:{ENGINE_PORT}/v1/completions",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode(),
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(direct, timeout=30)
+    assert refused.value.code == 401
+    engine_key = (stack.head.deploy_source / "secrets/engine_api_key").read_bytes()
+    assert len(engine_key) >= 40
     assert stack.runs
-    secrets_ = {stack.hf_token.encode(), stack.api_key.encode()}
+    secrets_ = {stack.hf_token.encode(), stack.api_key.encode(), engine_key}
     for run in stack.runs:
         for value in secrets_:
             assert value.decode() not in run.output, (
@@ -489,13 +502,24 @@ def test_secrets_stay_secret_and_router_requires_the_key(stack):
                 found.append(
                     (host.name, str(path.relative_to(root)), stat.S_IMODE(path.stat().st_mode))
                 )
-    assert found == [(stack.head.name, "secrets/router_api_keys", 0o600)], found
+    assert sorted(found) == sorted(
+        [(stack.head.name, "secrets/router_api_keys", 0o600)]
+        + [(h.name, "secrets/engine_api_key", 0o600) for h in stack.testbed.hosts]
+    ), found
     assert stat.S_IMODE((stack.head.deploy_source / "secrets").stat().st_mode) == 0o700
     patterns = stack.dir / "secret-patterns"  # in a file: grep's own command line must not match
     patterns.write_text(f"{stack.api_key}\n{stack.hf_token}\n")
+    engine_pattern = stack.dir / "engine-key-pattern"
+    engine_pattern.write_bytes(engine_key + b"\n")
     for host in stack.testbed.hosts:  # nor in any process's command line or environment
         leak = stack.testbed.exec_in(
             host, f"grep -lsaF -f {patterns} /proc/[0-9]*/cmdline /proc/[0-9]*/environ", check=False
+        )
+        assert leak.stdout.strip() == "", (host.name, leak.stdout)
+        # the engine key: in no command line (an engine's own environment holds it, as
+        # VLLM_API_KEY, which only its user and root can read)
+        leak = stack.testbed.exec_in(
+            host, f"grep -lsaF -f {engine_pattern} /proc/[0-9]*/cmdline", check=False
         )
         assert leak.stdout.strip() == "", (host.name, leak.stdout)
 

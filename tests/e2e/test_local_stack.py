@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,36 @@ def status_json(path: Path) -> dict:
     return {"code": result.returncode, **json.loads(result.stdout)}
 
 
+def post_status(url: str, body: dict) -> int:
+    """The HTTP status of a JSON POST without any Authorization header."""
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def check_engines_are_authenticated(path: Path, root: Path) -> None:
+    """An engine refuses a direct completion without the engine key while the router serves
+    it; the key is one 0600 file per host and on no process's command line."""
+    inventory = yaml.safe_load(path.read_text())
+    body = {"model": inventory["model"]["name"], "prompt": "are you there", "max_tokens": 2}
+    for host in inventory["hosts"][1:]:
+        url = f"http://127.0.0.1:{host['engine']['port']}/v1/completions"
+        assert post_status(url, body) == 401, url
+    router = f"http://127.0.0.1:{inventory['router']['port']}/v1/completions"
+    assert post_status(router, body) == 200
+    files = [root / h["name"] / "secrets" / "engine_api_key" for h in inventory["hosts"]]
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    keys = {f.read_text() for f in files}
+    assert len(keys) == 1 and len(next(iter(keys))) >= 40
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=30)
+    assert ps.returncode == 0 and next(iter(keys)) not in ps.stdout
+
+
 def pids(status: dict) -> dict[tuple[str, str], int]:
     return {(h["host"], p["program"]): p["pid"] for h in status["hosts"] for p in h["programs"]}
 
@@ -104,6 +136,7 @@ def test_up_status_idempotent_bench_down(fleet, tmp_path):
     assert len(before) == 3 and all(before.values())
     engine_rows = [p for h in status["hosts"] for p in h["programs"] if p["kind"] == "engine"]
     assert all(row["metrics"]["prefix_queries"] is not None for row in engine_rows)
+    check_engines_are_authenticated(path, root)
 
     second = stackctl("up", path, "--yes")
     assert second.returncode == 0, second.stderr

@@ -727,7 +727,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def wait_listening(port: int, timeout: float = 10.0, up: bool = True) -> None:
+def wait_listening(port: int, timeout: float = 30.0, up: bool = True) -> None:
     """Until 127.0.0.1:port accepts connections (``up``) or refuses them."""
 
     def state() -> bool:

@@ -48,15 +48,30 @@ health:
   interval_s: {{ router.health_interval_s }}
   timeout_s: {{ router.health_timeout_s }}
 timeouts:
+  header_s: {{ router.header_timeout_s }}
+  body_s: {{ router.body_timeout_s }}
+  keepalive_s: {{ router.keepalive_timeout_s }}
   connect_s: {{ router.connect_timeout_s }}
   first_byte_s: {{ router.first_byte_timeout_s }}
+  chunk_gap_s: {{ router.chunk_gap_timeout_s }}
+  total_s: {{ router.total_timeout_s }}
+connections:
+  max: {{ router.max_connections }}
+  per_client: {{ router.max_connections_per_client }}
 retries: {{ router.retries }}
 max_body_bytes: {{ router.max_body_bytes }}
 api_keys_file: {{ api_keys_file | tojson }}
+admission:
+  max_inflight: {{ router.max_inflight | tojson }}
+  max_body_bytes_inflight: {{ router.max_body_bytes_inflight | tojson }}
+  max_prompt_chars: {{ router.max_prompt_chars | tojson }}
+  write_timeout_s: {{ router.write_timeout_s }}
+clients: {}
+engine_key_file: {{ engine_key_file | tojson }}
 """
 
 
-def _old_render(cluster, api_keys_file):
+def _old_render(cluster, api_keys_file, engine_key_file):
     env = jinja2.Environment(
         trim_blocks=True,
         lstrip_blocks=True,
@@ -64,7 +79,10 @@ def _old_render(cluster, api_keys_file):
         undefined=jinja2.StrictUndefined,
     )
     return env.from_string(OLD_TEMPLATE).render(
-        router=as_dict(cluster.router), engines=router_engines(cluster), api_keys_file=api_keys_file
+        router=as_dict(cluster.router),
+        engines=router_engines(cluster),
+        api_keys_file=api_keys_file,
+        engine_key_file=engine_key_file,  # added with the engine key
     )
 
 
@@ -90,7 +108,7 @@ def test_router_yaml_loads_to_the_same_router_config_as_the_old_template(variant
     head = next(p for p in plan_cluster(cluster) if cluster.runs_router(p.host))
     new = next(f.content for f in head.files if f.path == head.router_config)
     keys = head.router_keys_file if cluster.router.api_keys_env else None
-    old = _old_render(cluster, keys)
+    old = _old_render(cluster, keys, head.engine_key_file)
     assert parse_config(yaml.safe_load(new)) == parse_config(yaml.safe_load(old))
     assert yaml.safe_load(new) == yaml.safe_load(
         old
@@ -101,7 +119,7 @@ def test_router_yaml_of_simulated_engines_keeps_their_capacity(tmp_path):
     cluster = load_inventory(REPO / "inventory" / "local.yaml")
     head = next(p for p in plan_cluster(cluster) if cluster.runs_router(p.host))
     new = yaml.safe_load(router_config_text(cluster, head))
-    old = yaml.safe_load(_old_render(cluster, None))
+    old = yaml.safe_load(_old_render(cluster, None, head.engine_key_file))
     assert new == old and parse_config(new) == parse_config(old)
     capacities = [e.get("cache_capacity_tokens") for e in new["engines"]]
     assert capacities == [
@@ -231,3 +249,83 @@ def test_vllm_cpu_engines_start_the_serve_module_without_the_cli(tmp_path):
         "CUDA_DEVICE_ORDER" not in plan.program("engine-0").environment
         and json.dumps(argv).count("api_server.entry") == 1
     )
+
+
+# -- named client keys and admission (issue 13 item 4) ---------------------------------------
+CLIENTS = """router:
+  host: head
+  api_keys_env: ROUTER_KEYS
+  max_inflight: 64
+  write_timeout_s: 5
+  clients:
+    team-a: {key_env: TEAM_A_KEY, max_inflight: 16, requests_per_s: 10, tokens_per_min: 200000}
+    team-b: {key_env: TEAM_B_KEY}
+    default: {max_inflight: 2}
+"""
+
+
+def test_named_clients_keys_file_and_router_yaml(tmp_path):
+    from stackctl.apply import secret_content
+    from stackctl.router.config import ClientLimits, load_client_keys
+
+    text = A100.read_text().replace(
+        "router: {host: head, port: 8080, policy: kv_aware, api_keys_env: null}\n", CLIENTS
+    )
+    inv = _variant(tmp_path, "clients", text)
+    cluster = load_inventory(inv)
+    head = next(p for p in plan_cluster(cluster) if cluster.runs_router(p.host))
+    doc = yaml.safe_load(router_config_text(cluster, head))
+    assert doc["admission"] == {
+        "max_inflight": 64,
+        "max_body_bytes_inflight": 268435456,
+        "max_prompt_chars": 2097152,
+        "write_timeout_s": 5,
+    }
+    assert doc["clients"] == {
+        "team-a": {"max_inflight": 16, "requests_per_s": 10, "tokens_per_min": 200000},
+        "team-b": {},
+        "default": {"max_inflight": 2},
+    }
+    assert "KEY" not in json.dumps(doc["clients"])  # variable names and keys stay out
+    assert doc["api_keys_file"] == head.router_keys_file
+    config = parse_config(doc)
+    assert config.clients["team-a"] == ClientLimits(16, 10, 200000)
+    [secret] = [s for s in head.secrets if s.path == head.router_keys_file]
+    assert (secret.env_var, secret.also_from) == ("ROUTER_KEYS", ("TEAM_A_KEY", "TEAM_B_KEY"))
+    assert secret.source == "$ROUTER_KEYS, $TEAM_A_KEY, $TEAM_B_KEY"
+    values = {"ROUTER_KEYS": "sk-d1, sk-d2", "TEAM_A_KEY": "sk-a", "TEAM_B_KEY": "sk-b-old,sk-b"}
+    content = secret_content(cluster, secret, values["ROUTER_KEYS"], values)
+    assert content == "default sk-d1\ndefault sk-d2\nteam-a sk-a\nteam-b sk-b-old\nteam-b sk-b\n"
+    keys = tmp_path / "router_api_keys"
+    keys.write_text(content)
+    assert load_client_keys(str(keys)) == (
+        ("default", b"sk-d1"),
+        ("default", b"sk-d2"),
+        ("team-a", b"sk-a"),
+        ("team-b", b"sk-b-old"),
+        ("team-b", b"sk-b"),
+    )
+    assert {(p, v) for p, v in cluster.secret_env_vars()} >= {
+        ("router.clients.team-a.key_env", "TEAM_A_KEY"),
+        ("router.clients.team-b.key_env", "TEAM_B_KEY"),
+    }
+
+
+def test_clients_alone_turn_authentication_on_and_the_default_is_no_clients(tmp_path):
+    from stackctl.apply import secret_content
+
+    text = A100.read_text().replace(
+        "router: {host: head, port: 8080, policy: kv_aware, api_keys_env: null}",
+        "router: {host: head, port: 8080, policy: kv_aware, clients: {ci: {key_env: CI_KEY}}}",
+    )
+    cluster = load_inventory(_variant(tmp_path, "ci", text))
+    head = next(p for p in plan_cluster(cluster) if cluster.runs_router(p.host))
+    doc = yaml.safe_load(router_config_text(cluster, head))
+    assert doc["api_keys_file"] == head.router_keys_file and doc["clients"] == {"ci": {}}
+    [secret] = [s for s in head.secrets if s.path == head.router_keys_file]
+    assert secret_content(cluster, secret, "k1", {"CI_KEY": "k1"}) == "ci k1\n"
+    plain = load_inventory(A100)
+    head = next(p for p in plan_cluster(plain) if plain.runs_router(p.host))
+    doc = yaml.safe_load(router_config_text(plain, head))
+    assert doc["clients"] == {} and doc["api_keys_file"] is None
+    assert not [s for s in head.secrets if s.path == head.router_keys_file]

@@ -19,6 +19,7 @@ from stackctl.plan import owned_entries, plan_cluster
 from stackctl.show import MASK, format_host_plan
 
 SECRET = "wandb-secret-value-0123456789"
+ENGINE_KEY = "engine-key-abcdefghijklmnopqrstuvwxyz-0123456789"
 
 
 def inventory(tmp_path: Path, kind: str) -> Path:
@@ -71,9 +72,12 @@ def test_the_rendered_command_exports_the_secret_file(kind, tmp_path):
     ]
     for d in plan.dirs.values():
         os.makedirs(d, exist_ok=True)
-    secret = Path(plan.secrets[0].path)
+    secret = Path(next(s.path for s in plan.secrets if s.env_var == "WANDB_KEY"))
     secret.write_text(SECRET + "\n")
     secret.chmod(0o600)
+    engine_key = Path(plan.engine_key_file)  # every engine gets the cluster's engine key too
+    engine_key.write_text(ENGINE_KEY)
+    engine_key.chmod(0o600)
     run = subprocess.run(
         argv[:cut] + ["/usr/bin/env"],
         capture_output=True,
@@ -83,6 +87,7 @@ def test_the_rendered_command_exports_the_secret_file(kind, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert f"WANDB_API_KEY={SECRET}\n" in run.stdout
+    assert f"VLLM_API_KEY={ENGINE_KEY}\n" in run.stdout  # vLLM's (and the simulator's) API key
     secret.unlink()  # a missing secret file: the engine is not started at all
     run = subprocess.run(
         argv[:cut] + ["/usr/bin/env"],
@@ -94,11 +99,16 @@ def test_the_rendered_command_exports_the_secret_file(kind, tmp_path):
     assert run.returncode != 0 and "WANDB_API_KEY" not in run.stdout
 
 
-def test_golden_shape_unchanged_without_engine_secrets(tmp_path):
+def test_without_engine_env_secrets_only_the_engine_key_is_exported(tmp_path):
     path = write(tmp_path, GOOD)
     for plan in plan_cluster(load_inventory(path)):
         for program in plan.programs:
-            assert "export-secrets" not in program.command
+            if program.kind != "engine":
+                assert "export-secrets" not in program.command
+                continue
+            start = program.command.index("export-secrets") + 1
+            end = program.command.index("--", start)
+            assert program.command[start:end] == ("VLLM_API_KEY", plan.engine_key_file)
 
 
 def _purge(plan, tmp_path) -> None:

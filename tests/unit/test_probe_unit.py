@@ -278,6 +278,14 @@ def test_http_gets_posts_and_sends_the_routers_key(conn, engine, tmp_path):
     ]
 
 
+def test_http_sends_the_first_key_of_a_named_keys_file(conn, engine, tmp_path):
+    keys = tmp_path / "router_api_keys"
+    keys.write_text("team-a sk-a\nteam-b sk-b\n")  # what `up` writes for router.clients
+    request = {"url": f"http://127.0.0.1:{engine.port}/health", "bearer_file": str(keys)}
+    run_probe(conn, sys.executable, {"action": "http", "requests": [request]})
+    assert [r["authorization"] for r in engine.requests] == ["Bearer sk-a"]
+
+
 def test_wait_returns_the_healthy_and_the_last_answer_of_the_others(engine):
     engine.health_status = 200
     healthy, dead = (

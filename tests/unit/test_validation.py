@@ -566,3 +566,99 @@ def test_a_model_stackctl_cannot_see_is_left_to_vllm(tmp_path):
             missing.replace(ENGINE, "engine: {kind: vllm, port: 8000, max_model_len: 10000000}"),
         )
     )
+
+
+# -- router.clients and admission caps (issue 13 item 4) -------------------------------------
+def clients(body: str) -> str:
+    return GOOD.replace(
+        "router: {host: head, port: 8080, api_keys_env: ROUTER_KEYS}",
+        "router:\n  host: head\n  api_keys_env: ROUTER_KEYS\n  clients:\n" + body,
+    )
+
+
+@pytest.mark.parametrize(
+    "text, key, fragment, line",
+    [
+        (clients("    a: {max_inflight: 2}\n"), "router.clients.a", "has no key_env", 9),
+        (
+            clients("    default: {key_env: OTHER}\n"),
+            "router.clients.default.key_env",
+            "has the keys of router.api_keys_env",
+            9,
+        ),
+        (
+            clients("    a: {key_env: ROUTER_KEYS}\n"),
+            "router.clients.a.key_env",
+            "also router.api_keys_env",
+            9,
+        ),
+        (
+            clients("    a: {key_env: A_KEY, requests_per_s: 0}\n"),
+            "router.clients.a.requests_per_s",
+            "must be > 0",
+            9,
+        ),
+        (
+            clients("    a: {key_env: A_KEY, tokens_per_min: 1.5}\n"),
+            "router.clients.a.tokens_per_min",
+            "an integer",
+            9,
+        ),
+        (clients("    a: {key_env: A_KEY, rps: 3}\n"), "router.clients.a", "rps", 9),
+        (clients("    'a b': {key_env: A_KEY}\n"), "router.clients.a b", "not a plain name", 9),
+        (
+            GOOD.replace(
+                "api_keys_env: ROUTER_KEYS}", "api_keys_env: ROUTER_KEYS, max_inflight: 0}"
+            ),
+            "router.max_inflight",
+            "null for no cap",
+            5,
+        ),
+        (
+            GOOD.replace(
+                "api_keys_env: ROUTER_KEYS}", "api_keys_env: ROUTER_KEYS, write_timeout_s: 0}"
+            ),
+            "router.write_timeout_s",
+            "seconds",
+            5,
+        ),
+    ],
+)
+def test_bad_clients_and_admission_caps_are_refused(text, key, fragment, line, tmp_path, capsys):
+    assert_bad(tmp_path, capsys, text, key, fragment, line=line)
+
+
+def test_a_token_as_a_clients_key_env_is_refused_and_not_echoed(tmp_path, capsys):
+    err = assert_bad(
+        tmp_path,
+        capsys,
+        clients("    a: {key_env: " + HF_TOKEN + "}\n"),
+        "router.clients.a.key_env",
+        "looks like a secret value",
+        line=9,
+    )
+    assert HF_TOKEN not in err
+
+
+def test_clients_keys_are_secrets_read_at_up(tmp_path):
+    cluster = load_inventory(write(tmp_path, clients("    a: {key_env: A_KEY, max_inflight: 2}\n")))
+    assert cluster.router.clients["a"].max_inflight == 2
+    assert cluster.router.key_sources == (("default", "ROUTER_KEYS"), ("a", "A_KEY"))
+    with pytest.raises(
+        InventoryError, match=r"router.clients.a.key_env: the environment variable A_KEY"
+    ):
+        check_secrets(cluster, {"HF_TOKEN": "x", "ROUTER_KEYS": "k"})
+    assert (
+        check_secrets(cluster, {"HF_TOKEN": "x", "ROUTER_KEYS": "k", "A_KEY": "ka"})["A_KEY"]
+        == "ka"
+    )
+
+
+@pytest.mark.parametrize("value", ["sk-a\nsk-b", "sk-a sk-b", "sk-a\tb,sk-c", " , "])
+def test_client_keys_that_would_break_the_keys_file_are_refused_at_up(value, tmp_path):
+    cluster = load_inventory(write(tmp_path, clients("    a: {key_env: A_KEY}\n")))
+    with pytest.raises(
+        InventoryError, match=r"router.clients.a.key_env: .*A_KEY must hold"
+    ) as info:
+        check_secrets(cluster, {"HF_TOKEN": "x", "ROUTER_KEYS": "k1,k2", "A_KEY": value})
+    assert "sk-a" not in str(info.value)
