@@ -171,10 +171,19 @@ class Deployment:
         with self.progress:
             self._parallel(self.plans, self._gather)
             # the engine key every host's diff compares with: read back from a host, or new
-            self.secrets.update(
-                engine_key.resolve(self.cluster, self.plans, self.facts, self.conns)
-            )
-            self._parallel([p for p in self.plans if p.host.name in self.facts], self._diff)
+            key, problem = engine_key.resolve(self.cluster, self.plans, self.facts, self.conns)
+            self.secrets.update(key)
+            reachable = [p for p in self.plans if p.host.name in self.facts]
+            if problem:  # every host holds the key: none can be diffed without it
+                for plan in reachable:
+                    outcome = self.result.outcomes[plan.host.name]
+                    outcome.status, outcome.step, outcome.error = (
+                        HostState.REFUSED,
+                        "engine key",
+                        problem,
+                    )
+                return
+            self._parallel(reachable, self._diff)
 
     def _show_changes(self) -> list[HostPlan]:
         """Show: every reachable host's diff; refused and unchanged hosts are settled here.

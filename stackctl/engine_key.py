@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 
 from .apply import ChangeKind, HostDiff, secret_content
 from .connect import Connector, q
-from .errors import StackctlError
 from .facts import Facts
 from .inventory import Cluster
 from .plan import GENERATED_ENGINE_KEY, HostPlan
@@ -42,13 +41,15 @@ def resolve(
     plans: Sequence[HostPlan],
     facts: Mapping[str, Facts],
     conns: Mapping[str, Connector],
-) -> dict[str, str]:
-    """``{GENERATED_ENGINE_KEY: key}`` for `up`'s secrets, or ``{}`` when the operator gives it
-    (``router.engine_key_env``: read from the environment with the other secrets).
+) -> tuple[dict[str, str], str | None]:
+    """(``{GENERATED_ENGINE_KEY: key}`` for `up`'s secrets, or ``{}`` when the operator gives it
+    (``router.engine_key_env``: read from the environment with the other secrets); None), or
+    ({}, why) when no key can be settled: every reachable host of the run is then refused with
+    that reason, the unreachable ones keep their own.
 
     ``facts``: the hosts of this run that answered (their ``secrets`` say which hold a copy)."""
     if cluster.router.engine_key_env:
-        return {}
+        return {}, None
     router = cluster.router.host
     holders = [
         p
@@ -59,21 +60,20 @@ def resolve(
     for plan in holders:
         key = read_back(conns[plan.host.name], plan.engine_key_file)
         if key:
-            return {GENERATED_ENGINE_KEY: key}
+            return {GENERATED_ENGINE_KEY: key}, None
     if router in facts:  # a new cluster (or every copy was purged): the router gets it too
-        return {GENERATED_ENGINE_KEY: generate()}
+        return {GENERATED_ENGINE_KEY: generate()}, None
     why = (
         "is unreachable"
         if any(p.host.name == router for p in plans)
         else "is not in this run's --hosts"
     )
     names = ",".join(dict.fromkeys([*(p.host.name for p in plans), router]))
-    raise StackctlError(
+    return {}, (
         f"the cluster's engine key is kept on the router host {router}, which {why}, and no host "
         f"of this run holds a copy yet. Run `up` with {router} included (e.g. -l {names}), or "
         "give the key yourself: router.engine_key_env names the environment variable that "
-        "holds it.",
-        exit_code=1,
+        "holds it"
     )
 
 

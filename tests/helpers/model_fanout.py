@@ -22,12 +22,13 @@ from pathlib import Path
 
 import yaml
 
+from stackctl import engine_key
 from stackctl.apply import Applier, compute_diff
 from stackctl.connect import connect
 from stackctl.facts import gather
 from stackctl.inventory import load_inventory
 from stackctl.models import ModelDistributor
-from stackctl.plan import plan_cluster
+from stackctl.plan import GENERATED_ENGINE_KEY, plan_cluster
 from stackctl.probe import MODEL_MANIFEST, partial_path
 
 MODEL_NAME = "fanout-test-model"
@@ -102,9 +103,12 @@ def apply_models(inventory: Path, testbed, timeout: float = 900) -> dict:
     cluster = load_inventory(inventory)
     plans = plan_cluster(cluster)
     conns = {p.host.name: connect(p.host) for p in plans}
+    secrets = {GENERATED_ENGINE_KEY: engine_key.generate()}  # every host holds the engine key
     try:
         diffs = {
-            p.host.name: compute_diff(cluster, p, gather(conns[p.host.name], p, False), {}, None)
+            p.host.name: compute_diff(
+                cluster, p, gather(conns[p.host.name], p, False), secrets, None
+            )
             for p in plans
         }
         models = ModelDistributor(cluster, diffs, conns)
@@ -113,7 +117,7 @@ def apply_models(inventory: Path, testbed, timeout: float = 900) -> dict:
         def prepare(plan) -> None:
             name = plan.host.name
             try:
-                Applier(conns[name], cluster, diffs[name], {}, [], models=models).prepare()
+                Applier(conns[name], cluster, diffs[name], secrets, [], models=models).prepare()
             except Exception as exc:  # noqa: BLE001 - reported to the caller, per host
                 errors[name] = f"{type(exc).__name__}: {exc}"
 

@@ -119,10 +119,11 @@ def test_an_engine_host_with_a_stale_key_gets_the_router_hosts(tmp_path, fleet):
 
 def test_hosts_without_the_router_host_use_a_key_they_hold_or_refuse_to_make_one(tmp_path, fleet):
     path, _ = write_inventory(tmp_path)
-    with pytest.raises(StackctlError, match="kept on the router host head") as caught:
-        deploy(path, hosts=["sim1"])  # a fresh cluster without its router host
-    assert "-l sim1,head" in str(caught.value) and "engine_key_env" in str(caught.value)
-    assert caught.value.exit_code == 1 and fleet.puts() == []
+    refused = deploy(path, hosts=["sim1"])  # a fresh cluster without its router host
+    sim1 = refused.outcomes["sim1"]
+    assert not refused.ok and (sim1.status, sim1.step) == ("refused", "engine key")
+    assert "kept on the router host head" in sim1.error and "-l sim1,head" in sim1.error
+    assert "engine_key_env" in sim1.error and fleet.puts() == []
     assert deploy(path).ok
     key = keys_on_hosts(path)["head"]
     Path(plan_cluster(load_inventory(path), ["head"])[0].engine_key_file).unlink()
@@ -134,9 +135,11 @@ def test_hosts_without_the_router_host_use_a_key_they_hold_or_refuse_to_make_one
 def test_an_unreachable_router_host_does_not_get_a_new_key_made_behind_its_back(tmp_path, fleet):
     path, _ = write_inventory(tmp_path, engine_hosts=1)
     fleet.unreachable("head")
-    with pytest.raises(StackctlError, match="which is unreachable"):
-        deploy(path)
-    assert fleet.puts() == []
+    result = deploy(path)
+    assert result.outcomes["head"].status == "unreachable"
+    assert result.outcomes["sim1"].status == "refused"
+    assert "which is unreachable" in result.outcomes["sim1"].error
+    assert not result.ok and fleet.puts() == []
 
 
 def test_engine_key_env_gives_the_key(tmp_path, fleet, monkeypatch):
