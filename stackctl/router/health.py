@@ -86,7 +86,13 @@ class HealthMonitor:
     # -- passive -----------------------------------------------------------------------
     def request_failed(self, engine: Backend, reason: str) -> None:
         """A proxied request could not reach the engine, died there or got a broken answer:
-        one more consecutive failure (``failures_to_eject`` of them eject)."""
+        one more consecutive failure (``failures_to_eject`` of them eject). Once the engine is
+        out, the other requests it had in flight fail with it: one outage, so they neither
+        count again nor push its next probe further back (supervisord restarts a killed engine
+        in a fraction of a second; its readmission must not wait for a backoff per request)."""
+        if not engine.healthy:
+            engine.last_error = reason
+            return
         self._failed(engine, reason)
 
     def request_succeeded(self, engine: Backend) -> None:

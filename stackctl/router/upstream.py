@@ -60,7 +60,8 @@ class ConnectFailed(UpstreamError):
 
 
 class ClosedBeforeAnswer(UpstreamError):
-    """The engine closed or reset the connection before any byte of its answer."""
+    """The engine closed or reset the connection before any byte of its answer's body (with or
+    without its head: a streaming engine sends the head when it accepts the work)."""
 
 
 class _StaleConnection(ClosedBeforeAnswer):
@@ -391,6 +392,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reused",
         "idle_since",
         "_got_bytes",
+        "_got_body",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -411,6 +413,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._got_bytes = False
+        self._got_body = False  # any byte of the answer's body (an engine answering a stream
+        # sends its head as soon as it accepts the work, the first body byte with the first token)
 
     # -- UpstreamResponse -------------------------------------------------------------------
     @property
@@ -454,7 +458,7 @@ class UpstreamConnection(asyncio.Protocol):
         except ParseError:
             if not self._got_bytes and self.reused:
                 self._fail(_StaleConnection("idle connection closed by the engine"))
-            elif not self._got_bytes:
+            elif not self._got_body:  # died before any byte the client could have seen
                 self._fail(ClosedBeforeAnswer(f"engine closed the connection: {exc or 'EOF'}"))
             else:
                 self._fail(UpstreamError(f"engine closed the connection: {exc or 'EOF'}"))
@@ -473,6 +477,7 @@ class UpstreamConnection(asyncio.Protocol):
         if waiter is not None and parser.state is not _HEAD_S and not waiter.done():
             waiter.set_result(None)
         if body:
+            self._got_body = True
             self._push(body)
         if parser.state is _DONE:
             self._finish()

@@ -252,6 +252,16 @@ async def test_passive_failures_eject_after_failures_to_eject_in_a_row():
     assert not engine.healthy
 
 
+async def test_requests_failing_with_an_ejected_engine_do_not_push_its_next_probe_back():
+    engine, monitor = _monitor(failures_to_eject=1)
+    monitor.request_failed(engine, "died")  # ejected: next probe after backoff_s
+    first_probe = engine.retry_at
+    for _ in range(6):  # the other requests it had in flight when it died
+        monitor.request_failed(engine, "died")
+    assert not engine.healthy and engine.failures == 1
+    assert engine.retry_at == first_probe
+
+
 async def test_a_timeout_is_no_failure_but_checks_the_engine_now():
     session = _Session()
     engine, monitor = _monitor(failures_to_eject=1, session=session)
