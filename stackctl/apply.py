@@ -23,6 +23,7 @@ from . import hostchecks
 from .connect import BecomeConnector, Connector, q
 from .errors import DeployError
 from .facts import Facts, FileFacts, ModelFacts, WaitAnswer, probe_wait, run_probe
+from .hostchecks import uses_systemd
 from .inventory import Cluster
 from .models import ModelDistributor
 from .parallel import Cancellation
@@ -251,11 +252,6 @@ def _supervisor_changes(
         )
     else:
         _program_changes(plan, facts, diff, changed_files, packages_changed=packages_changed)
-
-
-def uses_systemd(plan: HostPlan, facts: Facts) -> bool:
-    """supervisord runs as the cluster's systemd unit: an SSH host where systemd runs."""
-    return bool(plan.unit_name and facts.systemd.present)
 
 
 def unit_content(plan: HostPlan) -> str:
@@ -734,11 +730,15 @@ class Applier:
         )
 
     def wait_healthy(self, timeout: float) -> WaitAnswer:
-        urls = [p.health_url for p in self.plan.programs if p.kind == "engine" and p.health_url]
+        programs = {
+            p.health_url: p.name for p in self.plan.programs if p.kind == "engine" and p.health_url
+        }
+        urls = list(programs)
         health: WaitAnswer = {"healthy": [], "unhealthy": [], "last": {}}
         if urls:
             self._do("wait for engines")
-            health = probe_wait(self.conn, self.plan.python, urls, timeout, interval=1.0)
+            supervised = (self.plan.supervisor_conf, programs)
+            health = probe_wait(self.conn, self.plan.python, urls, timeout, 1.0, supervised)
         if not health["unhealthy"]:
             self._wait_running()
         return health

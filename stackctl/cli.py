@@ -472,6 +472,14 @@ def _floats(value: str | None) -> list[float] | None:
     help="Instead of the sweep: probe the router once a second for this many seconds under load.",
 )
 @click.option(
+    "--kill-engine-every",
+    "kill_engine_every_s",
+    type=float,
+    default=None,
+    help="With --availability: kill -9 one engine process every this many seconds, round-robin "
+    "(supervisord restarts it), and report what the probes and the workload saw.",
+)
+@click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -497,6 +505,7 @@ def bench(
     duration_s,
     warmup_s,
     availability_s,
+    kill_engine_every_s,
     out_dir,
     yes,
     accept_new_host_keys,
@@ -519,6 +528,7 @@ def bench(
         duration_s=duration_s,
         warmup_s=warmup_s,
         availability_s=availability_s,
+        kill_engine_every_s=kill_engine_every_s,
         up_options=UpOptions(
             yes=yes, accept_new_host_keys=accept_new_host_keys, wheelhouse=wheelhouse
         ),

@@ -386,8 +386,14 @@ class Deployment:
                     f"--- last lines of {p.name}'s log:\n{applier.log_tail(p.name)}"
                     for p in programs
                 )
+                crashing = health.get("crashing") or {}
+                why = (
+                    "; ".join(crashing.values())
+                    if crashing and set(crashing) == set(health["unhealthy"])
+                    else f"did not become healthy within {plan.host.engine.health_timeout_s:.0f} s"
+                )
                 raise StackctlError(
-                    f"engine(s) {', '.join(p.name for p in programs)} did not become healthy within {plan.host.engine.health_timeout_s:.0f} s.\n{tails}"
+                    f"engine(s) {', '.join(p.name for p in programs)}: {why}.\n{tails}"
                 )
             outcome.status = HostState.CHANGED
             self.progress.update(name, "done")

@@ -8,7 +8,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypedDict, cast
+from typing import Any, TypedDict, cast
 
 from .connect import CommandError, Connector, q
 from .plan import HostPlan
@@ -58,11 +58,13 @@ class HttpAnswer(TypedDict):
     seconds: float
 
 
-class WaitAnswer(TypedDict):
-    """probe.wait: the URLs that answered 200 in time, those that did not, each one's last answer."""
+class WaitAnswer(TypedDict, total=False):
+    """probe.wait: the URLs that answered 200 in time, those that did not, each one's last
+    answer, and (with programs) why a program's URL was given up on: it kept exiting."""
 
     healthy: list[str]
     unhealthy: list[str]
+    crashing: dict[str, str]
     last: dict[str, HttpAnswer]
 
 
@@ -78,15 +80,25 @@ def probe_http(
 
 
 def probe_wait(
-    conn: Connector, interpreter: str, urls: list[str], wait_s: float, interval: float
+    conn: Connector,
+    interpreter: str,
+    urls: list[str],
+    wait_s: float,
+    interval: float,
+    supervised: tuple[str, Mapping[str, str]] | None = None,
 ) -> WaitAnswer:
-    """The probe's ``wait`` action: until every URL answers 200, or ``wait_s`` passes."""
-    answer = run_probe(
-        conn,
-        interpreter,
-        {"action": "wait", "urls": urls, "timeout": wait_s, "interval": interval},
-        timeout=wait_s + 60,
-    )
+    """The probe's ``wait`` action: until every URL answers 200, or ``wait_s`` passes. With
+    ``supervised`` (supervisord.conf, url -> program), a program that keeps exiting before
+    its URL answers ends the wait for it (``crashing``)."""
+    request: dict[str, Any] = {
+        "action": "wait",
+        "urls": urls,
+        "timeout": wait_s,
+        "interval": interval,
+    }
+    if supervised:
+        request.update(python=interpreter, supervisor_conf=supervised[0], programs=supervised[1])
+    answer = run_probe(conn, interpreter, request, timeout=wait_s + 60)
     assert isinstance(answer, dict), answer  # probe.wait answers an object of that shape
     return cast(WaitAnswer, answer)
 
@@ -219,6 +231,7 @@ class Facts:
     )  # path -> sha256 (None: missing)
     venv_python: bool = False  # the venv's interpreter exists
     deploy_dir_uid: int | None = None
+    nofile_hard: int | None = None  # its hard open-file limit (None: unlimited or unknown)
     systemd: SystemdFacts = SystemdFacts()
     supervisor: SupervisorFacts = SupervisorFacts()
     gpus: GpuFacts | None = None  # None: not asked (not a GPU vLLM host)
@@ -261,6 +274,7 @@ class Facts:
             secrets=dict(doc.get("secrets") or {}),
             venv_python=bool(doc.get("venv_python")),
             deploy_dir_uid=doc.get("deploy_dir_uid"),
+            nofile_hard=doc.get("nofile_hard"),
             systemd=_known(SystemdFacts, doc.get("systemd")),
             supervisor=_supervisor(doc.get("supervisor") or {}),
             gpus=_gpus(doc["gpus"]) if doc.get("gpus") is not None else None,

@@ -67,6 +67,32 @@ def _dotted(version: tuple[int, ...]) -> str:
     return ".".join(str(v) for v in version)
 
 
+def uses_systemd(plan: HostPlan, facts: Facts) -> bool:
+    """supervisord runs as the cluster's systemd unit: an SSH host where systemd runs."""
+    return bool(plan.unit_name and facts.systemd.present)
+
+
+def check_fds(plan: HostPlan, facts: Facts) -> list[str]:
+    """Warnings: the router host's open-file hard limit is below what its connection cap needs
+    and no systemd unit raises it (LimitNOFILE). The router then holds fewer connections
+    (``connections_within``) rather than meet EMFILE; say so before `up`, with the fixes."""
+    need, hard = plan.router_fds, facts.nofile_hard
+    if not need or hard is None or hard >= need or uses_systemd(plan, facts):
+        return []
+    if plan.host.is_local:  # the operator's own machine: the router says it in its log
+        return []
+    from .router.config import connections_within
+
+    return [
+        f"the open-file hard limit here is {hard}, below the {need} that router.max_connections "
+        f"needs, and no systemd unit raises it: the router will hold at most "
+        f"{connections_within(hard)} client connections (the rest get 503). Raise the limit "
+        f"(nofile in /etc/security/limits.conf for the account that starts supervisord), run "
+        f"the host with systemd (the unit sets LimitNOFILE), or lower router.max_connections "
+        f"to {connections_within(hard)}."
+    ]
+
+
 def check_host(plan: HostPlan, facts: Facts, weights: int | None) -> tuple[list[str], list[str]]:
     """(refusals, warnings) from the checks of this module."""
     problems = check_python(plan, facts)
@@ -76,6 +102,7 @@ def check_host(plan: HostPlan, facts: Facts, weights: int | None) -> tuple[list[
             f"the probe could not run with `{plan.host.python}` on this host; set `python:` to a Python {_dotted(MIN_PYTHON)}+ interpreter."
         ], warnings
     problems += check_disk(plan, facts, weights)
+    warnings += check_fds(plan, facts)
     host = plan.host
     if host.runs_engines and host.engine.needs_gpus:
         gpu_problems, gpu_warnings = check_gpus(plan, facts)

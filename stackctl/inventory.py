@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import json
 import os
@@ -194,6 +195,7 @@ class Engine:
     index: int
     port: int
     gpus: tuple[int, ...]
+    kv_events_port: int = 0  # its KV events' PUB port (replay: + 1), with router.kv_index: events
 
     @property
     def name(self) -> str:
@@ -267,6 +269,11 @@ class Cluster:
     @property
     def router_url(self) -> str:
         return f"http://{_url_host(self.router_host.address)}:{self.router.port}"
+
+    def kv_event_endpoints(self, engine: Engine) -> KvEventEndpoints | None:
+        """Where ``engine`` publishes its KV events and the router reaches them (None unless
+        ``router.kv_index: events``)."""
+        return _kv_event_endpoints(self, engine)
 
     def engine_url(self, engine: Engine) -> str:
         host = self.host(engine.host)
@@ -652,6 +659,7 @@ def _build_host(doc: _Doc, i: int, raw: dict, engine: dict, ssh: dict, top: dict
                 index=k,
                 port=host_engine.port + k,
                 gpus=gpus[k * tp : (k + 1) * tp],
+                kv_events_port=host_engine.kv_events_port + 2 * k,
             )
             for k in range(len(gpus) // tp)
         )
@@ -765,6 +773,7 @@ def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
             "no host runs an engine; give at least one host the 'engine' role (the default) and GPUs, e.g. gpus: [0].",
         )
     _check_router(doc, cluster.router)
+    _check_kv_index(doc, cluster)
     _check_context(doc, cluster)
     _check_ports(doc, cluster)
     _check_extra_args(doc, cluster)
@@ -1159,12 +1168,78 @@ def _check_context(doc: _Doc, cluster: Cluster) -> None:
             )
 
 
+@dataclass(frozen=True)
+class KvEventEndpoints:
+    """Where an engine publishes its KV events (``bind``, ``replay_bind``: what it is told)
+    and where the router reaches them (``connect``, ``replay``)."""
+
+    bind: str
+    replay_bind: str
+    connect: str
+    replay: str
+
+
+IPC_PATH_MAX = 100  # a Unix socket path holds 107 bytes; ZMQ's ipc:// endpoints are those
+
+
+def _kv_event_endpoints(cluster: Cluster, engine: Engine) -> KvEventEndpoints | None:
+    """None unless ``router.kv_index: events``. vLLM binds a ``tcp://*:PORT`` endpoint (every
+    interface; anything else it connects to), so remote engines bind their event ports and
+    the router connects to the host's cluster address; a local fleet uses Unix sockets in the
+    host's run dir (nothing on the network), or abstract ones where that path is too long."""
+    if cluster.router.kv_index != "events":
+        return None
+    host = cluster.host(engine.host)
+    port = engine.kv_events_port
+    if host.is_local:
+        from .plan import host_dirs
+
+        base = f"{host_dirs(host.deploy_dir.rstrip('/') or '/')['run']}/kv-events-{engine.index}"
+        if len(base) + len("-replay.sock") > IPC_PATH_MAX:  # Linux's abstract namespace
+            digest = hashlib.sha256(base.encode()).hexdigest()[:16]
+            base = f"@stackctl-kv-{digest}"
+        pub, replay = f"ipc://{base}.sock", f"ipc://{base}-replay.sock"
+        return KvEventEndpoints(pub, replay, pub, replay)
+    address = _url_host(host.cluster_address or host.address)
+    return KvEventEndpoints(
+        f"tcp://*:{port}",
+        f"tcp://*:{port + 1}",
+        f"tcp://{address}:{port}",
+        f"tcp://{address}:{port + 1}",
+    )
+
+
+def _check_kv_index(doc: _Doc, cluster: Cluster) -> None:
+    """``router.kv_index: events`` needs kv_aware routing and engines whose token ids the router
+    computes (the simulator's; real vLLM's need the model's tokenizer at the router)."""
+    if cluster.router.kv_index != "events":
+        return
+    if cluster.router.policy != "kv_aware":
+        raise doc.error(
+            ("router", "kv_index"),
+            f"kv_index: events is what kv_aware routing matches prompts on, but router.policy is {cluster.router.policy}; set policy: kv_aware, or remove kv_index.",
+        )
+    for i, host in enumerate(cluster.hosts):
+        if host.runs_engines and not host.engine.is_sim:
+            raise doc.error(
+                ("hosts", i),
+                f"router.kv_index: events works with simulator engines only for now: host '{host.name}' runs vLLM, whose events name blocks by the model's own token ids, and the router cannot tokenize with the model's tokenizer yet. Keep kv_index: estimate (the default) for vLLM engines.",
+            )
+
+
 def _check_ports(doc: _Doc, cluster: Cluster) -> None:
     """No two processes on one machine may listen on one port (all local hosts are one machine)."""
     taken: dict[tuple, str] = {}
     for i, host in enumerate(cluster.hosts):
         machine = "local" if host.is_local else host.name
         claims = [(e.port, f"engine {e.name}") for e in host.engines]
+        for e in host.engines:
+            endpoints = cluster.kv_event_endpoints(e)
+            if endpoints and endpoints.bind.startswith("tcp://"):  # a local fleet's: ipc://
+                claims += [
+                    (e.kv_events_port, f"the KV events of engine {e.name}"),
+                    (e.kv_events_port + 1, f"the KV event replay of engine {e.name}"),
+                ]
         if host.runs_engines and host.engine.lmcache.server:
             claims.append((host.engine.lmcache.server_port, f"the LMCache server of {host.name}"))
         if cluster.runs_router(host):
@@ -1178,7 +1253,12 @@ def _check_ports(doc: _Doc, cluster: Cluster) -> None:
             if (machine, port) in taken:
                 raise doc.error(
                     ("hosts", i),
-                    f"{what} would listen on port {port}, which {taken[(machine, port)]} already uses on the same machine; give each engine its own port (engine.port sets the first; engine i uses port + i).",
+                    f"{what} would listen on port {port}, which {taken[(machine, port)]} already uses on the same machine; "
+                    + (
+                        "give each host's engines their own KV event ports (engine.kv_events_port sets the first; engine i uses kv_events_port + 2i and + 2i + 1)."
+                        if "KV event" in what
+                        else "give each engine its own port (engine.port sets the first; engine i uses port + i)."
+                    ),
                 )
             taken[(machine, port)] = what
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import signal
 from collections.abc import Callable
 
 import click
 
 from .apply import Change, ChangeKind, HostDiff
-from .connect import connect, q
+from .connect import Connector, connect, q
 from .errors import StackctlError
-from .facts import Facts, gather, probe_wait, supervisor_facts
-from .inventory import Cluster
+from .facts import Facts, gather, probe_wait, run_probe, supervisor_facts
+from .inventory import Cluster, Engine
 from .parallel import Cancellation, each
 from .plan import HostPlan, owned_entries, plan_cluster
 from .progress import Progress
@@ -235,6 +236,42 @@ def _wait_healthy(conn, plan: HostPlan, names: list[str], progress: Progress) ->
             f"{plan.host.name}: engine(s) at {', '.join(health['unhealthy'])} did not become healthy within {timeout:.0f} s after the restart; "
             f"see `stackctl logs -l {plan.host.name}`. The host stays out of the router's rotation only until then: it was put back."
         )
+
+
+def kill_engine(
+    cluster: Cluster,
+    engine: Engine,
+    sig: int = signal.SIGKILL,
+    *,
+    conn: Connector | None = None,
+    accept_new_host_keys: bool = False,
+) -> int:
+    """Send ``sig`` to one engine's process on its host, as an operator's ``kill -9`` (a crash)
+    would: supervisord sees its child die and restarts it. The pid is the one that host's
+    supervisord holds (XML-RPC), so nothing else is hit. Returns that pid. ``conn``: an open
+    connection to the engine's host, to reuse across kills."""
+    plan = plan_cluster(cluster, [engine.host])[0]
+    own = conn is None
+    conn = conn or connect(plan.host, accept_new_host_keys=accept_new_host_keys)
+    try:
+        request = {
+            "action": "supervisor_signal",
+            "python": plan.python,
+            "supervisor_conf": plan.supervisor_conf,
+            "program": engine.program,
+            "signal": int(sig),
+        }
+        answer = run_probe(conn, plan.python, request, timeout=90)
+    finally:
+        if own:
+            conn.close()
+    assert isinstance(answer, dict)  # probe.supervisor_signal answers an object
+    if answer["error"]:
+        raise StackctlError(
+            f"{engine.host}/{engine.program}: not signalled: {answer['error']}; "
+            f"see `stackctl status -l {engine.host}`."
+        )
+    return int(answer["pid"])
 
 
 def logs(

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from . import __version__
-from .inventory import ENGINE_KINDS, Cluster, Engine, Host, env_secret
+from .inventory import ENGINE_KINDS, Cluster, Engine, Host, KvEventEndpoints, env_secret
 from .inventory import _url_host as url_host
+from .kv_events import TOPIC as KV_TOPIC
 from .roles import render
 from .router.config import fds_needed
 from .router_document import dump as dump_router_document
@@ -112,6 +113,10 @@ class HostPlan:
     unit_name: str | None = (
         None  # systemd unit per cluster (SSH hosts; installed where systemd runs)
     )
+    #: Open files the router's connection cap needs (its host only; hostchecks.check_fds).
+    #: Not supervisord's ``minfds``: supervisord exits at start when it cannot raise its limits
+    #: that far (seen as root without CAP_SYS_RESOURCE, hard limit 20000, on the testbed).
+    router_fds: int | None = None
 
     @property
     def supervisor_conf(self) -> str:
@@ -234,6 +239,7 @@ def plan_host(cluster: Cluster, host: Host) -> HostPlan:
         _plan_engines(cluster, host, plan, context)
     if cluster.runs_router(host):
         _plan_router(cluster, plan, context)
+        plan.router_fds = fds_needed(cluster.router.max_connections)
     plan.packages = _packages(cluster, host) if host.install else []
     plan.remove_packages = _unwanted_packages(host) if host.install else []
     plan.files.insert(
@@ -472,6 +478,10 @@ def engine_argv(
     argv.append("--enable-prefix-caching")
     if s.lmcache.enabled:
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(s), separators=(",", ":"))]
+    endpoints = cluster.kv_event_endpoints(engine)
+    if endpoints:
+        config = kv_events_config(endpoints)
+        argv += ["--kv-events-config", json.dumps(config, separators=(",", ":"))]
         if s.lmcache.mode == "server":
             argv.append("--disable-hybrid-kv-cache-manager")
     if s.is_sim:
@@ -488,6 +498,7 @@ FLAG_KEYS = {
     "--model": "model.path (or model.name)",
     "--served-model-name": "model.name",
     "--kv-transfer-config": "engine.lmcache.enabled",
+    "--kv-events-config": "router.kv_index",
     "--enable-prefix-caching": None,  # always on
     "--disable-hybrid-kv-cache-manager": "engine.lmcache.mode",
     "--hardware": "engine.sim.hardware",
@@ -501,6 +512,7 @@ def managed_engine_flags(cluster: Cluster, host: Host) -> dict[str, str | None]:
     sets it (None: always on): engine_argv itself is the list, rendered with every option on."""
     flags = {"--model": FLAG_KEYS["--model"]}  # rendered as vllm serve's positional MODEL
     flags["--api-key"] = "router.engine_key_env"  # the engine key: VLLM_API_KEY, never a flag
+    flags["--kv-events-config"] = FLAG_KEYS["--kv-events-config"]  # a cluster setting
     for kind in ENGINE_KINDS:
         for mode in ("local", "server"):
             s = host.engine
@@ -634,9 +646,10 @@ def _engine_command(
 
 
 def router_engines(cluster: Cluster) -> list[dict]:
-    """The router's view of the engines: name, URL, model and cache capacity."""
-    return [
-        {
+    """The router's view of the engines: name, URL, model, cache capacity, event endpoints."""
+    engines = []
+    for engine in cluster.engines:
+        entry = {
             "name": engine.name,
             "url": cluster.engine_url(engine),
             "model": cluster.model.name,
@@ -644,8 +657,22 @@ def router_engines(cluster: Cluster) -> list[dict]:
                 cluster.host(engine.host).engine, cluster.model.name
             ),
         }
-        for engine in cluster.engines
-    ]
+        endpoints = cluster.kv_event_endpoints(engine)
+        if endpoints:
+            entry["kv_events"], entry["kv_events_replay"] = endpoints.connect, endpoints.replay
+        engines.append(entry)
+    return engines
+
+
+def kv_events_config(endpoints: KvEventEndpoints) -> dict:
+    """``--kv-events-config`` (vLLM's; the simulator takes the same)."""
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": endpoints.bind,
+        "replay_endpoint": endpoints.replay_bind,
+        "topic": KV_TOPIC,
+    }
 
 
 def cache_capacity_tokens(settings: EngineSettings, model_name: str) -> int | None:

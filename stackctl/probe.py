@@ -295,6 +295,16 @@ SUPERVISOR_RPC = (
 )
 
 
+# One program's process as supervisord holds it (getProcessInfo): its state and pid (0 when none).
+SUPERVISOR_PROCESS_RPC = (
+    "import json,sys,xmlrpc.client\n"
+    "from supervisor.xmlrpc import SupervisorTransport\n"
+    "s=xmlrpc.client.ServerProxy('http://127.0.0.1',transport=SupervisorTransport(None,None,sys.argv[1])).supervisor\n"
+    "i=s.getProcessInfo(sys.argv[2])\n"
+    "print(json.dumps({'state':i['statename'],'pid':i['pid']}))\n"
+)
+
+
 def supervisor_serverurl(conf):
     """``serverurl`` of the ``[supervisorctl]`` section of supervisord.conf (as stackctl writes it)."""
     try:
@@ -362,6 +372,35 @@ def supervisor_wait(spec):
                 "programs": {name: answer["programs"].get(name) for name in spec["programs"]},
             }
         time.sleep(min(spec.get("interval", 1.0), remaining))
+
+
+def supervisor_signal(spec):
+    """Send ``signal`` to the process supervisord runs as ``program``, as an operator's ``kill``
+    would (the pid from supervisord's XML-RPC, not from supervisorctl's text): so that
+    supervisord sees its child die unexpectedly and restarts it. Answers the pid it went to."""
+    url = supervisor_serverurl(spec["supervisor_conf"])
+    if not url or not os.path.exists(spec["python"]):
+        return {"pid": None, "error": "no supervisord configured here (run `stackctl up`)"}
+    try:
+        res = run_text(
+            [spec["python"], "-c", SUPERVISOR_PROCESS_RPC, url, spec["program"]], timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        return {"pid": None, "error": "supervisord did not answer within 60 s"}
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:]
+        return {"pid": None, "error": "supervisord did not answer: " + "".join(tail)}
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    if info["state"] != "RUNNING" or not info["pid"]:
+        return {
+            "pid": None,
+            "error": "{} is {}, not running".format(spec["program"], info["state"]),
+        }
+    try:
+        os.kill(info["pid"], spec["signal"])
+    except OSError as exc:
+        return {"pid": info["pid"], "error": "kill {}: {}".format(info["pid"], exc)}
+    return {"pid": info["pid"], "error": None}
 
 
 # ------------------------------------------------------------------ model weights
@@ -610,6 +649,18 @@ def systemd_facts(unit, unit_path):
     return result
 
 
+def nofile_hard():
+    """The hard open-file limit of what this connection starts (supervisord, outside systemd);
+    None: unlimited or unknown."""
+    try:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
 def facts(spec):
     result = {
         "hostname": socket.gethostname(),
@@ -624,6 +675,7 @@ def facts(spec):
         "venv_python": os.path.exists(spec["python"]),
         "deploy_dir_uid": owner_uid(spec["deploy_dir"]),
         "systemd": systemd_facts(spec.get("unit"), spec.get("unit_path")),
+        "nofile_hard": nofile_hard(),
     }
     for path in spec.get("files", []):
         digest, mode = sha256_file(path)
@@ -689,21 +741,46 @@ def http(spec):
     return [http_one(r) for r in spec["requests"]]
 
 
+#: supervisord states of a program that has just exited (it restarts it from BACKOFF).
+EXITED_STATES = ("BACKOFF", "EXITED", "FATAL")
+#: Exits while its engine was still not healthy after which a wait stops waiting for it.
+CRASH_LOOP_EXITS = 3
+
+
 def wait(spec):
+    """Until every URL answers 200, or the timeout. With ``programs`` (url -> supervisord
+    program), a program that keeps exiting before its URL answers stops the wait for it
+    (``crashing``): an engine that dies at start (a bad flag, too little memory) fails `up`
+    after a few restarts, not after the whole health timeout."""
     deadline = time.monotonic() + spec["timeout"]
     pending = list(spec["urls"])
-    last = {}
+    programs = spec.get("programs") or {}
+    last, exits, crashing, states = {}, {}, {}, {}
     while pending and time.monotonic() < deadline:
         for url in list(pending):
             outcome = http_one({"url": url, "timeout": 5, "max_body": 300})
             last[url] = outcome
             if outcome["status"] == 200:
                 pending.remove(url)
+        if programs and pending:
+            answer = supervisor_rpc(spec["python"], spec["supervisor_conf"]) or {}
+            for url in list(pending):
+                info = (answer.get("programs") or {}).get(programs.get(url)) or {}
+                state = info.get("state")
+                if state in EXITED_STATES and states.get(url) not in EXITED_STATES:
+                    exits[url] = exits.get(url, 0) + 1
+                states[url] = state
+                if exits.get(url, 0) >= CRASH_LOOP_EXITS:
+                    crashing[url] = "{} exited {} times before it answered ({}: {})".format(
+                        programs[url], exits[url], state, info.get("detail") or "no detail"
+                    )
+                    pending.remove(url)
         if pending:
             time.sleep(max(0.0, min(spec.get("interval", 1.0), deadline - time.monotonic())))
     return {
-        "healthy": [u for u in spec["urls"] if u not in pending],
-        "unhealthy": pending,
+        "healthy": [u for u in spec["urls"] if u not in pending and u not in crashing],
+        "unhealthy": pending + list(crashing),
+        "crashing": crashing,
         "last": last,
     }
 
@@ -713,6 +790,7 @@ ACTIONS = {
     "http": http,
     "wait": wait,
     "supervisor_wait": supervisor_wait,
+    "supervisor_signal": supervisor_signal,
     "model_prepare": model_prepare,
     "model_finish": model_finish,
     "model_download": model_download,

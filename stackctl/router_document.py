@@ -21,6 +21,7 @@ INVENTORY_KEYS: dict[str, tuple[str, ...]] = {
     "port": ("listen", "port"),
     "policy": ("policy",),
     "policy_options": ("policy_options",),
+    "kv_index": ("kv_index",),
     "health_interval_s": ("health", "interval_s"),
     "health_timeout_s": ("health", "timeout_s"),
     "header_timeout_s": ("timeouts", "header_s"),
@@ -96,8 +97,9 @@ def client_limits(router: RouterSettings) -> dict:
 
 def _engine_entry(engine: dict) -> dict:
     entry = {"name": engine["name"], "url": engine["url"], "model": engine["model"]}
-    if engine.get("cache_capacity_tokens"):
-        entry["cache_capacity_tokens"] = engine["cache_capacity_tokens"]
+    for key in ("cache_capacity_tokens", "kv_events", "kv_events_replay"):
+        if engine.get(key):
+            entry[key] = engine[key]
     return entry
 
 

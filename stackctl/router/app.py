@@ -43,6 +43,7 @@ from .config import (
     load_engine_key,
 )
 from .health import HealthMonitor
+from .kv_index import KvEvents
 from .listener import Handler, Listener, deadlines
 from .policies import Policy, RouteRequest, make_policy
 from .requests import BadRequest, echo, parse_body, unreadable_body
@@ -136,7 +137,9 @@ class Router:
     ):
         self.config_path = config_path
         self.config = config
-        self.pool = BackendPool(config, make_policy(config.policy, config.policy_options))
+        self.pool = BackendPool(
+            config, make_policy(config.policy, config.policy_options, config.kv_index)
+        )
         # (client name, key): the keys file's names; a bare key is the client "default"
         self.api_keys = _named(
             api_keys if api_keys is not None else load_client_keys(config.api_keys_file)
@@ -155,6 +158,7 @@ class Router:
         self.upstream_factory = upstream_factory
         self.upstream: AnyUpstreamClient | None = None
         self.health: HealthMonitor | None = None
+        self.kv_events: KvEvents | None = None  # subscribers to the engines' KV events
 
     @property
     def policy(self) -> Policy:
@@ -191,8 +195,12 @@ class Router:
         self._set_engine_key(self.engine_key)
         self.health.start()
         self.admission.start()
+        self.kv_events = KvEvents()
+        self.kv_events.sync(self.pool.backends.values())
 
     async def _stop(self, app: web.Application) -> None:
+        if self.kv_events:
+            await self.kv_events.stop()
         await self.admission.stop()
         if self.health:
             await self.health.stop()
@@ -235,12 +243,15 @@ class Router:
                 self.config.port,
             )
         added, removed = self.pool.update(config)
-        if (config.policy, config.policy_options) != (
+        if self.kv_events:
+            self.kv_events.sync(self.pool.backends.values())
+        if (config.policy, config.policy_options, config.kv_index) != (
             self.config.policy,
             self.config.policy_options,
+            self.config.kv_index,
         ):
             # A new policy starts with no state (kv_aware's hashes depend on its options).
-            self.pool.set_policy(make_policy(config.policy, config.policy_options))
+            self.pool.set_policy(make_policy(config.policy, config.policy_options, config.kv_index))
         self.api_keys = _named(api_keys)
         self.admission.update(config.admission, config.clients, self.api_keys)
         if self.upstream:
@@ -614,6 +625,7 @@ class Router:
                     "retry_in_s": None if e.healthy else round(max(0.0, e.retry_at - now), 3),
                     "cache_capacity_tokens": e.capacity_tokens,
                     **policy.describe(e),
+                    "kv_events": e.kv_view.describe() if e.kv_view else None,
                 }
             )
         return web.json_response({"policy": policy.name, "engines": out})

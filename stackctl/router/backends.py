@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .config import BackendConfig, RouterConfig
 
 if TYPE_CHECKING:
+    from .kv_index import KvEventView
     from .policies import Policy
 
 
@@ -39,6 +40,8 @@ class Backend:
         "served",
         "last_error",
         "waiting",
+        "kv_events",
+        "kv_view",
     )
 
     def __init__(self, config: BackendConfig):
@@ -59,6 +62,9 @@ class Backend:
         # requests here that have sent nothing to their client yet (app.Router._forward):
         # each waits inside this scope, which an ejection expires (cut_waiting)
         self.waiting: set[asyncio.Timeout] = set()
+        # (PUB endpoint, replay endpoint) of its KV-cache events, and what they say it holds
+        self.kv_events = (config.kv_events, config.kv_events_replay) if config.kv_events else None
+        self.kv_view: KvEventView | None = None  # made by kv_index.KvEvents when subscribed
 
     @property
     def capacity_tokens(self) -> int | None:
@@ -78,7 +84,12 @@ class Backend:
         return len(self.waiting)
 
     def same_endpoint(self, config: BackendConfig) -> bool:
-        return self.url == config.url and self.model == config.model
+        return (
+            self.url == config.url
+            and self.model == config.model
+            and self.kv_events
+            == ((config.kv_events, config.kv_events_replay) if config.kv_events else None)
+        )
 
 
 class BackendPool:
@@ -143,6 +154,8 @@ class BackendPool:
     # -- changes the health checker reports ---------------------------------------------------
     def ejected(self, backend: Backend) -> None:
         """``backend`` was just marked unhealthy (its cache is presumed gone)."""
+        if backend.kv_view is not None:
+            backend.kv_view.reset()  # a restarted engine's seq starts over: listen afresh
         self.policy.backend_ejected(backend)
 
     def readmitted(self, backend: Backend) -> None:

@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 import yaml
 
 POLICIES = ("round_robin", "least_loaded", "session", "kv_aware")
+#: Where kv_aware learns what engines hold: its own record of what it sent them, or their
+#: KV-cache events (stackctl/router/kv_index.py; engines without an event endpoint estimate).
+KV_INDEXES = ("estimate", "events")
 
 #: Knobs each policy accepts, with their defaults (``policy_options``).
 POLICY_OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -49,6 +52,7 @@ TOP_LEVEL_KEYS = {
     "admission",
     "clients",
     "engine_key_file",
+    "kv_index",
 }
 
 
@@ -64,6 +68,8 @@ class BackendConfig:
     url: str
     model: str
     cache_capacity_tokens: int | None = None
+    kv_events: str | None = None  # the engine's KV-event PUB endpoint (tcp://host:port, ipc://)
+    kv_events_replay: str | None = None  # its replay (ROUTER) endpoint
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,13 @@ def fds_needed(max_connections: int) -> int:
     return 2 * max_connections + FD_HEADROOM
 
 
+def connections_within(fd_limit: int) -> int:
+    """The most client connections an open-file limit of ``fd_limit`` holds (the inverse of
+    :func:`fds_needed`): the listener caps itself there, so a low limit costs refused
+    connections (a canned 503), never EMFILE blamed on an engine."""
+    return max(1, (fd_limit - FD_HEADROOM) // 2)
+
+
 #: A client name: a metric label and a keys-file field, so no spaces, quotes or control bytes.
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: The client of the keys given one a line without a name (``api_keys_env``'s), and of every
@@ -158,6 +171,7 @@ class RouterConfig:
     admission: AdmissionConfig = AdmissionConfig()
     clients: Mapping[str, ClientLimits] = field(default_factory=dict)
     engine_key_file: str | None = None  # the key every engine requires (sent as a Bearer token)
+    kv_index: str = "estimate"  # KV_INDEXES
 
     @property
     def models(self) -> set[str]:
@@ -237,8 +251,24 @@ def _engine(where: str, raw: Any) -> BackendConfig:
     capacity = raw.get("cache_capacity_tokens")
     if capacity is not None:
         _number(f"{where}.cache_capacity_tokens", capacity, integer=True, positive=True)
+    endpoints = {key: raw.get(key) for key in ("kv_events", "kv_events_replay")}
+    for key, value in endpoints.items():
+        if value is not None and not (
+            isinstance(value, str) and value.startswith(("tcp://", "ipc://")) and len(value) > 6
+        ):
+            raise RouterConfigError(
+                f"{where}.{key}: expected a ZMQ endpoint tcp://host:port or ipc:///path, "
+                f"got {value!r}"
+            )
+    if endpoints["kv_events_replay"] and not endpoints["kv_events"]:
+        raise RouterConfigError(f"{where}.kv_events_replay: needs kv_events")
     return BackendConfig(
-        name=raw["name"], url=url, model=raw["model"], cache_capacity_tokens=capacity
+        name=raw["name"],
+        url=url,
+        model=raw["model"],
+        cache_capacity_tokens=capacity,
+        kv_events=endpoints["kv_events"],
+        kv_events_replay=endpoints["kv_events_replay"],
     )
 
 
@@ -337,7 +367,13 @@ def _parse(raw: Any) -> RouterConfig:
         not isinstance(engine_key_file, str) or not engine_key_file
     ):
         raise RouterConfigError("engine_key_file: expected a path or null")
+    kv_index = raw.get("kv_index", "estimate")
+    if kv_index not in KV_INDEXES:
+        raise RouterConfigError(
+            f"kv_index: expected one of {', '.join(KV_INDEXES)}, got {kv_index!r}"
+        )
     return RouterConfig(
+        kv_index=kv_index,
         engines=engines,
         host=host,
         port=port,

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
-from .config import ConnectionsConfig, RouterConfig, TimeoutsConfig, fds_needed
+from .config import (
+    ConnectionsConfig,
+    RouterConfig,
+    TimeoutsConfig,
+    connections_within,
+    fds_needed,
+)
 
 if TYPE_CHECKING:
     from .app import Router
@@ -54,9 +60,11 @@ HEAD_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-
 class Listener:
     """Open connections by source address, the caps and deadlines, and counters."""
 
-    def __init__(self, config: RouterConfig, server: web.Server):
+    def __init__(self, config: RouterConfig, server: web.Server, fd_limit: int | None = None):
         self.server = server  # aiohttp's protocol factory (AppRunner.server)
         self.connections: ConnectionsConfig = config.connections
+        #: What this process's open-file limit holds (None: not bounded by it).
+        self.fd_cap = connections_within(fd_limit) if fd_limit is not None else None
         self.timeouts: TimeoutsConfig = config.timeouts
         self.open = 0
         self.by_client: defaultdict[str, int] = defaultdict(int)
@@ -87,7 +95,8 @@ class Listener:
 
     def admit(self, client: str) -> bool:
         caps = self.connections
-        if self.open >= caps.max or self.by_client[client] >= caps.per_client:
+        cap = caps.max if self.fd_cap is None else min(caps.max, self.fd_cap)
+        if self.open >= cap or self.by_client[client] >= caps.per_client:
             self.refused += 1
             now = time.monotonic()
             if now - self._logged >= 10.0:  # one line per 10 s under a flood
@@ -97,7 +106,7 @@ class Listener:
                     "%d refused so far",
                     client,
                     self.open,
-                    caps.max,
+                    cap,
                     self.by_client[client],
                     caps.per_client,
                     self.refused,
@@ -281,9 +290,12 @@ class GuardedSite(web.BaseSite):
         )
 
 
-async def start_listener(router: Router) -> tuple[web.AppRunner, GuardedSite]:
+async def start_listener(
+    router: Router, fd_limit: int | None = None
+) -> tuple[web.AppRunner, GuardedSite]:
     """Serve ``router`` behind a guarded listener on its config's host and port (port 0: any
-    free one, ``site.port`` tells); the caller awaits ``runner.cleanup()`` to stop."""
+    free one, ``site.port`` tells); the caller awaits ``runner.cleanup()`` to stop. With
+    ``fd_limit`` (this process's open-file limit), the connection cap never exceeds what it holds."""
     config = router.config
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream connection, which makes the engine abort the request.
@@ -295,7 +307,7 @@ async def start_listener(router: Router) -> tuple[web.AppRunner, GuardedSite]:
     )
     await runner.setup()
     assert runner.server is not None  # made by setup()
-    router.listener = listener = Listener(config, runner.server)
+    router.listener = listener = Listener(config, runner.server, fd_limit)
     router.metrics.connections = listener.stats
     site = GuardedSite(runner, listener, config.host, config.port)
     try:

@@ -14,7 +14,8 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..tokenizer import render_chat
+from ..kv_events import block_keys
+from ..tokenizer import render_chat, token_ids, tokenize
 from .backends import Backend
 from .prefix_index import PrefixIndex, chunk_hashes
 
@@ -22,13 +23,15 @@ from .prefix_index import PrefixIndex, chunk_hashes
 class RouteRequest:
     """What routing needs from one request, derived lazily and at most once (retries reuse it)."""
 
-    __slots__ = ("body", "headers", "_prompt", "_hashes")
+    __slots__ = ("body", "headers", "_prompt", "_hashes", "_token_ids", "_block_keys")
 
     def __init__(self, body: Mapping[str, Any], headers: Mapping[str, str]):
         self.body = body
         self.headers = headers
         self._prompt: str | None = None
         self._hashes: list[int] | None = None
+        self._token_ids: list[int] | None = None
+        self._block_keys: dict[int, list[int]] = {}  # block size -> content keys
 
     @property
     def prompt(self) -> str:
@@ -41,6 +44,22 @@ class RouteRequest:
         if self._hashes is None:
             self._hashes = chunk_hashes(self.prompt, chunk_chars)
         return self._hashes
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The prompt's token ids as the engines compute them (the simulator's tokenizer;
+        real vLLM engines need the model's own, which the router does not have yet)."""
+        if self._token_ids is None:
+            self._token_ids = token_ids(tokenize(self.prompt))
+        return self._token_ids
+
+    def block_keys(self, block_size: int) -> list[int]:
+        """Content keys of the prompt's full blocks (stackctl.kv_events.block_keys), as an
+        engine's KV events name what it holds."""
+        keys = self._block_keys.get(block_size)
+        if keys is None:
+            keys = self._block_keys[block_size] = block_keys(self.token_ids, block_size)
+        return keys
 
 
 class Choice:
@@ -225,6 +244,7 @@ class KvAwarePolicy(Policy):
         load_factor: float = 2.0,
         default_capacity_tokens: int = 1_000_000,
         max_indexed_chars: int = 524_288,
+        kv_index: str = "estimate",
         **options: Any,
     ):
         super().__init__(
@@ -237,6 +257,7 @@ class KvAwarePolicy(Policy):
             **options,
         )
         self.max_indexed_chars = max_indexed_chars
+        self.events = kv_index == "events"  # match on the engines' KV events where trusted
         self.chunk_chars = chunk_chars
         self.chars_per_token = chars_per_token
         self.beta = beta
@@ -302,49 +323,69 @@ class KvAwarePolicy(Policy):
         placed[best] = placed.get(best, 0.0) + 1.0
         return best
 
+    def held(
+        self, backend: Backend, request: RouteRequest, hashes: list[int], prompt_chars: int
+    ) -> tuple[float, float]:
+        """(fraction of the prompt ``backend`` holds, tokens it holds): from its KV events
+        when ``kv_index`` is events and its view can be trusted, else from the estimate (or
+        the view, where an untrusted view shows more)."""
+        reported = None
+        if self.events:
+            view = backend.kv_view
+            if view is not None and view.block_size:
+                size = view.block_size
+                tokens = view.match(request.block_keys(size))[0] * size
+                reported = (tokens / (len(request.token_ids) or 1), float(tokens))
+                if view.usable(backend.capacity_tokens):
+                    return reported
+        estimated = (0.0, 0.0)
+        if hashes:
+            index = self._indexes.get(backend)
+            matched = (index if index is not None else self.index(backend)).match(hashes)
+            chars = matched * self.chunk_chars
+            estimated = (chars / prompt_chars, chars / self.chars_per_token)
+        # A view not trusted alone (warming) still proves what it shows: take the larger.
+        return estimated if reported is None or estimated[0] >= reported[0] else reported
+
     def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
         prompt_chars = len(request.prompt) or 1
-        # A prompt too long to be worth indexing is neither hashed nor recorded: it is placed
-        # as a new conversation (for balance), and the indexes keep real conversations' state.
-        hashes = request.hashes(self.chunk_chars) if prompt_chars <= self.max_indexed_chars else []
+        # A prompt too long to be worth indexing is neither hashed nor recorded nor matched: it
+        # is placed as a new conversation (for balance), and the indexes keep real
+        # conversations' state.
+        indexed = prompt_chars <= self.max_indexed_chars
+        hashes = request.hashes(self.chunk_chars) if indexed else []
         n = len(backends)
         mean = sum(b.inflight for b in backends) / n
         cap = self.load_factor * mean + 1
         norm = mean + 1
         beta = self.beta
-        chunk = self.chunk_chars
-        indexes = self._indexes
+        held = self.held
         start = (hashes[0] if hashes else self._rotate()) % n
         best = None
-        best_score, best_matched = 0.0, 0
-        least_matched = None
+        best_score = best_fraction = best_tokens = 0.0
+        least_fraction = None
         for i in range(n):
             backend = backends[(start + i) % n]
             load = backend.inflight
             if load > cap:
                 continue
-            if hashes:
-                index = indexes.get(backend)
-                matched = (index if index is not None else self.index(backend)).match(hashes)
-            else:
-                matched = 0
-            if least_matched is None or matched < least_matched:
-                least_matched = matched
-            score = matched * chunk / prompt_chars
+            fraction, tokens = held(backend, request, hashes, prompt_chars) if indexed else (0, 0)
+            if least_fraction is None or fraction < least_fraction:
+                least_fraction = fraction
+            score = fraction
             if load > mean:
                 score -= beta * (load - mean) / norm
             if best is None or score > best_score:
-                best, best_score, best_matched = backend, score, matched
-        if best is None or best_matched == least_matched:
+                best, best_score, best_fraction, best_tokens = backend, score, fraction, tokens
+        if best is None or best_fraction == least_fraction:
             # The cache tells the backends apart for none of this prompt (a new conversation,
             # or only a system prompt every backend holds): place it for balance. (best is
             # never None: the least loaded backend is never above the cap.)
             best = self._place_new(backends, mean)
-            best_matched = self.index(best).match(hashes) if hashes else 0
+            best_tokens = held(best, request, hashes, prompt_chars)[1] if indexed else 0.0
         if hashes:
-            self.index(best).insert(hashes)
-        chars_per_token = self.chars_per_token
-        return Choice(best, best_matched * chunk / chars_per_token, prompt_chars / chars_per_token)
+            self.index(best).insert(hashes)  # kept with events too: the fallback stays warm
+        return Choice(best, best_tokens, prompt_chars / self.chars_per_token)
 
 
 POLICY_CLASSES: dict[str, type[Policy]] = {
@@ -352,5 +393,9 @@ POLICY_CLASSES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, options: Mapping[str, Any]) -> Policy:
+def make_policy(name: str, options: Mapping[str, Any], kv_index: str = "estimate") -> Policy:
+    """The policy ``name`` with its options; ``kv_index`` (router.yaml's) tells kv_aware
+    where it learns what the engines hold."""
+    if name == KvAwarePolicy.name:
+        return KvAwarePolicy(**options, kv_index=kv_index)
     return POLICY_CLASSES[name](**options)

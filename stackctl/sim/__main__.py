@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from stackctl.sim.config import SimConfig, parse_args
+from stackctl.sim.config import KvEventsError, SimConfig, parse_args
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         asyncio.run(serve(config))
+    except KvEventsError as exc:
+        print(f"stackctl sim: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"stackctl sim: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1

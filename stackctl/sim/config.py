@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -40,6 +40,59 @@ class LMCacheSettings:
     max_local_cpu_size: float = 5.0  # GB, as LMCache counts them (GiB)
 
 
+class KvEventsError(RuntimeError):
+    """The KV event publisher cannot start (an endpoint cannot be bound); exit 1."""
+
+
+@dataclass(frozen=True)
+class KVEventsConfig:
+    """vLLM's ``--kv-events-config`` (vllm.config.KVEventsConfig): same keys, same defaults."""
+
+    enable_kv_cache_events: bool = False
+    publisher: str | None = None  # "zmq" or "null"; None: "zmq" when events are enabled
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None
+    buffer_steps: int = 10_000
+    hwm: int = 100_000
+    max_queue_size: int = 100_000  # accepted; unused: each batch is sent at once, no queue
+    topic: str = ""
+
+    @property
+    def active(self) -> bool:
+        """Whether events are published (enabled, and the publisher is zmq)."""
+        publisher = self.publisher or ("zmq" if self.enable_kv_cache_events else "null")
+        return self.enable_kv_cache_events and publisher == "zmq"
+
+
+def _kv_events_config(text: str) -> KVEventsConfig:
+    """Parse ``--kv-events-config JSON``; unknown keys and wrong types are refused."""
+    value = _json_object(text)
+    known = [f.name for f in fields(KVEventsConfig)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}"
+        )
+    expected: dict[str, tuple[type, ...]] = {
+        "enable_kv_cache_events": (bool,), "publisher": (str, type(None)), "endpoint": (str,),
+        "replay_endpoint": (str, type(None)), "buffer_steps": (int,), "hwm": (int,),
+        "max_queue_size": (int,), "topic": (str,),
+    }  # fmt: skip
+    for key, item in value.items():
+        types = expected[key]
+        if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise argparse.ArgumentTypeError(f"{key} must be {names}, got {json.dumps(item)}")
+    if value.get("publisher") not in (None, "zmq", "null"):
+        raise argparse.ArgumentTypeError(
+            f'publisher must be "zmq" or "null", got {json.dumps(value["publisher"])}'
+        )
+    for key in ("buffer_steps", "hwm", "max_queue_size"):
+        if value.get(key, 0) < 0:
+            raise argparse.ArgumentTypeError(f"{key} must not be negative, got {value[key]}")
+    return KVEventsConfig(**value)
+
+
 @dataclass
 class SimConfig:
     host: str
@@ -62,6 +115,7 @@ class SimConfig:
     lmcache: LMCacheSettings | None = None  # None: no CPU tier
     ignored_flags: list[str] = field(default_factory=list)
     api_keys: tuple[str, ...] = ()  # --api-key, else VLLM_API_KEY (as vLLM): none, no auth
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)  # --kv-events-config
 
     @property
     def served_model_name(self) -> str:
@@ -156,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
     )
     vllm.add_argument("--kv-transfer-config", type=_json_object, default=None, metavar="JSON")
+    vllm.add_argument(
+        "--kv-events-config", type=_kv_events_config, default=KVEventsConfig(), metavar="JSON"
+    )
     vllm.add_argument("--block-size", type=_positive_int, default=16)
     vllm.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
     vllm.add_argument("--seed", type=int, default=0)
@@ -299,4 +356,5 @@ def _resolve(args: argparse.Namespace, unknown: list[str], environ: Mapping[str,
         lmcache=lmcache,
         ignored_flags=unknown,
         api_keys=tuple(k for k in (args.api_key or [environ.get("VLLM_API_KEY")]) if k),
+        kv_events=args.kv_events_config,
     )

@@ -23,8 +23,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from stackctl.kv_events import Event
 from stackctl.sim.kvcache import CpuChunkCache, GpuPrefixCache, extend_chain
 from stackctl.sim.timing import StepLoad, TimingModel
+from stackctl.tokenizer import token_ids
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +137,22 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class SimEngine:
+    """``kv_events``: a list the GPU cache appends vLLM's KV events to (GpuPrefixCache);
+    None: no events."""
+
     def __init__(
-        self, config: SimEngineConfig, timing: TimingModel, observer: EngineObserver | None = None
+        self,
+        config: SimEngineConfig,
+        timing: TimingModel,
+        observer: EngineObserver | None = None,
+        kv_events: list[Event] | None = None,
     ):
         self.config = config
         self.timing = timing
         self.observer = observer or EngineObserver()
-        self.gpu = GpuPrefixCache(config.num_gpu_blocks, enabled=config.enable_prefix_caching)
+        self.gpu = GpuPrefixCache(
+            config.num_gpu_blocks, enabled=config.enable_prefix_caching, events=kv_events
+        )
         self.cpu = (
             CpuChunkCache(config.cpu_capacity_chunks, config.cpu_chunk_size)
             if config.cpu_capacity_chunks is not None
@@ -335,11 +346,15 @@ class SimEngine:
         have = len(req.held_keys)
         if full <= have:
             return
-        keys = extend_chain(
-            req.block_keys, req.tokens, self.config.block_size, upto=full * self.config.block_size
-        )
+        bs = self.config.block_size
+        keys = extend_chain(req.block_keys, req.tokens, bs, upto=full * bs)
         new_keys = keys[have:full]
-        self.gpu.commit_many(new_keys)
+        if self.gpu.events is None:
+            self.gpu.commit_many(new_keys)
+        else:
+            parent = keys[have - 1] if have else None
+            ids = token_ids(req.tokens[have * bs : full * bs])
+            self.gpu.commit_stored(new_keys, parent, ids, bs)
         req.held_keys.extend(new_keys)
         req.anonymous_blocks -= full - have
 
@@ -404,9 +419,15 @@ class EngineLoop:
     # steps that begin after their arrival, so catching up never shortens a modelled time.
     RESYNC_AFTER_S = 1.0
 
-    def __init__(self, engine: SimEngine, time_scale: float = 1.0):
+    def __init__(
+        self,
+        engine: SimEngine,
+        time_scale: float = 1.0,
+        after_step: Callable[[], None] | None = None,
+    ):
         self.engine = engine
         self.time_scale = time_scale
+        self.after_step = after_step  # called after each step completes (the KV event publisher)
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
         self._wake = asyncio.Event()
@@ -479,3 +500,5 @@ class EngineLoop:
             delay = self._t0 + deadline / self.time_scale - loop.time()
             await asyncio.sleep(delay if delay > 0 else 0)
             engine.complete(step, deadline)
+            if self.after_step is not None:
+                self.after_step()

@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from stackctl.kv_events import MEDIUM_GPU, BlockHash, BlockRemoved, BlockStored, Event
+
 ROOT_HASH = hash("stackctl.sim.kv-root")
+_U64 = (1 << 64) - 1
+
+
+def event_hash(key: int) -> int:
+    """A block's key as its KV events name it: a 64-bit unsigned int, as vLLM's (Python's
+    hash is signed)."""
+    return key & _U64
 
 
 def extend_chain(
@@ -44,11 +53,17 @@ class GpuPrefixCache:
     cached and unreferenced ("evictable"). Evictable blocks stay reusable until the pool
     needs room, then go least recently used first. Requests hold their full, keyed blocks
     by key and their partial (or, with caching off, all) blocks anonymously as a count.
+
+    ``events``, when given, is a sink: the cache appends vLLM's KV events to it as blocks
+    are cached (:meth:`commit_stored`) and evicted (:meth:`allocate`), and a publisher
+    drains it (stackctl.sim.kv_publisher). None (the default) records nothing and costs
+    nothing on the hot path.
     """
 
-    def __init__(self, num_blocks: int, enabled: bool = True):
+    def __init__(self, num_blocks: int, enabled: bool = True, events: list[Event] | None = None):
         self.num_blocks = num_blocks
         self.enabled = enabled
+        self.events = events
         self._refs: dict[int, int] = {}  # key -> reference count, every cached block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # refs == 0, oldest first
         self._blank = num_blocks
@@ -66,6 +81,10 @@ class GpuPrefixCache:
 
     def __contains__(self, key: int) -> bool:
         return key in self._refs
+
+    def cached_keys(self) -> set[int]:
+        """Every cached block's key (held or evictable) as KV events name it."""
+        return {event_hash(key) for key in self._refs}
 
     def match(self, keys: Sequence[int], limit: int) -> int:
         """How many of the first ``limit`` keys are cached, as an unbroken prefix."""
@@ -99,11 +118,26 @@ class GpuPrefixCache:
             return False
         take_blank = min(n, self._blank)
         self._blank -= take_blank
+        if n > take_blank and self.events is not None:
+            self._evict_recorded(n - take_blank)
+            return True
         for _ in range(n - take_blank):
             key, _ = self._evictable.popitem(last=False)
             del self._refs[key]
             self.evictions += 1
         return True
+
+    def _evict_recorded(self, n: int) -> None:
+        """Evict ``n`` blocks, least recently used first, and record one BlockRemoved."""
+        assert self.events is not None
+        evictable, refs = self._evictable, self._refs
+        removed: list[BlockHash] = []
+        for _ in range(n):
+            key, _ = evictable.popitem(last=False)
+            del refs[key]
+            removed.append(event_hash(key))
+        self.evictions += n
+        self.events.append(BlockRemoved(block_hashes=removed, medium=MEDIUM_GPU))
 
     def commit(self, key: int) -> bool:
         """A held anonymous block just became full with ``key``; cache it under that key.
@@ -141,6 +175,39 @@ class GpuPrefixCache:
                 shared += 1
         self._blank += shared
 
+    def commit_stored(
+        self, keys: Sequence[int], parent: int | None, token_ids: Sequence[int], block_size: int
+    ) -> None:
+        """:meth:`commit_many`, recording a BlockStored for each unbroken run of blocks that
+        were not cached yet (one another request cached meanwhile is shared: the simulator
+        keeps one block per key, so it is not announced twice). ``parent`` is the key of the
+        block before ``keys[0]`` (None at the prompt's start); ``token_ids`` are the ids of
+        the blocks' ``len(keys) * block_size`` tokens."""
+        if not self.enabled:
+            return
+        refs, evictable = self._refs, self._evictable
+        events = self.events
+        assert events is not None, "commit_stored needs an event sink"
+        shared = 0
+        run = -1  # index in ``keys`` where the current run of new blocks began
+        for i, key in enumerate(keys):
+            count = refs.get(key)
+            if count is None:
+                refs[key] = 1
+                if run < 0:
+                    run = i
+                continue
+            if count == 0:
+                del evictable[key]
+            refs[key] = count + 1
+            shared += 1
+            if run >= 0:
+                events.append(_stored(keys, run, i, parent, token_ids, block_size))
+                run = -1
+        if run >= 0:
+            events.append(_stored(keys, run, len(keys), parent, token_ids, block_size))
+        self._blank += shared
+
     def release(self, keys: Sequence[int], anonymous: int) -> None:
         """Drop a request's blocks. Keyed blocks whose count reaches 0 become evictable,
         the chain's tail first (as vLLM frees in reverse), so a prefix outlives its suffix."""
@@ -151,6 +218,28 @@ class GpuPrefixCache:
             refs[key] = count
             if count == 0:
                 evictable[key] = None
+
+
+def _stored(
+    keys: Sequence[int],
+    start: int,
+    end: int,
+    parent: int | None,
+    token_ids: Sequence[int],
+    block_size: int,
+) -> BlockStored:
+    """The BlockStored event of ``keys[start:end]``, as vLLM's block pool writes it."""
+    return BlockStored(
+        block_hashes=[event_hash(key) for key in keys[start:end]],
+        parent_block_hash=event_hash(keys[start - 1])
+        if start
+        else (None if parent is None else event_hash(parent)),
+        token_ids=list(token_ids[start * block_size : end * block_size]),
+        block_size=block_size,
+        lora_id=None,
+        medium=MEDIUM_GPU,
+        lora_name=None,
+    )
 
 
 class CpuChunkCache:

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 import zlib
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from aiohttp import web
 
@@ -23,6 +23,9 @@ from stackctl.sim.engine import EngineLoop, SimEngine, SimRequest
 from stackctl.sim.timing import TimingModel
 from stackctl.sim.vllm_metrics import CONTENT_TYPE, SimMetrics
 from stackctl.tokenizer import render_chat, tokenize
+
+if TYPE_CHECKING:
+    from stackctl.sim.kv_publisher import KvEventPublisher
 
 try:  # orjson is faster when present; the standard library is enough
     import orjson
@@ -67,6 +70,7 @@ ENGINE_KEY = web.AppKey("sim_engine", SimEngine)
 LOOP_KEY = web.AppKey("sim_loop", EngineLoop)
 DRAINING_KEY = web.AppKey("sim_draining", asyncio.Event)  # set on SIGTERM: refuse new work
 METRICS_KEY = web.AppKey("sim_metrics", SimMetrics)
+PUBLISHER_KEY: web.AppKey[KvEventPublisher] = web.AppKey("sim_kv_publisher")  # KV events on
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 DONE = b"data: [DONE]\n\n"
@@ -133,9 +137,21 @@ async def _start_engine(app: web.Application) -> None:
         config.served_model_name, _cache_info(config), external_cache=config.lmcache is not None
     )
     timing = TimingModel(config.hardware, config.model_profile, config.tensor_parallel_size)
-    engine = SimEngine(config.engine_config(), timing, observer=metrics_)
+    publisher = None
+    if config.kv_events.active:
+        from stackctl.sim.kv_publisher import KvEventPublisher  # zmq only when asked for
+
+        publisher = KvEventPublisher(config.kv_events)
+        publisher.start()
+        app[PUBLISHER_KEY] = publisher
+    engine = SimEngine(
+        config.engine_config(),
+        timing,
+        observer=metrics_,
+        kv_events=publisher.events if publisher else None,
+    )
     metrics_.refresh(engine)
-    loop = EngineLoop(engine, config.time_scale)
+    loop = EngineLoop(engine, config.time_scale, after_step=publisher.flush if publisher else None)
     loop.start()
     app[METRICS_KEY], app[ENGINE_KEY], app[LOOP_KEY] = metrics_, engine, loop
 
@@ -149,6 +165,9 @@ async def _abort_requests(app: web.Application) -> None:
 
 async def _stop_engine(app: web.Application) -> None:
     await app[LOOP_KEY].stop()
+    publisher = app.get(PUBLISHER_KEY)
+    if publisher is not None:
+        await publisher.close()
 
 
 # --- Plain endpoints ----------------------------------------------------------------------

@@ -454,6 +454,176 @@ def test_unreachable_host_is_reported_and_next_up_resumes(stack):
     assert program_pids(after)[(down.name, "engine-0")] != old[(down.name, "engine-0")]
 
 
+def router_engines(stack: Stack) -> list[dict]:
+    """The router's own view (GET /engines, which wants a client key)."""
+    request = urllib.request.Request(
+        f"http://{stack.head.address}:{ROUTER_PORT}/engines",
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        return json.loads(answer.read())["engines"]
+
+
+def engine_of(engines: list[dict], host) -> dict:
+    """The router's entry for the one engine on ``host`` (by its URL's address)."""
+    (entry,) = [e for e in engines if f"//{host.address}:" in e["url"]]
+    return entry
+
+
+def up_results(run: Run) -> dict[str, str]:
+    """host -> result, from `up`'s summary table."""
+    rows = {}
+    for line in run.stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) > 3 and cells[0] == "" and cells[1]:
+            rows[cells[1]] = cells[2]
+    return rows
+
+
+def send_completions(stack: Stack, n: int, workers: int = 1) -> tuple[int, list[str]]:
+    """``n`` completions through the router over ``workers`` threads: (ok, errors)."""
+    client, lock = stack.client(), threading.Lock()
+    ok, errors = [0], []
+
+    def work(worker: int) -> None:
+        for k in range(worker, n, workers):
+            try:
+                answer = client.completions.create(
+                    model=MODEL, prompt=f"lost host {k}: " + "what now " * 6, max_tokens=8
+                )
+                good = answer.choices[0].finish_reason == "length"
+                detail = f"truncated: {answer.choices[0].finish_reason}"
+            except Exception as exc:  # noqa: BLE001 - every failure a client would see counts
+                good, detail = False, f"{type(exc).__name__}: {exc}"
+            with lock:
+                if good:
+                    ok[0] += 1
+                else:
+                    errors.append(detail)
+
+    threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return ok[0], errors
+
+
+def test_lost_host_marked_down_status_shows_it_and_up_hosts_on_the_rest_works(stack):
+    """A host's link goes down (no RST: every packet to it is dropped, as when it is lost)."""
+    from stackctl.inventory import load_inventory
+    from stackctl.router.config import HealthConfig
+
+    lost = stack.engine_hosts[5]  # not the host the sshd test stops
+    others = [h for h in stack.testbed.hosts if h is not lost]
+    cluster = load_inventory(stack.inventory)
+    health = HealthConfig()  # failures_to_eject is not an inventory key: the router's default
+    interval, probe_timeout = cluster.router.health_interval_s, cluster.router.health_timeout_s
+    # each failed check takes at most one interval plus the probe's timeout; 1.5 s of slack
+    eject_bound = health.failures_to_eject * (interval + probe_timeout) + 1.5
+    connect_timeout = cluster.host(lost.name).ssh.connect_timeout_s
+    old = program_pids(stack.healthy_status())
+    assert engine_of(router_engines(stack), lost)["healthy"] is True
+    lost_conf = lost.deploy_source / "supervisor/conf.d/engine-0.conf"
+    conf_before = lost_conf.read_text()
+    new_seqs = (stack.engine.get("max_num_seqs") or 64) + 32  # a value no host has yet
+    assert f"--max-num-seqs {new_seqs}" not in conf_before
+
+    lost_at = time.monotonic()
+    stack.testbed.set_link(lost, up=False)
+    try:
+        # (1) the router ejects its engine; clients in the window are failed over, not failed
+        window: list[tuple[int, list[str]]] = []
+        window_thread = threading.Thread(
+            target=lambda: window.append(send_completions(stack, 12, workers=4)), daemon=True
+        )
+        window_thread.start()
+        wait_until(
+            lambda: engine_of(router_engines(stack), lost)["healthy"] is False,
+            eject_bound,
+            what=f"the router to eject the engine on {lost.name} (link down)",
+            interval=0.05,
+        )
+        ejected_after = time.monotonic() - lost_at
+        report_timing(stack, "host lost: router ejected its engine after", ejected_after)
+        window_thread.join(120)
+        assert window == [(12, [])], window
+        engines = router_engines(stack)
+        entry = engine_of(engines, lost)
+        assert entry["last_error"], entry
+        assert all(e["healthy"] for e in engines if e["name"] != entry["name"]), engines
+
+        # (2) completions keep succeeding while the host is lost
+        ok, errors = send_completions(stack, 20)
+        assert errors == [] and ok == 20, errors[:5]
+        assert engine_of(router_engines(stack), lost)["healthy"] is False
+
+        # (3) status: that host unreachable, named in its error, within the connect timeout
+        status_run, mid = stack.status()
+        report_timing(stack, "status with a host lost", status_run.seconds)
+        assert status_run.returncode == 2, status_run
+        assert mid["overall"] == "unreachable"
+        unreachable = [e for e in mid["hosts"] if not e["reachable"]]
+        assert [e["host"] for e in unreachable] == [lost.name], unreachable
+        assert lost.name in unreachable[0]["error"] and lost.address in unreachable[0]["error"]
+        assert status_run.seconds < connect_timeout + 20, status_run
+        router_row = next(
+            row for e in mid["hosts"] for row in e["programs"] if row["kind"] == "router"
+        )
+        assert engine_of(router_row["engines"]["engines"], lost)["healthy"] is False
+
+        # (4) `up --hosts` on the rest applies a change there and leaves the lost host alone
+        stack.write_inventory(max_num_seqs=new_seqs)
+        run = stack.up("--hosts", ",".join(h.name for h in others))
+        report_timing(stack, "up --hosts on the 8 hosts left (7 engines changed)", run.seconds)
+        assert run.returncode == 0, run
+        assert "verified with a completion" in run.stdout, run
+        results = up_results(run)
+        assert lost.name not in results and lost.name not in run.output, run
+        assert results == {h.name: "unchanged" if h is stack.head else "changed" for h in others}, (
+            run
+        )
+        assert lost_conf.read_text() == conf_before
+        still = stack.testbed.exec_in(
+            lost, ["pgrep", "-f", f"stackctl.sim .*--port {ENGINE_PORT}"], check=False
+        )
+        assert str(old[(lost.name, "engine-0")]) in still.stdout.split(), still
+        for host in others[1:]:
+            conf = (host.deploy_source / "supervisor/conf.d/engine-0.conf").read_text()
+            assert f"--max-num-seqs {new_seqs}" in conf, host.name
+        _, rest = stack.status("--hosts", ",".join(h.name for h in others))
+        assert_all_healthy(rest, len(others))
+        assert all(
+            program_pids(rest)[(h.name, "engine-0")] != old[(h.name, "engine-0")]
+            for h in others[1:]
+        )
+    finally:
+        stack.testbed.set_link(lost, up=True)
+    back_at = time.monotonic()
+
+    # (5) back: the router readmits the engine (after its backoff), a full `up` catches it up
+    readmit_bound = health.max_backoff_s + interval + probe_timeout + 5
+    wait_until(
+        lambda: engine_of(router_engines(stack), lost)["healthy"] is True,
+        readmit_bound,
+        what=f"the router to readmit the engine on {lost.name} (link back up)",
+        interval=0.1,
+    )
+    report_timing(
+        stack, "host back: router readmitted its engine after", time.monotonic() - back_at
+    )
+    stack.testbed.wait_ssh(lost)
+    run = stack.up()
+    assert run.returncode == 0, run
+    assert up_results(run) == {
+        h.name: "changed" if h is lost else "unchanged" for h in stack.testbed.hosts
+    }, run
+    assert f"--max-num-seqs {new_seqs}" in lost_conf.read_text()
+    _, after = stack.status()
+    assert_all_healthy(after, 9)
+    assert program_pids(after)[(lost.name, "engine-0")] != old[(lost.name, "engine-0")]
+
+
 def test_secrets_stay_secret_and_router_requires_the_key(stack):
     with pytest.raises(openai.AuthenticationError):
         stack.client(api_key="sk-wrong").completions.create(model=MODEL, prompt="hi", max_tokens=2)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from stackctl.router.app import Router
-from stackctl.router.config import parse_config
+from stackctl.router.config import FD_HEADROOM, parse_config
 from stackctl.router.listener import start_listener
 from stackctl.testing import free_port, wait_until_async
 from tests.helpers.fake_engine import FakeEngine
@@ -404,6 +404,60 @@ def _limit_fds(n):
 
 
 @pytest.mark.slow
+async def test_a_low_open_file_limit_caps_connections_instead_of_meeting_emfile(tmp_path):
+    cap = 8
+    engine = await FakeEngine("e0", (MODEL,)).start()
+    port = free_port()
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            config(
+                [("e0", engine.url, MODEL)],
+                listen={"host": "127.0.0.1", "port": port},
+                connections={"max": 1000, "per_client": 1000},
+            )
+        )
+    )
+    router = subprocess.Popen(
+        [sys.executable, "-m", "stackctl.router", "--config", str(path)],
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_limit_fds(FD_HEADROOM + 2 * cap),  # what `cap` connections need
+    )
+    conns = []
+    try:
+        for _ in range(100):  # bounded: 10 s
+            with contextlib.suppress(OSError):
+                conns.append(await asyncio.open_connection("127.0.0.1", port))
+                break
+            await asyncio.sleep(0.1)
+        assert conns, "router did not start"
+        for _ in range(cap + 3):
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+        refused = []
+        for reader, _ in conns:  # a refused one is answered at once; a served one waits
+            with contextlib.suppress(TimeoutError):
+                refused.append(await asyncio.wait_for(reader.read(65536), 0.5))
+        assert all(a.startswith(b"HTTP/1.1 503") for a in refused)
+        assert len(refused) == 4 and all(b"too_many_connections" in a for a in refused)
+        for reader, writer in conns[:cap]:  # the first `cap` are served
+            assert (await http_get(reader, writer))[0] == 200
+    finally:
+        for _, w in conns:
+            w.close()
+        router.terminate()
+        try:
+            _, stderr = router.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            router.kill()
+            _, stderr = router.communicate()
+        await engine.stop()
+    assert f"holds at most {cap} client connections" in stderr, stderr[-2000:]
+    assert "out of resources" not in stderr, stderr[-2000:]
+
+
+@pytest.mark.slow
 async def test_emfile_in_the_router_answers_503_and_ejects_no_engine(tmp_path):
     engine = await FakeEngine("e0", (MODEL,)).start()
     port = free_port()
@@ -423,7 +477,6 @@ async def test_emfile_in_the_router_answers_503_and_ejects_no_engine(tmp_path):
         cwd=REPO_ROOT,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_limit_fds(48),  # about 16 in use once started
     )
     fill = []
     try:
@@ -444,6 +497,10 @@ async def test_emfile_in_the_router_answers_503_and_ejects_no_engine(tmp_path):
             return False
 
         assert await wait_up(), "router did not start"
+        # Lowered after the start: the listener sized its cap to the limit it started with
+        # (test_a_low_open_file_limit_caps_connections), so only a limit that shrinks under it
+        # (or descriptors it does not count) can still bring EMFILE.
+        resource.prlimit(router.pid, resource.RLIMIT_NOFILE, (48, 48))  # ~16 in use
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert (await http_get(reader, writer))[0] == 200
         fds = f"/proc/{router.pid}/fd"

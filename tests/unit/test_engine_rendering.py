@@ -68,6 +68,7 @@ admission:
   write_timeout_s: {{ router.write_timeout_s }}
 clients: {}
 engine_key_file: {{ engine_key_file | tojson }}
+kv_index: {{ router.kv_index }}
 """
 
 

@@ -422,3 +422,29 @@ def test_disk_for_the_weights_plus_margin(gpu_plan):
         ).problems
         == []
     )
+
+
+def test_a_router_host_hard_fd_limit_below_its_connection_cap_warns_outside_systemd(gpu_plan):
+    import resource
+
+    cluster, plan, _ = gpu_plan  # g1 runs the router
+    need = plan.router_fds
+    assert need == 2 * cluster.router.max_connections + 1024
+    conf = next(f.content for f in plan.files if f.path == plan.supervisor_conf)
+    assert "minfds" not in conf  # supervisord would refuse to start below it
+
+    def diff(**raw):
+        return compute_diff(cluster, plan, gpu_facts(plan, **raw), {}, None, None)
+
+    low = diff(nofile_hard=need - 1)
+    assert low.problems == []  # the router caps itself: a warning, not a refusal
+    (warning,) = [w for w in low.warnings if "open-file hard limit" in w]
+    assert f"is {need - 1}, below the {need}" in warning and "router.max_connections" in warning
+    assert not any("open-file" in w for w in diff(nofile_hard=need).warnings)
+    assert not any("open-file" in w for w in diff(nofile_hard=None).warnings)  # unlimited
+    under_unit = {"present": True, "enabled": "enabled", "active": "active"}
+    assert not any(
+        "open-file" in w for w in diff(nofile_hard=need - 1, systemd=under_unit).warnings
+    )  # the unit's LimitNOFILE raises it
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert probe.nofile_hard() == (None if hard == resource.RLIM_INFINITY else hard)

@@ -301,3 +301,65 @@ def test_up_diff_shows_the_lines_a_changed_file_gets(tmp_path):
         line for line in shown.splitlines() if line.strip().startswith("+") and "32768" in line
     ]
     assert len(removed) == 1 and len(added) == 1, shown
+
+
+def _kv_events_inventory(tmp_path, engine: str = "kind: sim", policy: str = "kv_aware") -> Path:
+    text = A100.read_text()
+    router = "router: {host: head, port: 8080, policy: kv_aware,"
+    assert router in text and "\n  kind: vllm\n" in text
+    text = text.replace(router, f"router: {{kv_index: events, host: head, policy: {policy},", 1)
+    text = text.replace("\n  kind: vllm\n", f"\n  {engine}\n", 1)
+    path = tmp_path / "inv.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_kv_index_events_renders_engine_publishers_and_router_subscriptions(tmp_path):
+    import json
+
+    cluster = load_inventory(_kv_events_inventory(tmp_path))
+    assert cluster.router.kv_index == "events"
+    plans = {p.host.name: p for p in plan_cluster(cluster)}
+    argv = list(plans["gpu01"].programs[0].command)
+    config = json.loads(argv[argv.index("--kv-events-config") + 1])
+    assert config == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://*:5557",  # vLLM binds only the wildcard form
+        "replay_endpoint": "tcp://*:5558",
+        "topic": "kv",
+    }
+    router = yaml.safe_load(
+        next(f for f in plans["head"].files if f.path.endswith("router.yaml")).content
+    )
+    first = router["engines"][0]
+    address = first["url"].split("//")[1].split(":")[0]
+    assert router["kv_index"] == "events"
+    assert first["kv_events"] == f"tcp://{address}:5557"
+    assert first["kv_events_replay"] == f"tcp://{address}:5558"
+
+
+def test_kv_index_events_is_refused_without_kv_aware_or_with_vllm_engines(tmp_path):
+    import pytest
+
+    from stackctl.errors import InventoryError
+
+    with pytest.raises(InventoryError, match=r"inv.yaml:\d+: router.kv_index: kv_index: events"):
+        load_inventory(_kv_events_inventory(tmp_path, policy="round_robin"))
+    with pytest.raises(InventoryError, match=r"inv.yaml:\d+: .*simulator engines only for now"):
+        load_inventory(_kv_events_inventory(tmp_path, engine="kind: vllm"))
+
+
+def test_local_fleet_kv_events_use_unix_sockets_in_each_hosts_run_dir():
+    cluster = load_inventory(REPO / "inventory" / "local.yaml", "kv-events")
+    seen = set()
+    for engine in cluster.engines:
+        endpoints = cluster.kv_event_endpoints(engine)
+        assert endpoints.bind == endpoints.connect and endpoints.bind.startswith("ipc:///")
+        assert endpoints.replay.endswith("-replay.sock")
+        seen.add(endpoints.bind)
+    assert len(seen) == len(cluster.engines)  # one socket each
+    assert (
+        load_inventory(REPO / "inventory" / "local.yaml").kv_event_endpoints(cluster.engines[0])
+        is None
+    )  # kv_index: estimate publishes nothing
