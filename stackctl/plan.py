@@ -478,12 +478,12 @@ def engine_argv(
     argv.append("--enable-prefix-caching")
     if s.lmcache.enabled:
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(s), separators=(",", ":"))]
+        if s.lmcache.mode == "server":
+            argv.append("--disable-hybrid-kv-cache-manager")
     endpoints = cluster.kv_event_endpoints(engine)
     if endpoints:
         config = kv_events_config(endpoints)
         argv += ["--kv-events-config", json.dumps(config, separators=(",", ":"))]
-        if s.lmcache.mode == "server":
-            argv.append("--disable-hybrid-kv-cache-manager")
     if s.is_sim:
         sim = s.sim
         argv += ["--hardware", sim.hardware, "--time-scale", str(sim.time_scale)]

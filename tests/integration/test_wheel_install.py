@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
 import zipfile
@@ -48,8 +49,12 @@ def test_wheel_is_reproducible_and_records_every_file(tmp_path):
 def test_wheel_installs_plans_and_rewrites_itself_from_the_plain_install(tmp_path):
     wheel = build_stackctl_wheel(tmp_path / "dist")
     venv = tmp_path / "venv"
-    # Dependencies come from this interpreter's site-packages; stackctl itself only from the wheel.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # Dependencies come from this interpreter's site-packages (a .pth line each: appended to
+    # sys.path after the venv's own, and their .pth files, such as an editable stackctl's, are
+    # not run); stackctl itself only from the wheel.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    (own,) = (venv / "lib").glob("python3*/site-packages")
+    (own / "_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run(
         [str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
         check=True,

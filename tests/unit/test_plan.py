@@ -128,6 +128,7 @@ def test_lmcache_server_mode(tmp_path):
     assert not any(f.path.endswith("lmcache.yaml") for f in plans["gpu01"].files)
     argv = list(plans["gpu01"].program("engine-0").command)
     assert '"kv_connector":"LMCacheMPConnector"' in argv[argv.index("--kv-transfer-config") + 1]
+    assert "--disable-hybrid-kv-cache-manager" in argv  # LMCache's MP connector needs it
 
 
 def test_secrets_are_masked_in_plan_output(capsys, monkeypatch):
