@@ -403,28 +403,32 @@ def _limit_fds(n):
     return apply
 
 
+def _router_process(tmp_path, engine, port, preexec_fn=None, **overrides):
+    """`stackctl router` in a subprocess over one fake engine, on ``port``, stderr piped."""
+    path = tmp_path / "router.yaml"
+    raw = config(
+        [("e0", engine.url, MODEL)],
+        listen={"host": "127.0.0.1", "port": port},
+        connections={"max": 1000, "per_client": 1000},
+        **overrides,
+    )
+    path.write_text(yaml.safe_dump(raw))
+    return subprocess.Popen(
+        [sys.executable, "-m", "stackctl.router", "--config", str(path)],
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
+
+
 @pytest.mark.slow
 async def test_a_low_open_file_limit_caps_connections_instead_of_meeting_emfile(tmp_path):
     cap = 8
     engine = await FakeEngine("e0", (MODEL,)).start()
     port = free_port()
-    path = tmp_path / "router.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            config(
-                [("e0", engine.url, MODEL)],
-                listen={"host": "127.0.0.1", "port": port},
-                connections={"max": 1000, "per_client": 1000},
-            )
-        )
-    )
-    router = subprocess.Popen(
-        [sys.executable, "-m", "stackctl.router", "--config", str(path)],
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_limit_fds(FD_HEADROOM + 2 * cap),  # what `cap` connections need
-    )
+    # a hard limit of what `cap` connections need
+    router = _router_process(tmp_path, engine, port, _limit_fds(FD_HEADROOM + 2 * cap))
     conns = []
     try:
         for _ in range(100):  # bounded: 10 s
@@ -461,22 +465,8 @@ async def test_a_low_open_file_limit_caps_connections_instead_of_meeting_emfile(
 async def test_emfile_in_the_router_answers_503_and_ejects_no_engine(tmp_path):
     engine = await FakeEngine("e0", (MODEL,)).start()
     port = free_port()
-    path = tmp_path / "router.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            config(
-                [("e0", engine.url, MODEL)],
-                listen={"host": "127.0.0.1", "port": port},
-                timeouts={"header_s": 30.0, "keepalive_s": 30.0},
-                connections={"max": 1000, "per_client": 1000},
-            )
-        )
-    )
-    router = subprocess.Popen(
-        [sys.executable, "-m", "stackctl.router", "--config", str(path)],
-        cwd=REPO_ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
+    router = _router_process(
+        tmp_path, engine, port, timeouts={"header_s": 30.0, "keepalive_s": 30.0}
     )
     fill = []
     try:
