@@ -422,6 +422,16 @@ def _router_process(tmp_path, engine, port, preexec_fn=None, **overrides):
     )
 
 
+def _stop_router(router: subprocess.Popen) -> str:
+    """Stop the router subprocess (SIGTERM, then SIGKILL after 10 s); its stderr."""
+    router.terminate()
+    try:
+        return router.communicate(timeout=10)[1]
+    except subprocess.TimeoutExpired:
+        router.kill()
+        return router.communicate()[1]
+
+
 @pytest.mark.slow
 async def test_a_low_open_file_limit_caps_connections_instead_of_meeting_emfile(tmp_path):
     cap = 8
@@ -450,12 +460,7 @@ async def test_a_low_open_file_limit_caps_connections_instead_of_meeting_emfile(
     finally:
         for _, w in conns:
             w.close()
-        router.terminate()
-        try:
-            _, stderr = router.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            router.kill()
-            _, stderr = router.communicate()
+        stderr = _stop_router(router)
         await engine.stop()
     assert f"holds at most {cap} client connections" in stderr, stderr[-2000:]
     assert "out of resources" not in stderr, stderr[-2000:]
@@ -523,11 +528,6 @@ async def test_emfile_in_the_router_answers_503_and_ejects_no_engine(tmp_path):
     finally:
         for _, w in fill:
             w.close()
-        router.terminate()
-        try:
-            _, stderr = router.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            router.kill()
-            _, stderr = router.communicate()
+        stderr = _stop_router(router)
         await engine.stop()
     assert "out of resources" in stderr and "ejected" not in stderr, stderr[-2000:]
