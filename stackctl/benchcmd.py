@@ -182,7 +182,7 @@ def run_bench(
                 )
         else:
             echo(
-                f"== profile {name}: QPS sweep {', '.join(f'{q:g}' for q in scenario.qps)} ({scenario.duration_s:g} s each after {scenario.warmup_s:g} s warm-up)"
+                f"== profile {name}: QPS sweep {', '.join(f'{q:g}' for q in scenario.qps)} ({scenario.duration_s:g} s each after a warm-up of at least {scenario.warmup_s:g} s, until every user's first turn is answered)"
             )
             run_sweep(
                 cluster.router_url,

@@ -462,7 +462,11 @@ def _floats(value: str | None) -> list[float] | None:
     "--duration", "duration_s", type=float, default=None, help="Seconds measured per QPS point."
 )
 @click.option(
-    "--warmup", "warmup_s", type=float, default=None, help="Warm-up seconds before the points."
+    "--warmup",
+    "warmup_s",
+    type=float,
+    default=None,
+    help="Warm-up seconds at least, before the points (it goes on until every user's first turn is answered).",
 )
 @click.option(
     "--availability",

@@ -1210,21 +1210,34 @@ def _kv_event_endpoints(cluster: Cluster, engine: Engine) -> KvEventEndpoints | 
 
 
 def _check_kv_index(doc: _Doc, cluster: Cluster) -> None:
-    """``router.kv_index: events`` needs kv_aware routing and engines whose token ids the router
-    computes (the simulator's; real vLLM's need the model's tokenizer at the router)."""
+    """``router.kv_index: events`` needs a cache-aware policy (kv_aware, cost), and with vLLM
+    engines the model's tokenizer on the router host (``plan.router_tokenizer_dir``)."""
+    tokenizer_dir = cluster.router.tokenizer_dir
+    if tokenizer_dir is not None and (
+        not tokenizer_dir.startswith("/") or "\n" in tokenizer_dir or "\0" in tokenizer_dir
+    ):
+        raise doc.error(
+            ("router", "tokenizer_dir"),
+            f"router.tokenizer_dir {tokenizer_dir!r} must be an absolute path on the router host, e.g. /models/Llama-3.1-8B-Instruct.",
+        )
     if cluster.router.kv_index != "events":
         return
-    if cluster.router.policy != "kv_aware":
+    if cluster.router.policy not in ("kv_aware", "cost"):
         raise doc.error(
             ("router", "kv_index"),
-            f"kv_index: events is what kv_aware routing matches prompts on, but router.policy is {cluster.router.policy}; set policy: kv_aware, or remove kv_index.",
+            f"kv_index: events is what kv_aware and cost routing match prompts on, but router.policy is {cluster.router.policy}; set policy: kv_aware or cost, or remove kv_index.",
         )
-    for i, host in enumerate(cluster.hosts):
-        if host.runs_engines and not host.engine.is_sim:
-            raise doc.error(
-                ("hosts", i),
-                f"router.kv_index: events works with simulator engines only for now: host '{host.name}' runs vLLM, whose events name blocks by the model's own token ids, and the router cannot tokenize with the model's tokenizer yet. Keep kv_index: estimate (the default) for vLLM engines.",
-            )
+    vllm_hosts = [h.name for h in cluster.hosts if h.runs_engines and not h.engine.is_sim]
+    router_host = cluster.router_host
+    if (
+        vllm_hosts
+        and cluster.router.tokenizer_dir is None
+        and not (router_host.runs_engines and not router_host.engine.is_sim)
+    ):
+        raise doc.error(
+            ("router", "kv_index"),
+            f"router.kv_index: events with vLLM engines (on {', '.join(vllm_hosts)}) needs the model's tokenizer on the router host '{router_host.name}': vLLM's events name blocks by the model's own token ids. The router host runs no vLLM engine, so it has no copy of the model: set router.tokenizer_dir to a directory there that holds the model's tokenizer.json and tokenizer_config.json, or put the router on an engine host, or keep kv_index: estimate.",
+        )
 
 
 def _check_ports(doc: _Doc, cluster: Cluster) -> None:

@@ -17,6 +17,12 @@ EXTERNAL_QUERIES = (
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 PROMPT_TOKENS = "vllm:prompt_tokens_total"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
+# per finished request: seconds in the prefill phase, and KV computed there (cached excluded)
+PREFILL_SECONDS = "vllm:request_prefill_time_seconds_sum"
+PREFILL_COMPUTED_TOKENS = "vllm:request_prefill_kv_computed_tokens_sum"
+# the simulator's own clock (simulated seconds; faster than real time at --time-scale above
+# 1): vLLM has no such series, its times are on the router's wall clock
+SIM_CLOCK = "stackctl_sim_clock_seconds"
 
 # status field -> vLLM sample name
 ENGINE_SAMPLES = {

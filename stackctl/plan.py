@@ -706,8 +706,23 @@ def router_config_text(cluster: Cluster, plan: HostPlan, without: Collection[str
             keys_file,
             without,
             engine_key_file=plan.engine_key_file,
+            tokenizer_dir=router_tokenizer_dir(cluster, plan),
         )
     )
+
+
+def router_tokenizer_dir(cluster: Cluster, plan: HostPlan) -> str | None:
+    """Where the router reads the model's tokenizer (``plan`` is the router host's), when it
+    needs one: KV events from vLLM engines name blocks by the model's token ids. The
+    inventory's ``router.tokenizer_dir``, else the router host's own copy of the model."""
+    needed = cluster.router.kv_index == "events" and any(
+        h.runs_engines and not h.engine.is_sim for h in cluster.hosts
+    )
+    if not needed:
+        return None
+    if cluster.router.tokenizer_dir is not None:
+        return cluster.router.tokenizer_dir
+    return plan.model.remote_path if plan.model else None  # the inventory checked it has one
 
 
 def router_key_file(cluster: Cluster, plan: HostPlan) -> str | None:

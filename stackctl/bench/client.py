@@ -45,6 +45,9 @@ class Record:
     itl_max_s: float | None = None
     status: int | None = None
     error: str | None = None
+    # the user's first turn (cold: nothing of its conversation could be cached but the shared
+    # system prompt) or a returning one; None in results saved before this field existed
+    first_turn: bool | None = None
 
     @property
     def ok(self) -> bool:

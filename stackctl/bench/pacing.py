@@ -5,6 +5,9 @@ so sleep overshoot never accumulates). At each arrival the user idle the longest
 next request. When every user has a request in flight the arrival waits for the first user
 to become idle; that wait, and any lateness of the event loop, is recorded as client-side
 lag, so a report can show whether the client kept the promised rate.
+
+A run given ``until`` (the warm-up) keeps arriving at the same rate after its window, until
+``until()`` holds or ``limit_s`` has passed, so its load stays steady while it waits.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class PacingStats:
     cancelled: int = 0  # in-flight requests cut at the drain timeout
     elapsed_s: float = 0.0  # window plus the drain of in-flight requests
     loop_lag_max_s: float = 0.0  # worst event-loop stall seen by a 20 ms ticker
+    limit_reached: bool = False  # a run with ``until`` stopped at ``limit_s``, until() still false
     first_launch: float | None = None
     last_launch: float | None = None
     lags: list[float] = field(default_factory=list, repr=False)
@@ -99,19 +103,27 @@ async def run_paced(
     time_origin: float | None = None,
     drain_timeout_s: float = 120.0,
     stats: PacingStats | None = None,
+    until: Callable[[], bool] | None = None,
+    limit_s: float | None = None,
 ) -> PacingStats:
     """Drive ``workload`` at ``qps`` for ``duration_s``, then wait for in-flight requests.
 
     ``time_origin`` is the monotonic instant that record offsets count from (a sweep passes
     its own start so offsets are comparable across points). Requests still running after
     ``drain_timeout_s`` are cancelled; their users get a stand-in answer and stay usable.
+    With ``until``, arrivals go on at ``qps`` after ``duration_s`` (a minimum) until ``until()``
+    is true at an arrival, but none is due at or after ``limit_s`` from the start (then
+    ``stats.limit_reached``); the drain follows as usual. ``until`` needs ``limit_s``.
     """
+    if until is not None and limit_s is None:
+        raise ValueError("run_paced: until needs limit_s, so that a run cannot last forever")
     stats = stats or PacingStats(qps_target=qps, duration_s=duration_s)
     idle_changed = asyncio.Event()
     tasks: set[asyncio.Task] = set()
     start = time.monotonic()
     origin = start if time_origin is None else time_origin
     end = start + duration_s
+    limit_end = start + max(duration_s, limit_s or 0.0)
 
     async def one_request(
         conv: Conversation, spec: RequestSpec, due: float, launched: float, waited: bool
@@ -125,17 +137,27 @@ async def run_paced(
 
     watcher = asyncio.create_task(_watch_loop_lag(stats))
     try:
-        schedule = arrival_times(qps, duration_s)
-        stats.due = len(schedule)
-        for index, offset in enumerate(schedule):
-            due = start + offset
+        in_window = len(arrival_times(qps, duration_s))
+        stats.due = in_window
+        index = 0
+        while True:
+            due = start + index / qps
+            extra = index >= in_window  # an arrival after the window: only while until() is false
+            if extra and (until is None or until()):
+                break
+            if extra and due >= limit_end:
+                stats.limit_reached = True
+                break
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if extra and until is not None and until():  # came true while this one was not due
+                break
+            stats.due += extra
             conv = workload.take_idle_user()
             waited = conv is None
             while conv is None:
-                remaining = end - time.monotonic()
+                remaining = (limit_end if extra else end) - time.monotonic()
                 if remaining <= 0:
                     break
                 idle_changed.clear()
@@ -146,6 +168,7 @@ async def run_paced(
                 conv = workload.take_idle_user()
             if conv is None:
                 stats.missed = stats.due - index
+                stats.limit_reached = extra
                 break
             launched = time.monotonic()
             if stats.first_launch is None:
@@ -158,6 +181,7 @@ async def run_paced(
             task = asyncio.create_task(one_request(conv, spec, due, launched, waited))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            index += 1
         # The point lasts its whole window even when the last arrival came early in it.
         if end > time.monotonic():
             await asyncio.sleep(end - time.monotonic())

@@ -2,6 +2,8 @@
 
 All numbers are computed here from the records and point statistics the runner saved; none
 are typed in. TTFT statistics use successful requests only; errors are counted beside them.
+Each point's requests are also split into users' first turns (cold: nothing of the
+conversation could be cached) and returning turns, with their counts and TTFT apart.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from stackctl.bench.client import Record, percentile
-from stackctl.bench.runner import AvailabilityResult, PointResult, load_results
+from stackctl.bench.runner import (
+    AvailabilityResult,
+    PointResult,
+    Warmup,
+    load_results,
+    load_warmups,
+)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -29,6 +37,22 @@ def _profiles_in_order(items: Iterable[Any]) -> list[str]:
     for item in items:
         seen.setdefault(item.profile, None)
     return list(seen)
+
+
+def turn_split(group: Sequence[Record]) -> dict[str, Any]:
+    """First turns and returning turns of one point: how many (all requests), and TTFT mean and
+    p50 of each (successful ones). Records saved before ``first_turn`` existed are in neither."""
+    split: dict[str, Any] = {}
+    for count, name, first in (
+        ("first_turns", "first_turn", True),
+        ("returning_turns", "returning", False),
+    ):
+        turns = [r for r in group if r.first_turn is first]
+        ttfts = [r.ttft_s for r in turns if r.ok and r.ttft_s is not None]
+        split[count] = len(turns)
+        split[f"{name}_ttft_mean_s"] = _mean(ttfts)
+        split[f"{name}_ttft_p50_s"] = percentile(ttfts, 50) if ttfts else None
+    return split
 
 
 def point_rows(records: Sequence[Record], points: Sequence[PointResult]) -> list[dict[str, Any]]:
@@ -65,6 +89,7 @@ def point_rows(records: Sequence[Record], points: Sequence[PointResult]) -> list
                 "ttft_p50_s": percentile(ttfts, 50) if ttfts else None,
                 "ttft_p90_s": percentile(ttfts, 90) if ttfts else None,
                 "ttft_p99_s": percentile(ttfts, 99) if ttfts else None,
+                **turn_split(group),
                 "itl_mean_s": _mean(itls),
                 "e2e_mean_s": _mean([r.e2e_s for r in ok if r.e2e_s is not None]),
                 "prompt_tokens_mean": _mean([r.prompt_tokens or r.prompt_tokens_sent for r in ok]),
@@ -146,6 +171,7 @@ def markdown(
     comparison: Sequence[dict],
     availability: Sequence[AvailabilityResult] = (),
     title: str = "Benchmark report",
+    warmups: Sequence[Warmup] = (),
 ) -> str:
     lines = [f"# {title}"]
     sweep = [
@@ -170,6 +196,27 @@ def markdown(
             f"| {_pct(r['cpu_hit_rate'])} | {_fmt(r['lag_p99_s'])} | {_fmt(r['lag_max_s'])} "
             f"| {_fmt(r['waited_for_idle_user'])} |"
         )
+    if rows:
+        lines += [
+            "",
+            "## First and returning turns",
+            "",
+            "A user's first turn is cold (nothing of its conversation can be cached); a returning "
+            "turn extends a conversation the engines have seen. Counts of all requests, TTFT (s) "
+            "of successful ones.",
+            "",
+            "| profile | QPS target | first turns | returning | first TTFT mean | p50 "
+            "| returning TTFT mean | p50 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['profile']} | {r['qps_target']:g} | {r['first_turns']} | {r['returning_turns']} "
+            f"| {_fmt(r['first_turn_ttft_mean_s'])} | {_fmt(r['first_turn_ttft_p50_s'])} "
+            f"| {_fmt(r['returning_ttft_mean_s'])} | {_fmt(r['returning_ttft_p50_s'])} |"
+            for r in rows
+        ]
+    if warmups:
+        lines += ["", "## Warm-up", ""] + [f"- {w.describe()}" for w in warmups]
     profiles = list(dict.fromkeys(r["profile"] for r in rows))
     if len(profiles) > 1 and baseline:
         others = [p for p in profiles if p != baseline]
@@ -253,9 +300,10 @@ def write_report(
     availability: Sequence[AvailabilityResult] = (),
     baseline_profile: str | None = None,
     title: str = "stackctl benchmark: multi-round QA",
+    warmups: Sequence[Warmup] = (),
 ) -> dict[str, Path]:
     """Write requests.csv, summary.json, summary.md and, with matplotlib, the plots; return their
-    paths by name."""
+    paths by name. ``warmups``: how each sweep's warm-up ended (summary.json's ``warmups``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = point_rows(records, point_metrics)
@@ -268,12 +316,13 @@ def write_report(
         "comparison": comparison,
         "point_metrics": [p.to_dict() for p in point_metrics],
         "availability": [a.summary() for a in availability],
+        "warmups": [w.to_dict() for w in warmups],
     }
     paths["summary_json"] = out / "summary.json"
     paths["summary_json"].write_text(json.dumps(_json_safe(summary), indent=2), encoding="utf-8")
     paths["summary_md"] = out / "summary.md"
     paths["summary_md"].write_text(
-        markdown(rows, baseline, comparison, availability, title), encoding="utf-8"
+        markdown(rows, baseline, comparison, availability, title, warmups), encoding="utf-8"
     )
     if not plots_available():
         return paths
@@ -295,4 +344,5 @@ def rebuild_report(
 ) -> dict[str, Path]:
     """Write the report from everything saved under ``out_dir/raw`` (all profiles so far)."""
     records, points, availability = load_results(out_dir)
-    return write_report(out_dir, records, points, availability, baseline_profile, title)
+    warmups = load_warmups(out_dir)
+    return write_report(out_dir, records, points, availability, baseline_profile, title, warmups)

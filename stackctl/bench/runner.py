@@ -1,9 +1,10 @@
 """Benchmark runs against a deployed stack: a QPS sweep, and an availability probe.
 
-``run_sweep`` warms the caches (the workload at the first QPS, discarded), then runs one
-fixed-duration point per QPS on the same conversations, scraping the engines' Prometheus
-counters around each point. Raw results are saved per profile under ``out_dir/raw/`` after
-every point, so an interrupted sweep keeps what it measured and a report can be rebuilt.
+``run_sweep`` warms the caches (the workload at the warm-up QPS, discarded, until every
+user's first turn has come back: see :func:`warm_up`), then runs one fixed-duration point
+per QPS on the same conversations, scraping the engines' Prometheus counters around each
+point. Raw results are saved per profile under ``out_dir/raw/`` after every point, so an
+interrupted sweep keeps what it measured and a report can be rebuilt.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from stackctl.bench.client import (
     stream_chat,
 )
 from stackctl.bench.metrics import cache_stats, scrape
-from stackctl.bench.pacing import PacingStats, run_paced
+from stackctl.bench.pacing import PacingStats, SendFn, run_paced
 from stackctl.bench.scenario import Scenario, ScenarioError
 from stackctl.bench.workload import RequestSpec, Workload
 
@@ -55,10 +56,57 @@ class PointResult:
 
 
 @dataclass
+class Warmup:
+    """How the warm-up before a sweep ended (see :func:`warm_up`)."""
+
+    profile: str
+    qps: float
+    min_s: float  # the scenario's warmup_s
+    limit_s: float  # no arrival after this (see warmup_limit_s)
+    elapsed_s: float  # arrivals and their drain
+    requests: int
+    errors: int
+    users: int  # the initial users, whose first turns it waits for
+    first_turns_answered: int
+    first_turns_failed: int  # an error, or cancelled at the drain: that user is still cold
+    first_turns_unsent: int  # not 0 only when the limit was reached
+    limit_reached: bool
+
+    @property
+    def complete(self) -> bool:
+        """Every initial user has an answered turn: no first turn is left to the measurement."""
+        return self.first_turns_answered == self.users
+
+    def describe(self) -> str:
+        """One line for the console and summary.md."""
+        head = (
+            f"{self.profile} warm-up at {self.qps:g} QPS: {self.elapsed_s:.0f} s "
+            f"(minimum {self.min_s:g} s)"
+        )
+        turns = f"{self.first_turns_answered}/{self.users} first turns answered"
+        if self.limit_reached:
+            head = f"{head}, stopped at its limit of {self.limit_s:g} s"
+        if self.first_turns_failed:  # the conversation goes on, but nothing of it is cached
+            turns += f", {self.first_turns_failed} failed (those users' next turns are cold too)"
+        if self.first_turns_unsent:
+            turns += f", {self.first_turns_unsent} never sent (left to the measured points)"
+        return f"{head}; {turns}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "complete": self.complete}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Warmup:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
 class SweepResult:
     profile: str
     records: list[Record]
     points: list[PointResult]
+    warmup: Warmup | None = None  # None: the sweep had no warm-up (warmup_s 0)
 
 
 @dataclass
@@ -151,6 +199,7 @@ def save_sweep(out_dir: str | Path, result: SweepResult) -> Path:
         "profile": result.profile,
         "records": [r.to_dict() for r in result.records],
         "points": [p.to_dict() for p in result.points],
+        "warmup": result.warmup.to_dict() if result.warmup else None,
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -173,9 +222,7 @@ def load_results(
     points: list[PointResult] = []
     availability: list[AvailabilityResult] = []
     raw = Path(out_dir) / "raw"
-    # in the order the sweeps ran (each file is rewritten after every point of its sweep)
-    for path in sorted(raw.glob("sweep-*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
-        data = json.loads(path.read_text(encoding="utf-8"))
+    for data in _saved_sweeps(raw):
         records += [Record.from_dict(r) for r in data["records"]]
         points += [PointResult.from_dict(p) for p in data["points"]]
     for path in sorted(raw.glob("availability-*.json")):
@@ -183,6 +230,19 @@ def load_results(
             AvailabilityResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
         )
     return records, points, availability
+
+
+def _saved_sweeps(raw: Path) -> list[dict[str, Any]]:
+    """The sweep files under ``raw``, in the order the sweeps ran (each is rewritten after
+    every point of its sweep)."""
+    paths = sorted(raw.glob("sweep-*.json"), key=lambda p: (p.stat().st_mtime, p.name))
+    return [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+
+
+def load_warmups(out_dir: str | Path) -> list[Warmup]:
+    """The warm-ups of the sweeps saved under ``out_dir/raw`` (older saves have none)."""
+    saved = _saved_sweeps(Path(out_dir) / "raw")
+    return [Warmup.from_dict(data["warmup"]) for data in saved if data.get("warmup")]
 
 
 # ----------------------------------------------------------------------------- progress
@@ -193,6 +253,7 @@ class _Progress:
 
     def __init__(self, enabled: bool, console: Console | None):
         self.enabled = enabled
+        self.console = console
         self.progress = (
             Progress(
                 TextColumn("[bold]{task.description}"),
@@ -215,6 +276,13 @@ class _Progress:
     def __exit__(self, *exc):
         if self.progress:
             self.progress.__exit__(*exc)
+
+    def say(self, text: str, *, always: bool = False) -> None:
+        """A line above the bars; without bars only when ``always`` (a warning)."""
+        if self.progress:
+            self.progress.console.print(text, markup=False, highlight=False)
+        elif always:
+            (self.console or Console(stderr=True)).print(text, markup=False, highlight=False)
 
     @contextlib.asynccontextmanager
     async def phase(self, description: str, seconds: float, stats: PacingStats, sink: list[Record]):
@@ -278,6 +346,7 @@ def _sender(
             waited_for_idle_user=waited,
             max_tokens=spec.max_tokens,
             prompt_tokens_sent=spec.prompt_tokens,
+            first_turn=spec.first_turn,
         )
         try:
             out = await stream_chat(
@@ -301,6 +370,63 @@ def _sender(
         return out.answer if out.error is None else None
 
     return send
+
+
+def warmup_limit_s(users: int, qps: float, min_s: float, request_timeout_s: float) -> float:
+    """When a warm-up sends its last arrival even if some first turn has not returned.
+
+    The initial users go first, so their first turns are all due by ``users / qps``, and each
+    returns (or times out) within ``request_timeout_s``: waiting longer would only wait on a
+    client too far behind its schedule.
+    """
+    return max(min_s, users / qps) + request_timeout_s
+
+
+async def warm_up(
+    workload: Workload,
+    qps: float,
+    min_s: float,
+    send: SendFn,
+    records: Sequence[Record],
+    *,
+    profile: str,
+    limit_s: float,
+    time_origin: float | None = None,
+    drain_timeout_s: float = 120.0,
+    stats: PacingStats | None = None,
+) -> Warmup:
+    """Run ``workload`` at ``qps`` for at least ``min_s`` and until every initial user's first
+    turn has returned, so that no cold first turn is still to come (or in flight) when the
+    measurement starts; no arrival after ``limit_s``. Then drain, as every run does.
+
+    Arrivals go on at ``qps`` while it waits, so the engines are in the steady state the points
+    measure. ``records`` is the sink ``send`` appends to (for the request and error counts).
+    """
+    stats = await run_paced(
+        workload,
+        qps,
+        min_s,
+        send,
+        time_origin=time_origin,
+        drain_timeout_s=drain_timeout_s,
+        stats=stats,
+        until=lambda: workload.first_turns_pending == 0,
+        limit_s=limit_s,
+    )
+    return Warmup(
+        profile=profile,
+        qps=qps,
+        min_s=min_s,
+        limit_s=limit_s,
+        elapsed_s=stats.elapsed_s,
+        requests=len(records),
+        errors=sum(not r.ok for r in records),
+        users=workload.scenario.users,
+        first_turns_answered=workload.first_turns_answered,
+        first_turns_failed=workload.first_turns_failed,
+        first_turns_unsent=workload.first_turns_pending,  # every request sent has returned
+        limit_reached=stats.limit_reached,
+    )
 
 
 async def run_sweep_async(
@@ -330,8 +456,6 @@ async def run_sweep_async(
             f"need duration_s > 0, warmup_s >= 0, warmup_qps > 0; got {duration_s}, "
             f"{warmup_s}, {warmup_qps}"
         )
-    if warmup_s > 0:  # long enough for every user's first (longest, coldest) request
-        warmup_s = max(warmup_s, scenario.users / warmup_qps)
     url = chat_completions_url(base_url)
     workload = Workload(scenario)
     result = SweepResult(profile_name, [], [])
@@ -352,18 +476,25 @@ async def run_sweep_async(
                     "warmup",
                     discarded,
                 )
+                expected_s = max(warmup_s, scenario.users / warmup_qps)  # all first turns sent
                 async with bar.phase(
-                    f"{profile_name} warm-up @ {warmup_qps:g} QPS", warmup_s, stats, discarded
+                    f"{profile_name} warm-up @ {warmup_qps:g} QPS", expected_s, stats, discarded
                 ):
-                    await run_paced(
+                    result.warmup = await warm_up(
                         workload,
                         warmup_qps,
                         warmup_s,
                         send,
+                        discarded,
+                        profile=profile_name,
+                        limit_s=warmup_limit_s(
+                            scenario.users, warmup_qps, warmup_s, scenario.request_timeout_s
+                        ),
                         time_origin=origin,
                         drain_timeout_s=scenario.drain_timeout_s,
                         stats=stats,
                     )
+                bar.say(result.warmup.describe(), always=not result.warmup.complete)
             for qps in qps_list:
                 before = await scrape(session, metrics_urls) if metrics_urls else {}
                 sink: list[Record] = []
@@ -411,9 +542,11 @@ def run_sweep(
     """Warm up, then measure one point per QPS against ``base_url`` (router or engine).
 
     ``qps_list``, ``duration_s``, ``warmup_s`` and ``warmup_qps`` default to the scenario's
-    (warm-up QPS: the scenario's ``warmup_qps``, else the first point's). ``metrics_urls``
-    are the engines' base or /metrics URLs, scraped around each point for cache hit rates.
-    Saves ``out_dir/raw/sweep-<profile>.json`` after each point when ``out_dir`` is given.
+    (warm-up QPS: the scenario's ``warmup_qps``, else the first point's). The warm-up lasts at
+    least ``warmup_s`` and until every user's first turn has come back (:func:`warm_up`);
+    ``warmup_s`` 0 measures without one. ``metrics_urls`` are the engines' base or /metrics
+    URLs, scraped around each point for cache hit rates. Saves
+    ``out_dir/raw/sweep-<profile>.json`` after each point when ``out_dir`` is given.
     """
     return asyncio.run(
         run_sweep_async(

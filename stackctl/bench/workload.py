@@ -223,6 +223,8 @@ class RequestSpec:
     messages: tuple[dict, ...]
     max_tokens: int
     prompt_tokens: int  # as the shared tokenizer counts render_chat(messages)
+    # the conversation's first request: nothing of it but the shared system prompt can be cached
+    first_turn: bool = False
 
 
 @dataclass
@@ -259,11 +261,13 @@ class Workload:
     """The pool of concurrent users and whose turn it is.
 
     The initial users who have not asked yet go first, in order (so a warm-up of ``users``
-    requests starts every conversation). After that, with ``turn_order: random`` (the default) a
-    uniformly random idle user asks next; the mean gap between one user's requests is still
-    ``users / qps`` seconds, as in production-stack. A strictly ``cyclic`` order would keep
-    user k on engine k mod E under round-robin whenever E divides the user count, an artifact
-    that hands the naive router perfect affinity no real traffic has.
+    requests starts every conversation); they are users ``0 .. users - 1``, and
+    ``first_turns_answered`` / ``first_turns_failed`` count how their first turns returned, so
+    the warm-up can wait until none is still to come. After that, with ``turn_order: random``
+    (the default) a uniformly random idle user asks next; the mean gap between one user's
+    requests is still ``users / qps`` seconds, as in production-stack. A strictly ``cyclic``
+    order would keep user k on engine k mod E under round-robin whenever E divides the user
+    count, an artifact that hands the naive router perfect affinity no real traffic has.
     """
 
     def __init__(self, scenario: Scenario, text: TextSource | None = None):
@@ -276,6 +280,8 @@ class Workload:
         self._idle: deque[Conversation] = deque()  # asked before, now waiting for their turn
         self.in_flight = 0
         self.users_started = 0
+        self.first_turns_answered = 0  # initial users whose first turn returned an answer
+        self.first_turns_failed = 0  # ... returned an error (or was cancelled): still cold
         for index in range(scenario.users):
             first = 1 + (index * scenario.rounds) // scenario.users if scenario.stagger else 1
             self._fresh.append(self._new_user(first))
@@ -291,6 +297,11 @@ class Workload:
     @property
     def idle_users(self) -> int:
         return len(self._fresh) + len(self._idle)
+
+    @property
+    def first_turns_pending(self) -> int:
+        """Initial users whose first turn has not returned yet (not sent, or in flight)."""
+        return self.scenario.users - self.first_turns_answered - self.first_turns_failed
 
     def take_idle_user(self) -> Conversation | None:
         """The next user to ask (see the class), or None when every user has a request in flight."""
@@ -310,7 +321,8 @@ class Workload:
             raise RuntimeError(f"user {conv.user_id} cannot start a request now")
         round_index = conv.next_round
         question = self.text.question(conv.user_id, round_index)
-        if not conv.messages:
+        first_turn = not conv.messages
+        if first_turn:
             conv.append("system", self.system_prompt)
             history = self.text.history(conv.user_id, self.scenario.history_tokens)
             conv.append("user", f"{history}\n\n{question.text}" if history else question.text)
@@ -320,7 +332,12 @@ class Workload:
         conv.pending = question
         self.in_flight += 1
         return RequestSpec(
-            conv.user_id, round_index, tuple(conv.messages), question.max_tokens, conv.prompt_tokens
+            conv.user_id,
+            round_index,
+            tuple(conv.messages),
+            question.max_tokens,
+            conv.prompt_tokens,
+            first_turn,
         )
 
     def finish_request(self, conv: Conversation, answer: str | None) -> None:
@@ -332,9 +349,16 @@ class Workload:
             raise RuntimeError(f"user {conv.user_id} has no request in flight")
         round_index = conv.next_round
         budget = conv.pending.max_tokens if conv.pending else self.scenario.answer_tokens
-        if not answer or not answer.split():
-            answer = self.text.fallback_answer(conv.user_id, round_index, budget)
-        conv.append("assistant", answer)
+        reply = answer if answer and answer.split() else None
+        if round_index == conv.first_round and conv.user_id < self.scenario.users:
+            # an initial user's first turn (see the class)
+            if reply is None:
+                self.first_turns_failed += 1
+            else:
+                self.first_turns_answered += 1
+        if reply is None:
+            reply = self.text.fallback_answer(conv.user_id, round_index, budget)
+        conv.append("assistant", reply)
         conv.busy = False
         conv.pending = None
         conv.next_round += 1

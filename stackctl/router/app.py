@@ -41,6 +41,7 @@ from .config import (
     load_client_keys,
     load_config,
     load_engine_key,
+    load_tokenizer,
 )
 from .health import HealthMonitor
 from .kv_index import KvEvents
@@ -56,6 +57,9 @@ log = logging.getLogger("stackctl.router")
 RETRYABLE_STATUS = frozenset((502, 503))
 ENGINE_HEADER = "x-stackctl-engine"
 CHAT_PATH = "/v1/chat/completions"
+# Bodies up to this size are tokenized with the model's tokenizer on the event loop (about
+# 4k tokens: well under a millisecond); larger ones in a worker thread, not to stall the loop.
+TOKENIZE_INLINE_BYTES = 16 * 1024
 _PASS_BACK = ("content-type", "content-encoding", "cache-control")
 # What an UpstreamClient raises: connection refused/reset, TLS and DNS failures (OSError),
 # UpstreamError (a ConnectionError: closed early, malformed answer) and timeouts.
@@ -145,6 +149,7 @@ class Router:
             api_keys if api_keys is not None else load_client_keys(config.api_keys_file)
         )
         self.engine_key = load_engine_key(config.engine_key_file)  # sent to every engine
+        self.tokenizer = load_tokenizer(config.tokenizer_dir)  # the model's, for token ids
         self.metrics = RouterMetrics(weakref.ref(self.pool), lambda: self.pool.policy.name)
         self.admission = Admission(
             config.admission,
@@ -220,9 +225,15 @@ class Router:
             config = load_config(self.config_path)
             keys = load_client_keys(config.api_keys_file)
             engine_key = load_engine_key(config.engine_key_file)
+            tokenizer = (
+                self.tokenizer
+                if config.tokenizer_dir == self.config.tokenizer_dir
+                else load_tokenizer(config.tokenizer_dir)
+            )
         except RouterConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return False
+        self.tokenizer = tokenizer
         self.apply(config, keys)
         self._set_engine_key(engine_key)
         return True
@@ -357,7 +368,13 @@ class Router:
                 param="model",
                 code="model_not_found",
             )
-        route = RouteRequest(parsed.payload, request.headers)
+        route = RouteRequest(parsed.payload, request.headers, self.tokenizer)
+        if (
+            self.tokenizer is not None
+            and len(body) > TOKENIZE_INLINE_BYTES
+            and self.pool.policy.wants_token_ids
+        ):  # tokenizers releases the GIL as it encodes
+            await asyncio.get_running_loop().run_in_executor(None, route.prepare_token_ids)
         if self.admission.needs_prompt(client):
             refused = self.admission.charge(
                 client,
@@ -384,7 +401,7 @@ class Router:
             )
             final = attempt == attempts - 1 or len(candidates) == 1
             response, last_reason = await self._forward(
-                request, engine, body, started, final, parsed.stream
+                request, engine, body, started, final, parsed.stream, choice.uncached_tokens
             )
             if response is not None:
                 return response
@@ -427,6 +444,7 @@ class Router:
         started: float,
         final: bool,
         stream: bool = False,
+        prefill_tokens: float = 0.0,
     ) -> tuple[web.StreamResponse | None, str | None]:
         """One attempt. Returns (response, None) when the client got an answer, or
         (None, reason) when nothing reached the client and another engine may be tried.
@@ -436,8 +454,11 @@ class Router:
         while this request had sent nothing to the client. Timeouts: ``first_byte_s`` to the
         head of a streamed answer; a non-streamed one sends its head with its end, so only
         ``total_s`` bounds that wait; then ``chunk_gap_s`` between body pieces and ``total_s``
-        for the whole answer (from the request's arrival)."""
+        for the whole answer (from the request's arrival). ``prefill_tokens`` (what the
+        policy predicts the engine computes for this request) count in the engine's
+        ``queued_tokens`` until the first byte of its answer is back."""
         engine.inflight += 1
+        engine.queued_tokens += prefill_tokens
         upstream = None
         status = 499  # the client went away, unless replaced below
         ttft = None
@@ -461,6 +482,8 @@ class Router:
                             status = upstream.status
                             return None, f"HTTP {upstream.status} from {engine.name}"
                         first = await upstream.read(_wait(gap, deadline))
+                        engine.queued_tokens -= prefill_tokens  # prefilled: first token is here
+                        prefill_tokens = 0.0
                     finally:
                         engine.waiting.discard(scope)
             except TimeoutError as exc:
@@ -522,6 +545,7 @@ class Router:
             return response, None
         finally:
             engine.inflight -= 1
+            engine.queued_tokens -= prefill_tokens  # 0 unless it failed before its first byte
             if upstream is not None:
                 pool.release(upstream, engine.url)  # closes it unless read to the end
             self.metrics.finished(engine.name, status, ttft, time.perf_counter() - started)
@@ -624,6 +648,8 @@ class Router:
                     "last_error": e.last_error,
                     "retry_in_s": None if e.healthy else round(max(0.0, e.retry_at - now), 3),
                     "cache_capacity_tokens": e.capacity_tokens,
+                    "queued_tokens": round(e.queued_tokens),
+                    "timing": e.timing.describe(),
                     **policy.describe(e),
                     "kv_events": e.kv_view.describe() if e.kv_view else None,
                 }

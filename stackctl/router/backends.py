@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .config import BackendConfig, RouterConfig
+from .timing import PrefillTiming
 
 if TYPE_CHECKING:
     from .kv_index import KvEventView
@@ -42,6 +43,8 @@ class Backend:
         "waiting",
         "kv_events",
         "kv_view",
+        "queued_tokens",
+        "timing",
     )
 
     def __init__(self, config: BackendConfig):
@@ -65,6 +68,10 @@ class Backend:
         # (PUB endpoint, replay endpoint) of its KV-cache events, and what they say it holds
         self.kv_events = (config.kv_events, config.kv_events_replay) if config.kv_events else None
         self.kv_view: KvEventView | None = None  # made by kv_index.KvEvents when subscribed
+        # prompt tokens the requests here still have to prefill, as the policy predicted them
+        # (added when sent, taken off at the first byte back): the cost policy's queue
+        self.queued_tokens = 0.0
+        self.timing = PrefillTiming()  # its prefill rates, fed by the health checker
 
     @property
     def capacity_tokens(self) -> int | None:
@@ -156,6 +163,7 @@ class BackendPool:
         """``backend`` was just marked unhealthy (its cache is presumed gone)."""
         if backend.kv_view is not None:
             backend.kv_view.reset()  # a restarted engine's seq starts over: listen afresh
+        backend.timing.reset()  # and so do its counters
         self.policy.backend_ejected(backend)
 
     def readmitted(self, backend: Backend) -> None:

@@ -11,12 +11,15 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import yaml
 
-POLICIES = ("round_robin", "least_loaded", "session", "kv_aware")
+if TYPE_CHECKING:
+    from ..model_tokenizer import ModelTokenizer
+
+POLICIES = ("round_robin", "least_loaded", "session", "kv_aware", "cost")
 #: Where kv_aware learns what engines hold: its own record of what it sent them, or their
 #: KV-cache events (stackctl/router/kv_index.py; engines without an event endpoint estimate).
 KV_INDEXES = ("estimate", "events")
@@ -37,6 +40,8 @@ POLICY_OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_indexed_chars": 524_288,
     },
 }
+# cost: kv_aware's knobs (its beta score decides until the engines' prefill rates are known)
+POLICY_OPTION_DEFAULTS["cost"] = dict(POLICY_OPTION_DEFAULTS["kv_aware"])
 
 TOP_LEVEL_KEYS = {
     "listen",
@@ -53,6 +58,7 @@ TOP_LEVEL_KEYS = {
     "clients",
     "engine_key_file",
     "kv_index",
+    "tokenizer_dir",
 }
 
 
@@ -172,6 +178,9 @@ class RouterConfig:
     clients: Mapping[str, ClientLimits] = field(default_factory=dict)
     engine_key_file: str | None = None  # the key every engine requires (sent as a Bearer token)
     kv_index: str = "estimate"  # KV_INDEXES
+    # the model's tokenizer files, for token ids equal to vLLM's (kv_index: events with vLLM
+    # engines); None: the simulator's tokenizer
+    tokenizer_dir: str | None = None
 
     @property
     def models(self) -> set[str]:
@@ -367,6 +376,9 @@ def _parse(raw: Any) -> RouterConfig:
         not isinstance(engine_key_file, str) or not engine_key_file
     ):
         raise RouterConfigError("engine_key_file: expected a path or null")
+    tokenizer_dir = raw.get("tokenizer_dir")
+    if tokenizer_dir is not None and (not isinstance(tokenizer_dir, str) or not tokenizer_dir):
+        raise RouterConfigError("tokenizer_dir: expected a model directory's path or null")
     kv_index = raw.get("kv_index", "estimate")
     if kv_index not in KV_INDEXES:
         raise RouterConfigError(
@@ -374,6 +386,7 @@ def _parse(raw: Any) -> RouterConfig:
         )
     return RouterConfig(
         kv_index=kv_index,
+        tokenizer_dir=tokenizer_dir,
         engines=engines,
         host=host,
         port=port,
@@ -412,6 +425,19 @@ def load_config(path: str | Path) -> RouterConfig:
 def load_api_keys(path: str | None) -> tuple[bytes, ...]:
     """Accepted Bearer keys (names dropped: :func:`load_client_keys`); empty: no auth."""
     return tuple(key for _, key in load_client_keys(path))
+
+
+def load_tokenizer(path: str | None) -> ModelTokenizer | None:
+    """The model's tokenizer from ``tokenizer_dir`` (None: the config names none)."""
+    if path is None:
+        return None
+    # imported here: tokenizers and jinja2 load only for routers that use them
+    from ..model_tokenizer import ModelTokenizer, ModelTokenizerError
+
+    try:
+        return ModelTokenizer.from_dir(path)
+    except ModelTokenizerError as exc:
+        raise RouterConfigError(f"tokenizer_dir: {exc}") from None
 
 
 def load_engine_key(path: str | None) -> str | None:

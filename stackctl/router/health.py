@@ -14,7 +14,8 @@ engine comes back with a cold cache).
 
 A healthy engine is also asked what it serves (``/v1/models``): every name it lists (vLLM's
 ``--served-model-name a b``, or names added by extra flags) is routed to it, besides the
-configured model. Its KV capacity is read from ``/metrics`` once after each admission.
+configured model. Its KV capacity is read from ``/metrics`` once after each admission; with a
+policy that prices requests in seconds (cost), its prefill counters every round.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import aiohttp
 
 from .backends import Backend, BackendPool
 from .config import HealthConfig
+from .timing import timing_sample
 from .upstream import local_resource_error
 
 log = logging.getLogger("stackctl.router.health")
@@ -158,8 +160,8 @@ class HealthMonitor:
                 reason = f"health returned HTTP {resp.status}"
             if ok and (refused := await self._learn_models(engine, timeout)):
                 ok, reason = False, refused
-            if ok and engine.capacity_tokens is None:
-                await self._learn_capacity(engine, timeout)
+            if ok and (engine.capacity_tokens is None or self.pool.policy.uses_timing):
+                await self._read_metrics(engine, timeout)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if local_resource_error(exc):  # our EMFILE says nothing about the engine
                 self.local_shortage(f"health check of {engine.name}", exc)
@@ -193,7 +195,9 @@ class HealthMonitor:
             log.info("engine %s serves %s", engine.name, ", ".join(engine.models))
         return None
 
-    async def _learn_capacity(self, engine: Backend, timeout: aiohttp.ClientTimeout) -> None:
+    async def _read_metrics(self, engine: Backend, timeout: aiohttp.ClientTimeout) -> None:
+        """Its KV capacity when not known yet; its prefill counters each round when the
+        policy prices requests in seconds (``stackctl.router.timing``)."""
         try:
             async with self.session.get(engine.url + "/metrics", timeout=timeout) as resp:
                 if resp.status != 200:
@@ -201,10 +205,13 @@ class HealthMonitor:
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             return
-        capacity = capacity_from_metrics(text)
-        if capacity:
-            self.pool.set_learned_capacity(engine, capacity)
-            log.info("engine %s: learned KV capacity %d tokens", engine.name, capacity)
+        if engine.capacity_tokens is None:
+            capacity = capacity_from_metrics(text)
+            if capacity:
+                self.pool.set_learned_capacity(engine, capacity)
+                log.info("engine %s: learned KV capacity %d tokens", engine.name, capacity)
+        if self.pool.policy.uses_timing and (sample := timing_sample(text)) is not None:
+            engine.timing.observe(time.monotonic(), sample)
 
     # -- state changes -------------------------------------------------------------------
     def _succeeded(self, engine: Backend) -> None:

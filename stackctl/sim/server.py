@@ -152,6 +152,7 @@ async def _start_engine(app: web.Application) -> None:
     )
     metrics_.refresh(engine)
     loop = EngineLoop(engine, config.time_scale, after_step=publisher.flush if publisher else None)
+    metrics_.clock(loop.now)
     loop.start()
     app[METRICS_KEY], app[ENGINE_KEY], app[LOOP_KEY] = metrics_, engine, loop
 

@@ -9,10 +9,11 @@ Each app has its own CollectorRegistry, so several simulators can live in one pr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from stackctl.metrics import SIM_CLOCK
 from stackctl.sim.engine import EngineObserver, SimEngine, SimRequest, Step
 
 # vLLM v1's bucket boundaries for these histograms.
@@ -110,6 +111,16 @@ class SimMetrics(EngineObserver):
             "Histogram of time spent in WAITING phase for request.",
             REQUEST_LATENCY_BUCKETS,
         )
+        self.prefill_time = histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.prefill_kv_computed = histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+            TOKEN_BUCKETS,
+        )
         self.request_prompt_tokens = histogram(
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS
         )
@@ -125,6 +136,13 @@ class SimMetrics(EngineObserver):
             registry=registry,
         )
         info.labels(**cache_info, engine="0").set(1)
+
+    def clock(self, now: Callable[[], float]) -> None:
+        """Report the engine's simulated clock (``now()``, read at each scrape): a router
+        times the engine's prefill counters on it, not on its own wall clock."""
+        Gauge(
+            SIM_CLOCK, "Simulated seconds since the engine started.", registry=self.registry
+        ).set_function(now)
 
     # --- EngineObserver ---------------------------------------------------------------------
 
@@ -157,6 +175,9 @@ class SimMetrics(EngineObserver):
         self.request_generation_tokens.observe(req.output_count)
         assert req.finish_time is not None  # the engine sets it before it reports
         self.e2e.observe(req.finish_time - req.arrival)
+        if req.first_token_time is not None and req.first_scheduled is not None:
+            self.prefill_time.observe(req.first_token_time - req.first_scheduled)
+            self.prefill_kv_computed.observe(req.prompt_len - req.num_cached_tokens)
         if req.output_count > 1 and req.first_token_time is not None:
             self.tpot.observe((req.finish_time - req.first_token_time) / (req.output_count - 1))
 

@@ -48,48 +48,47 @@ def engines(router_url: str) -> list[dict]:
 
 
 async def conversations(router_url: str, capacity_tokens: int) -> dict[str, float]:
-    """Every conversation round by round (conversations concurrently); totals of prompt and
-    cached tokens as the engines reported them."""
+    """Every conversation round by round, one request at a time, the conversations taking
+    turns in a random order; totals of prompt and cached tokens as the engines reported them.
+
+    One at a time, a request finds cached exactly what its engine held when the router chose
+    it, which is what is measured here. With requests in flight together one's prefill can
+    evict what another was predicted to find, which no view of the caches foresees (measured
+    with 3 in flight: 1.7% of prompt tokens over-predicted in real time, 7-9% on a loaded CI
+    machine, where requests overlap more)."""
     rng = random.Random(7)
     system = words(rng, 150)
     # each conversation's history sized so that all of them need PRESSURE x the fleet's cache
     history = int(PRESSURE * ENGINES * capacity_tokens / CONVERSATIONS) - 150
-    # one request in flight per engine on average: what a request finds cached is then mostly
-    # what the engine held when the router chose it, not what a queue of prefills left of it
-    gate = asyncio.Semaphore(ENGINES)
+    histories = [
+        [{"role": "system", "content": system}, {"role": "user", "content": words(rng, history)}]
+        for _ in range(CONVERSATIONS)
+    ]
+    turns = [k for k in range(CONVERSATIONS) for _ in range(ROUNDS)]
+    rng.shuffle(turns)
     totals = {"prompt": 0.0, "cached": 0.0, "requests": 0.0}
-
-    async def one(session: aiohttp.ClientSession, k: int) -> None:
-        messages = [
-            {"role": "system", "content": system},
-            {"role": "user", "content": words(rng, history)},
-        ]
-        for _ in range(ROUNDS):
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for k in turns:
+            messages = histories[k]
             payload = {
                 "model": MODEL,
                 "messages": messages,
                 "max_tokens": ANSWER_TOKENS,
                 "ignore_eos": True,
             }
-            async with (
-                gate,
-                session.post(f"{router_url}/v1/chat/completions", json=payload) as resp,
-            ):
+            async with session.post(f"{router_url}/v1/chat/completions", json=payload) as resp:
                 body = await resp.json()
                 assert resp.status == 200, body
             usage = body["usage"]
             totals["prompt"] += usage["prompt_tokens"]
             totals["cached"] += usage["prompt_tokens_details"]["cached_tokens"]
             totals["requests"] += 1
-            messages = [
+            histories[k] = [
                 *messages,
                 {"role": "assistant", "content": body["choices"][0]["message"]["content"]},
                 {"role": "user", "content": words(rng, 20)},
             ]
-
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        await asyncio.gather(*(one(session, k) for k in range(CONVERSATIONS)))
     return totals
 
 
@@ -152,10 +151,9 @@ def test_event_fed_predictions_match_what_engines_served_from_cache(measured):
     results, _ = measured
     events = results["events"]
     assert events["cached"] > 0.1 * events["prompt"]  # the conversations did hit the caches
-    # Within 0.1% when requests do not queue (measured 26,080 predicted against 26,064); on a
-    # loaded CI machine requests queue behind prefills, which evict some of what was predicted
-    # before they are scheduled (measured 7.4% there): the bound leaves room for that.
-    assert events["error"] < 0.1, events
+    # one request at a time: exact but for an answer's last block whose event may come after
+    # the answer (the next turn's prompt holds it)
+    assert events["error"] < 0.01, events
 
 
 def test_event_fed_predictions_beat_the_estimate_under_cache_pressure(measured):

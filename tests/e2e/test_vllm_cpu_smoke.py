@@ -30,6 +30,9 @@ METRICS = [
     "vllm:num_requests_waiting",
     "vllm:time_to_first_token_seconds",
     "vllm:external_prefix_cache_hits_total",
+    # the cost policy's prefill rate (stackctl.router.timing)
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_prefill_kv_computed_tokens",
 ]
 
 

@@ -86,6 +86,49 @@ def training_corpus() -> list[str]:
     return lines
 
 
+def train_tokenizer():
+    """The tiny model's tokenizer: byte-level BPE trained on the built-in corpus (needs only
+    ``tokenizers``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    return tok
+
+
+def write_tokenizer_dir(outdir: Path, tokenizer_json: Path | None = None, **config) -> Path:
+    """A model directory with only the tiny model's tokenizer files (tokenizer.json, from
+    ``tokenizer_json`` or trained now, and a tokenizer_config.json whose keys ``config``
+    overrides; None drops a key): what the router reads, without torch."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_json is not None:
+        shutil.copy(tokenizer_json, outdir / "tokenizer.json")
+    else:
+        train_tokenizer().save(str(outdir / "tokenizer.json"))
+    cfg = {
+        "bos_token": BOS,
+        "eos_token": EOT,
+        "pad_token": PAD,
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "TokenizersBackend",
+        **config,
+    }
+    (outdir / "tokenizer_config.json").write_text(
+        json.dumps({k: v for k, v in cfg.items() if v is not None})
+    )
+    return outdir
+
+
 def default_cache_root() -> Path:
     env = os.environ.get("STACKCTL_TEST_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "stackctl-tests"
@@ -108,7 +151,6 @@ def _write_model_here(outdir: Path) -> None:
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # deterministic tokenizer training
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (
         GenerationConfig,
         LlamaConfig,
@@ -118,19 +160,7 @@ def _write_model_here(outdir: Path) -> None:
 
     outdir.mkdir(parents=True, exist_ok=True)
 
-    # --- tokenizer: byte-level BPE trained on the built-in corpus -------------------------
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    tok = train_tokenizer()
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,

@@ -13,7 +13,9 @@ import aiohttp
 import openai
 import pytest
 
-from stackctl.metrics import PREFIX_HITS, PREFIX_QUERIES
+from stackctl.metrics import PREFILL_COMPUTED_TOKENS, PREFILL_SECONDS, PREFIX_HITS, PREFIX_QUERIES
+from stackctl.sim.profiles import REFERENCE_HARDWARE, REFERENCE_MODEL
+from stackctl.sim.timing import TimingModel
 from stackctl.testing import read_metrics, wait_until_async
 from stackctl.tokenizer import count_tokens, render_chat
 from tests.helpers.sim_fleet import start_sims
@@ -126,6 +128,41 @@ async def test_kv_aware_hits_the_cache_far_more_than_round_robin_and_stays_balan
     assert rates["kv_aware"] > 0.55, rates
     assert rates["kv_aware"] > 1.5 * rates["round_robin"], rates
     assert shares["kv_aware"] <= 2.0, shares
+
+
+async def test_cost_policy_learns_each_engines_prefill_rate_and_keeps_the_hits(sims4):
+    """The cost policy reads every engine's prefill counters from its /metrics and prices
+    requests in seconds: the rate it learns is the simulator's own timing model (the
+    simulators run 20x faster than real time and report their clock, so this also checks
+    the rate is in the engine's seconds), and it hits the cache as kv_aware does."""
+    sims = sims4
+    async with serve_router(config(sims, "cost")) as router:
+        h0, q0 = await cache_counters(sims)
+        served = await conversation_trace(router, seed=3)
+        h1, q1 = await cache_counters(sims)
+        await asyncio.sleep(1.0)  # a few health rounds: the last answers' counters are read
+        async with aiohttp.ClientSession() as s:
+            async with s.get(router.url + "/engines") as r:
+                view = await r.json()
+            sums = {}
+            for sim in sims:
+                async with s.get(sim.url + "/metrics") as r:
+                    metrics = read_metrics(await r.text())
+                for name in (PREFILL_COMPUTED_TOKENS, PREFILL_SECONDS):
+                    sums[name] = sums.get(name, 0.0) + metrics.value(name)
+                requests = metrics.value("vllm:request_prefill_time_seconds_count")
+                sums["requests"] = sums.get("requests", 0.0) + requests
+    assert view["policy"] == "cost" and sum(served.values()) == USERS * ROUNDS
+    rate = (h1 - h0) / (q1 - q0)
+    # the physical model's seconds per token for a lone prefill of the mean computed size
+    computed = sums[PREFILL_COMPUTED_TOKENS] / sums["requests"]
+    model = TimingModel(REFERENCE_HARDWARE, REFERENCE_MODEL)
+    expected = model.prefill_seconds(round(computed), context=round(computed)) / computed
+    learned = [e["timing"]["prefill_s_per_token"] for e in view["engines"]]
+    print(f"hit rate {rate:.3f}; learned s/token {learned}; model {expected:.2e}")
+    assert rate > 0.55, rate  # as kv_aware (test above)
+    for value in learned:
+        assert value is not None and expected / 2 < value < expected * 2, (learned, expected)
 
 
 async def test_openai_client_through_the_router_to_the_simulator(sims4):

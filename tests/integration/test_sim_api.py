@@ -193,6 +193,10 @@ async def test_metrics_names_labels_and_movement(client, oai):
     assert delta("vllm:time_to_first_token_seconds_count") == 2
     assert delta("vllm:inter_token_latency_seconds_count") == 8
     assert delta("vllm:e2e_request_latency_seconds_count") == 2
+    # new KV computed: the first request's 800 tokens, then what the repeat missed
+    assert delta("vllm:request_prefill_kv_computed_tokens_sum") == 1600 - 799 // 16 * 16
+    assert delta("vllm:request_prefill_time_seconds_count") == 2
+    assert delta("vllm:request_prefill_time_seconds_sum") > 0
     assert after.value("vllm:num_requests_running", **labels) == 0
     assert after.value("vllm:num_requests_waiting", **labels) == 0
     assert 0 <= after.value("vllm:kv_cache_usage_perc", **labels) <= 1

@@ -101,3 +101,25 @@ async def test_drain_timeout_cancels_and_frees_users():
     assert stats.cancelled == stats.launched == 2
     assert workload.in_flight == 0 and workload.idle_users == 3
     assert stats.elapsed_s < 1.0
+
+
+async def test_until_extends_arrivals_at_the_same_rate_up_to_a_limit():
+    server = FakeServer(service_s=0.001)
+    workload = Workload(scenario(users=4))
+    stats = await run_paced(
+        workload,
+        qps=50.0,
+        duration_s=0.1,
+        send=server.send,
+        until=lambda: len(server.sent) >= 12,
+        limit_s=10.0,
+    )
+    assert stats.due == stats.launched == 12 and not stats.limit_reached
+    scheduled = [s[1] for s in server.sent]
+    assert scheduled == pytest.approx([k / 50.0 for k in range(12)], abs=1e-6)
+    stats = await run_paced(
+        workload, qps=50.0, duration_s=0.1, send=server.send, until=lambda: False, limit_s=0.3
+    )
+    assert stats.limit_reached and stats.due == stats.launched == 15  # none due at 0.3 s or later
+    with pytest.raises(ValueError, match="until needs limit_s"):
+        await run_paced(workload, qps=50.0, duration_s=0.1, send=server.send, until=lambda: True)

@@ -16,12 +16,9 @@ import pytest
 from tokenizers import (
     AddedToken,
     Tokenizer,
-    decoders,
-    models,
     normalizers,
     pre_tokenizers,
     processors,
-    trainers,
 )
 
 from stackctl.model_tokenizer import (
@@ -34,46 +31,16 @@ from tests.helpers import tiny_model as tm
 HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
 
 
-def _train() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=tm.VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=tm.SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(tm.training_corpus(), trainer=trainer)
-    return tok
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tok")
-    _train().save(str(d / "tokenizer.json"))
+    tm.train_tokenizer().save(str(d / "tokenizer.json"))
     return d
 
 
 def _model(tmp_path: Path, base_dir: Path, **config) -> Path:
     """A model directory: the trained tokenizer.json plus a tokenizer_config.json."""
-    d = tmp_path / "model"
-    d.mkdir(parents=True)
-    shutil.copy(base_dir / "tokenizer.json", d / "tokenizer.json")
-    cfg = {
-        "bos_token": tm.BOS,
-        "eos_token": tm.EOT,
-        "pad_token": tm.PAD,
-        "chat_template": tm.CHAT_TEMPLATE,
-        "tokenizer_class": "TokenizersBackend",
-    }
-    cfg.update(config)
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({k: v for k, v in cfg.items() if v is not None})
-    )
-    return d
+    return tm.write_tokenizer_dir(tmp_path / "model", base_dir / "tokenizer.json", **config)
 
 
 @pytest.fixture

@@ -340,15 +340,50 @@ def test_kv_index_events_renders_engine_publishers_and_router_subscriptions(tmp_
     assert first["kv_events_replay"] == f"tcp://{address}:5558"
 
 
-def test_kv_index_events_is_refused_without_kv_aware_or_with_vllm_engines(tmp_path):
+def test_kv_index_events_is_refused_without_a_cache_aware_policy(tmp_path):
     import pytest
 
     from stackctl.errors import InventoryError
 
     with pytest.raises(InventoryError, match=r"inv.yaml:\d+: router.kv_index: kv_index: events"):
         load_inventory(_kv_events_inventory(tmp_path, policy="round_robin"))
-    with pytest.raises(InventoryError, match=r"inv.yaml:\d+: .*simulator engines only for now"):
-        load_inventory(_kv_events_inventory(tmp_path, engine="kind: vllm"))
+    assert load_inventory(_kv_events_inventory(tmp_path, policy="cost")).router.policy == "cost"
+
+
+def test_kv_events_from_vllm_give_the_router_the_models_tokenizer(tmp_path):
+    """vLLM's events name blocks by the model's token ids: the router reads the model's
+    tokenizer from the inventory's router.tokenizer_dir, else from the router host's own copy
+    of the model, and without either the inventory is refused."""
+    import pytest
+
+    from stackctl.errors import InventoryError
+
+    def router_yaml(cluster):
+        head = next(p for p in plan_cluster(cluster) if p.host.name == "head")
+        return yaml.safe_load(next(f for f in head.files if f.path.endswith("router.yaml")).content)
+
+    path = _kv_events_inventory(tmp_path, engine="kind: vllm")
+    with pytest.raises(InventoryError, match=r"inv.yaml:\d+: .*set router.tokenizer_dir"):
+        load_inventory(path)
+    text = path.read_text()
+    path.write_text(text.replace("router: {", "router: {tokenizer_dir: /models/llama, ", 1))
+    assert router_yaml(load_inventory(path))["tokenizer_dir"] == "/models/llama"
+    # the router on an engine host: that host's model copy
+    path.write_text(
+        text.replace(
+            "- {name: head, address: 10.0.0.10, roles: [router]}",
+            "- {name: head, address: 10.0.0.10, roles: [router, engine], gpus: [0]}",
+        )
+    )
+    cluster = load_inventory(path)
+    head = next(p for p in plan_cluster(cluster) if p.host.name == "head")
+    assert router_yaml(cluster)["tokenizer_dir"] == head.model.remote_path
+    # estimate, or simulator engines: the router needs no tokenizer
+    assert "tokenizer_dir" not in router_yaml(load_inventory(A100))
+    assert "tokenizer_dir" not in router_yaml(load_inventory(_kv_events_inventory(tmp_path)))
+    path.write_text(text.replace("router: {", "router: {tokenizer_dir: models/llama, ", 1))
+    with pytest.raises(InventoryError, match="must be an absolute path on the router host"):
+        load_inventory(path)
 
 
 def test_local_fleet_kv_events_use_unix_sockets_in_each_hosts_run_dir():
