@@ -30,7 +30,10 @@ class HardwareProfile:
     h2d_bandwidth: float  # host-to-device (PCIe) bandwidth per direction, bytes/s
     mfu: float  # fraction of peak_flops a prefill forward pass reaches
     hbm_efficiency: float  # fraction of hbm_bandwidth a decode step reaches
-    h2d_efficiency: float  # fraction of h2d_bandwidth a KV load from pinned CPU memory reaches
+    h2d_efficiency: float  # fraction of h2d_bandwidth one pinned host-to-device copy reaches
+    # fraction of that pinned-copy rate an LMCache CPU-tier retrieve reaches end to end, as TTFT
+    # measures it (chunk lookup, per-chunk copies, the scatter into vLLM's paged blocks)
+    lmcache_load_efficiency: float
     step_overhead_s: float  # fixed CPU/launch cost of one engine step (scheduler, sampling)
     activation_reserve_bytes: int  # memory vLLM's profiling run keeps for activations, graphs
     default_max_num_batched_tokens: int  # vLLM's default chunked-prefill token budget here
@@ -81,6 +84,10 @@ A100_80GB = HardwareProfile(
     # Prefill of an 8B model with FlashAttention-2 reaches roughly half of peak (FA2 paper,
     # Dao 2023: 50-73% of A100 peak for the attention kernels; GEMMs ~60-70%, less norms,
     # rotary, sampling). 0.55 puts Llama-3.1-8B prefill near 8k tokens/s at 20k context.
+    # Check: in the LMCache blog's run cited below, basic K8s (round-robin, vLLM prefix caching,
+    # no LMCache) shows 1.9-2.0 s TTFT at low load for ~21k-token prompts whose shared system
+    # prompt alone is cached; this models 2.33 s (+17-23%). No published GPU prefix-hit TTFT
+    # for this setup was found; the model gives one ~12 ms step.
     mfu=0.55,
     # Batch-1 decode of Llama-3.1-8B on an A100 runs at ~77% of the bandwidth ceiling
     # (johnmusgrave.com/p/vllm-throughput-latency-sweep-on: 75 tok/s on A100-40GB, vLLM);
@@ -88,6 +95,19 @@ A100_80GB = HardwareProfile(
     hbm_efficiency=0.85,
     # Pinned host-to-device copies reach ~25 GB/s of Gen4's 32 GB/s (~80%, cudaMemcpy bandwidthTest).
     h2d_efficiency=0.8,
+    # An LMCache CPU-tier hit reaches about half of that, ~12.8 GB/s end to end:
+    # - vLLM production-stack's multi-round QA run (LMCache blog "Open-Source LLM Inference
+    #   Cluster Performing 10x FASTER...", blog.lmcache.ai/2025-03-06-benchmark, TTFT_1 figure;
+    #   setup in production-stack tutorials/08-benchmark-multi-round-qa-multi-gpu.md): 8x
+    #   A100-80GB SXM, Llama-3.1-8B, ~21k-token prompts (1000 shared + 20000 history), vLLM
+    #   prefix caching *off* and 120 GB of LMCache CPU offload per engine, so every hit is a
+    #   CPU-tier load: mean TTFT 0.22-0.25 s below 3 QPS, i.e. ~2.75 GB of KV in ~0.21 s once
+    #   the ~150 uncached tokens' prefill (~23 ms) is taken off: 12-13 GB/s.
+    # - LMCache issue #56 (2024-08-26, maintainer's table): Mistral-7B (also 128 KiB of KV per
+    #   token), 25k tokens on an A40 (PCIe Gen4): retrieve from local CPU 0.25 s = ~13 GB/s.
+    # Both are end to end, so this factor also carries what a request costs around the load
+    # that the step model has no term for. They give one size only: no per-chunk split.
+    lmcache_load_efficiency=0.5,
     step_overhead_s=0.001,  # vLLM v1 step with CUDA graphs: ~1 ms of scheduling + sampling
     # vLLM's profile run for 2048 batched tokens plus CUDA graphs and NCCL/non-torch memory
     # leaves ~54.5 GiB of KV cache for Llama-3.1-8B at 0.9 utilization (~446k tokens).
@@ -107,6 +127,9 @@ H100_80GB = HardwareProfile(
     mfu=0.45,  # FA2 reaches ~35-50% of H100 peak (FA3 paper, Shah 2024); vLLM default is FA2/FA3 mix
     hbm_efficiency=0.8,  # HBM3 reaches a little less of its peak than HBM2e in decode GEMV
     h2d_efficiency=0.8,  # as for the A100
+    # No published end-to-end LMCache figure on H100 found: the A100's, as the retrieve path
+    # (chunked copies + scatter) is the same software; an assumption, to recalibrate on one.
+    lmcache_load_efficiency=0.5,
     step_overhead_s=0.001,
     activation_reserve_bytes=int(3 * GIB),  # larger default batched tokens (8192) -> larger profile
     default_max_num_batched_tokens=8192,  # vLLM v1 OpenAI server default on H100/H200
@@ -124,6 +147,9 @@ CPU = HardwareProfile(
     mfu=0.3,  # CPU GEMMs through oneDNN rarely pass a third of peak AMX
     hbm_efficiency=0.6,  # STREAM-like bandwidth share
     h2d_efficiency=1.0,  # already folded into the 10 GB/s memcpy figure
+    # LMCache still retrieves in chunks and scatters them into the paged cache here; no CPU
+    # figure published, so the A100's measured share (an assumption, like the H100's).
+    lmcache_load_efficiency=0.5,
     step_overhead_s=0.005,  # Python engine step without CUDA graphs
     activation_reserve_bytes=int(1 * GIB),
     default_max_num_batched_tokens=2048,

@@ -11,8 +11,9 @@ decode mixed), so it is bounded by whichever resource saturates first (a rooflin
 
 ``step = overhead + h2d_load + max(compute, memory)``. The CPU-tier (LMCache) load is added
 serially because LMCache's default (non-layerwise) retrieve completes before the forward
-pass starts. Tensor parallelism divides compute, memory traffic and loads over ``tp`` GPUs
-(all-reduce cost is not modelled).
+pass starts; it runs at the pinned-copy rate times ``lmcache_load_efficiency``, LMCache's
+end-to-end share of it (profiles.py cites the measurements). Tensor parallelism divides
+compute, memory traffic and loads over ``tp`` GPUs (all-reduce cost is not modelled).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class TimingModel:
         self.weight_bytes = model.weight_bytes
         self.compute_rate = hardware.peak_flops * hardware.mfu * tp
         self.memory_rate = hardware.hbm_bandwidth * hardware.hbm_efficiency * tp
-        self.h2d_rate = hardware.h2d_bandwidth * hardware.h2d_efficiency * tp
+        self.load_rate = (
+            hardware.h2d_bandwidth * hardware.h2d_efficiency * hardware.lmcache_load_efficiency * tp
+        )
         self.overhead_s = hardware.step_overhead_s
 
     def compute_seconds(self, load: StepLoad) -> float:
@@ -73,8 +76,8 @@ class TimingModel:
         return traffic / self.memory_rate
 
     def load_seconds(self, tokens: int) -> float:
-        """Time to copy ``tokens`` tokens of KV from CPU memory to the GPU."""
-        return tokens * self.kv_bytes_per_token / self.h2d_rate
+        """Time for LMCache to bring ``tokens`` tokens of KV from its CPU tier onto the GPU."""
+        return tokens * self.kv_bytes_per_token / self.load_rate
 
     def step_seconds(self, load: StepLoad) -> float:
         """Modelled duration of one engine step."""
@@ -87,14 +90,22 @@ class TimingModel:
 
     # --- Convenience figures (reports, tests, the planner) ---------------------------------
 
-    def prefill_seconds(self, tokens: int, context: int = 0, chunk: int | None = None) -> float:
-        """A lone request's prefill of ``tokens`` after ``context`` cached tokens, in chunks."""
+    def prefill_seconds(
+        self, tokens: int, context: int = 0, chunk: int | None = None, loaded: int = 0
+    ) -> float:
+        """A lone request's prefill of ``tokens`` after ``context`` cached tokens, in chunks.
+
+        ``loaded`` of the cached tokens come from the CPU tier, copied in the first step, as
+        the engine schedules a CPU-tier hit (the TTFT of a lone request).
+        """
         chunk = chunk or tokens
         total, done = 0.0, 0
         while done < tokens:
             n = min(chunk, tokens - done)
             load = StepLoad()
             load.add(n, context + done, samples=done + n == tokens)
+            if done == 0:
+                load.loaded_tokens = loaded
             total += self.step_seconds(load)
             done += n
         return total

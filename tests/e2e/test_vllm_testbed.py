@@ -12,15 +12,21 @@ with LMCache's own loader in tests/integration/test_lmcache_config_check.py.
 from __future__ import annotations
 
 import json
+import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stackctl.testing import wait_until
+from stackctl.metrics import PREFIX_HITS
+from stackctl.model_tokenizer import TOKENIZER_FILES
+from stackctl.testing import read_metrics, wait_until
 from tests.helpers.tiny_model import ensure_tiny_model
 from tests.helpers.vllm_env import VllmEnvUnavailable, vllm_venv_or_skip, vllm_wheelhouse
 from tests.helpers.wheelhouse import link_wheels
@@ -67,6 +73,14 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
         link_wheels(part, combined)
     WHEELHOUSE[:] = ["--wheelhouse", str(combined)]
     model_dir = ensure_tiny_model()
+    # The head runs no engine, so it has no copy of the model: the router reads the tokenizer
+    # files from a directory the operator put there (the testbed hosts share this one).
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="stackctl-tokenizer-", dir="/opt"))
+    tokenizer_dir.chmod(0o755)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, tokenizer_dir / name)
+            (tokenizer_dir / name).chmod(0o644)
     bed = testbed_factory(3)
     head, cpu1, cpu2 = bed.hosts
     inventory = {
@@ -100,12 +114,16 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
             {"name": "cpu1", "address": cpu1.address, "engine": {"cpu": {"threads_bind": "0"}}},
             {"name": "cpu2", "address": cpu2.address, "engine": {"cpu": {"threads_bind": "1"}}},
         ],
-        "profiles": {"naive": {"router": {"policy": "round_robin"}}},
+        "profiles": {
+            "naive": {"router": {"policy": "round_robin"}},
+            "events": {"router": {"kv_index": "events", "tokenizer_dir": str(tokenizer_dir)}},
+        },
     }
     path = tmp_path_factory.mktemp("vllm") / "inventory.yaml"
     path.write_text(yaml.safe_dump(inventory))
     yield path, bed
     stackctl("down", path, "--purge", "--yes", timeout=300)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
     print("\nreal vLLM on the testbed, wall time per stage (s):", json.dumps(TIMINGS))
 
 
@@ -126,11 +144,9 @@ def router_url(bed) -> str:
     return f"http://{bed.hosts[0].address}:{ROUTER_PORT}/v1"
 
 
-def conversation_rounds(client, user: int, rounds: int = 4) -> None:
+def conversation_rounds(client, user: int, system: str, rounds: int = 4) -> None:
     """A growing chat: each round's prompt extends the previous one by > 1 KV block."""
-    messages = [
-        {"role": "system", "content": "You answer questions about stackctl deployments. " * 40}
-    ]
+    messages = [{"role": "system", "content": system}]
     for r in range(rounds):
         messages.append(
             {
@@ -206,9 +222,14 @@ def test_kv_aware_gets_more_real_prefix_hits_than_round_robin(cluster):
 
     path, bed = cluster
     client = OpenAI(base_url=router_url(bed), api_key="none", timeout=300)
+    # Each policy's chats share a system prompt of their own, so neither finds the other's
+    # cached: both start cold. The system prompt is short beside the conversations: what is
+    # compared is whether a conversation comes back to the engine that holds it (round-robin
+    # also hits a system prompt held everywhere; with 3 users x 4 rounds on 2 engines the
+    # expected ratio is about 1.7).
     before = prefix_hits(path)
     for user in range(3):
-        conversation_rounds(client, user)
+        conversation_rounds(client, user, "You answer questions about stackctl deployments. " * 10)
     kv_aware = prefix_hits(path) - before
 
     switch = timed("switch router policy (SIGHUP)", "up", path, "--profile", "naive", "--yes")
@@ -216,7 +237,7 @@ def test_kv_aware_gets_more_real_prefix_hits_than_round_robin(cluster):
     assert "reload" in switch.stderr and "restart " not in switch.stderr  # engines untouched
     before = prefix_hits(path)
     for user in range(3, 6):
-        conversation_rounds(client, user)
+        conversation_rounds(client, user, "You explain how stackctl routes requests. " * 10)
     round_robin = prefix_hits(path) - before
     print(
         f"\nreal vLLM prefix-cache hit tokens, 3 users x 4 rounds: kv_aware {kv_aware:.0f}, round_robin {round_robin:.0f}"
@@ -224,6 +245,76 @@ def test_kv_aware_gets_more_real_prefix_hits_than_round_robin(cluster):
     assert kv_aware > 1.3 * round_robin and kv_aware > 0
     back = stackctl("up", path, "--yes")
     assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-2000:]
+
+
+def scrape(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        metrics = read_metrics(resp.read().decode())
+    return sum(s.value for s in metrics.samples if s.name == name)
+
+
+def test_router_predicts_real_vllm_prefix_hits_from_its_kv_events(cluster):
+    """The engines publish vLLM's own KV events and the router tokenizes with the model's
+    tokenizer: per request, the router's predicted cached tokens against the prefix-cache hits
+    vLLM then counted. One request at a time, so each finds what its engine held when the
+    router chose (the tests after this one run with events on)."""
+    from openai import OpenAI
+
+    path, bed = cluster
+    switch = timed(
+        "switch to KV events (engines restart)", "up", path, "--profile", "events", "--yes"
+    )
+    assert switch.returncode == 0, switch.stdout[-3000:] + switch.stderr[-2000:]
+    url = f"http://{bed.hosts[0].address}:{ROUTER_PORT}"
+
+    def views() -> list:
+        with urllib.request.urlopen(f"{url}/engines", timeout=10) as resp:
+            return [e["kv_events"] for e in json.loads(resp.read())["engines"]]
+
+    engine_metrics = [f"http://{h.address}:8000/metrics" for h in bed.hosts[1:]]
+
+    def served() -> float:
+        return sum(scrape(u, PREFIX_HITS) for u in engine_metrics)
+
+    def predicted() -> float:
+        return scrape(f"{url}/metrics", "router_predicted_cached_tokens_total")
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=300)
+    rng = random.Random(3)
+    chats = {
+        user: [{"role": "system", "content": "You keep GPU fleets serving. " * 12}]
+        for user in range(4)
+    }
+    turns = [user for user in chats for _ in range(4)]
+    rng.shuffle(turns)  # the conversations take turns, as clients do
+    rows = []
+    for user in turns:
+        messages = chats[user]
+        messages.append(
+            {
+                "role": "user",
+                "content": f"user {user}: " + "why is the cache warm? " * rng.randint(15, 30),
+            }
+        )
+        before = (predicted(), served())
+        answer = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0
+        )
+        rows.append((answer.usage.prompt_tokens, predicted() - before[0], served() - before[1]))
+        messages.append({"role": "assistant", "content": answer.choices[0].message.content or "ok"})
+    prompt = sum(r[0] for r in rows)
+    hits = sum(r[2] for r in rows)
+    error = sum(abs(r[1] - r[2]) for r in rows) / prompt
+    exact = sum(r[1] == r[2] for r in rows)
+    print(
+        f"\nreal vLLM with KV events, {len(rows)} requests: prompt {prompt} tokens, vLLM prefix hits "
+        f"{hits:.0f}, router predicted {sum(r[1] for r in rows):.0f}; exact for {exact}/{len(rows)}, "
+        f"sum |predicted - hit| / prompt = {error:.3f}; per request (prompt, predicted, hit): {rows}"
+    )
+    for view in views():  # an idle engine publishes nothing: the views synced with the traffic
+        assert view["state"] == "synced" and view["malformed"] == 0, view
+    assert hits > 0.3 * prompt  # the conversations came back to the engines holding them
+    assert error < 0.02 and exact >= len(rows) - 2, rows
 
 
 def test_kill_9_engine_is_repaired_and_router_recovers(cluster):
