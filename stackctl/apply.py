@@ -15,7 +15,7 @@ import hashlib
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from packaging.requirements import Requirement
 
@@ -561,6 +561,7 @@ class Applier:
                 *plan.dirs.values(),
                 plan.program_dir,
                 *self._model_parents(),
+                *sorted({str(PurePosixPath(f.path).parent) for f in plan.files}),
             ]
         )
         self.run(f"mkdir -p {dirs} && chmod 700 {q(plan.dirs['secrets'])}")

@@ -38,6 +38,7 @@ from .settings import (
     build,
     schema,
 )
+from .tokenizer_files import TOKENIZER_FILE
 
 ENGINE_KINDS = get_args(EngineKind)
 CONNECTIONS = ("ssh", "local")
@@ -1230,13 +1231,26 @@ def _check_kv_index(doc: _Doc, cluster: Cluster) -> None:
     vllm_hosts = [h.name for h in cluster.hosts if h.runs_engines and not h.engine.is_sim]
     router_host = cluster.router_host
     if (
-        vllm_hosts
-        and cluster.router.tokenizer_dir is None
-        and not (router_host.runs_engines and not router_host.engine.is_sim)
+        not vllm_hosts
+        or cluster.router.tokenizer_dir is not None
+        or (router_host.runs_engines and not router_host.engine.is_sim)
     ):
+        return
+    needs = (
+        f"router.kv_index: events with vLLM engines (on {', '.join(vllm_hosts)}) needs the "
+        f"model's tokenizer on the router host '{router_host.name}', which runs no vLLM engine "
+        "(vLLM's events name blocks by the model's own token ids)"
+    )
+    if not cluster.model.source:
         raise doc.error(
             ("router", "kv_index"),
-            f"router.kv_index: events with vLLM engines (on {', '.join(vllm_hosts)}) needs the model's tokenizer on the router host '{router_host.name}': vLLM's events name blocks by the model's own token ids. The router host runs no vLLM engine, so it has no copy of the model: set router.tokenizer_dir to a directory there that holds the model's tokenizer.json and tokenizer_config.json, or put the router on an engine host, or keep kv_index: estimate.",
+            f"{needs}; `up` copies the tokenizer files there from model.source, but the model is not uploaded from this machine. Set router.tokenizer_dir to a directory on '{router_host.name}' that holds the model's tokenizer.json and tokenizer_config.json, or set model.source, or put the router on an engine host, or keep kv_index: estimate.",
+        )
+    tokenizer = Path(os.path.expanduser(cluster.model.source)) / TOKENIZER_FILE
+    if not tokenizer.is_file():
+        raise doc.error(
+            ("model", "source"),
+            f"{needs}, and `up` copies it from model.source, but {tokenizer} does not exist. Point model.source at a model directory with its tokenizer, or set router.tokenizer_dir to a directory on '{router_host.name}' that holds it.",
         )
 
 

@@ -23,6 +23,7 @@ from .router.config import fds_needed
 from .router_document import dump as dump_router_document
 from .router_document import router_document
 from .settings import EngineSettings, EnvValue
+from .tokenizer_files import tokenizer_files
 
 LMCACHE_CONNECTOR = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
 PYTHONHASHSEED = "0"  # LMCache hashes chunks with Python's hash(); every process must agree
@@ -714,7 +715,9 @@ def router_config_text(cluster: Cluster, plan: HostPlan, without: Collection[str
 def router_tokenizer_dir(cluster: Cluster, plan: HostPlan) -> str | None:
     """Where the router reads the model's tokenizer (``plan`` is the router host's), when it
     needs one: KV events from vLLM engines name blocks by the model's token ids. The
-    inventory's ``router.tokenizer_dir``, else the router host's own copy of the model."""
+    inventory's ``router.tokenizer_dir``, else the router host's own copy of the model, else
+    the copy of the tokenizer files `up` makes from ``model.source`` (the inventory checked
+    there is one)."""
     needed = cluster.router.kv_index == "events" and any(
         h.runs_engines and not h.engine.is_sim for h in cluster.hosts
     )
@@ -722,7 +725,12 @@ def router_tokenizer_dir(cluster: Cluster, plan: HostPlan) -> str | None:
         return None
     if cluster.router.tokenizer_dir is not None:
         return cluster.router.tokenizer_dir
-    return plan.model.remote_path if plan.model else None  # the inventory checked it has one
+    return plan.model.remote_path if plan.model else tokenizer_copy_dir(plan)
+
+
+def tokenizer_copy_dir(plan: HostPlan) -> str:
+    """Where `up` puts the model's tokenizer files on a router host without the model."""
+    return f"{plan.dirs['models']}/tokenizer"
 
 
 def router_key_file(cluster: Cluster, plan: HostPlan) -> str | None:
@@ -746,6 +754,11 @@ def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
             )
         )
     plan.files.append(FileSpec(config_path, router_config_text(cluster, plan)))
+    tokenizer_dir = router_tokenizer_dir(cluster, plan)
+    if tokenizer_dir is not None and tokenizer_dir == tokenizer_copy_dir(plan):
+        assert cluster.model.source is not None  # inventory._check_kv_index
+        for name, content in tokenizer_files(cluster.model.source).items():
+            plan.files.append(FileSpec(f"{tokenizer_dir}/{name}", content.decode("utf-8")))
     plan.programs.append(
         ProgramSpec(
             name="router",

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +23,6 @@ import pytest
 import yaml
 
 from stackctl.metrics import PREFIX_HITS
-from stackctl.model_tokenizer import TOKENIZER_FILES
 from stackctl.testing import read_metrics, wait_until
 from tests.helpers.tiny_model import ensure_tiny_model
 from tests.helpers.vllm_env import VllmEnvUnavailable, vllm_venv_or_skip, vllm_wheelhouse
@@ -73,14 +70,6 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
         link_wheels(part, combined)
     WHEELHOUSE[:] = ["--wheelhouse", str(combined)]
     model_dir = ensure_tiny_model()
-    # The head runs no engine, so it has no copy of the model: the router reads the tokenizer
-    # files from a directory the operator put there (the testbed hosts share this one).
-    tokenizer_dir = Path(tempfile.mkdtemp(prefix="stackctl-tokenizer-", dir="/opt"))
-    tokenizer_dir.chmod(0o755)
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).exists():
-            shutil.copy(model_dir / name, tokenizer_dir / name)
-            (tokenizer_dir / name).chmod(0o644)
     bed = testbed_factory(3)
     head, cpu1, cpu2 = bed.hosts
     inventory = {
@@ -116,14 +105,14 @@ def cluster(testbed_factory, tmp_path_factory, wheelhouse):
         ],
         "profiles": {
             "naive": {"router": {"policy": "round_robin"}},
-            "events": {"router": {"kv_index": "events", "tokenizer_dir": str(tokenizer_dir)}},
+            # the head runs no engine: `up` copies the tokenizer files there from model.source
+            "events": {"router": {"kv_index": "events"}},
         },
     }
     path = tmp_path_factory.mktemp("vllm") / "inventory.yaml"
     path.write_text(yaml.safe_dump(inventory))
     yield path, bed
     stackctl("down", path, "--purge", "--yes", timeout=300)
-    shutil.rmtree(tokenizer_dir, ignore_errors=True)
     print("\nreal vLLM on the testbed, wall time per stage (s):", json.dumps(TIMINGS))
 
 
@@ -255,7 +244,8 @@ def scrape(url: str, name: str) -> float:
 
 def test_router_predicts_real_vllm_prefix_hits_from_its_kv_events(cluster):
     """The engines publish vLLM's own KV events and the router tokenizes with the model's
-    tokenizer: per request, the router's predicted cached tokens against the prefix-cache hits
+    tokenizer (which `up` copied to the head from model.source): per request, the router's
+    predicted cached tokens against the prefix-cache hits
     vLLM then counted. One request at a time, so each finds what its engine held when the
     router chose (the tests after this one run with events on)."""
     from openai import OpenAI

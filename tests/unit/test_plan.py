@@ -353,19 +353,37 @@ def test_kv_index_events_is_refused_without_a_cache_aware_policy(tmp_path):
 def test_kv_events_from_vllm_give_the_router_the_models_tokenizer(tmp_path):
     """vLLM's events name blocks by the model's token ids: the router reads the model's
     tokenizer from the inventory's router.tokenizer_dir, else from the router host's own copy
-    of the model, and without either the inventory is refused."""
+    of the model, else from the copy of the tokenizer files `up` makes from model.source;
+    without any of them the inventory is refused."""
     import pytest
 
     from stackctl.errors import InventoryError
+    from tests.helpers.tiny_model import write_tokenizer_dir
 
     def router_yaml(cluster):
         head = next(p for p in plan_cluster(cluster) if p.host.name == "head")
         return yaml.safe_load(next(f for f in head.files if f.path.endswith("router.yaml")).content)
 
     path = _kv_events_inventory(tmp_path, engine="kind: vllm")
-    with pytest.raises(InventoryError, match=r"inv.yaml:\d+: .*set router.tokenizer_dir"):
+    with pytest.raises(InventoryError, match=r"inv.yaml:\d+: .*Set router.tokenizer_dir"):
         load_inventory(path)
     text = path.read_text()
+    # the model uploaded from this machine: `up` copies its tokenizer files to the router host
+    source = write_tokenizer_dir(tmp_path / "model")
+    named = "  name: meta-llama/Llama-3.1-8B-Instruct\n"
+    path.write_text(text.replace(named, f"{named}  source: {source}\n", 1))
+    cluster = load_inventory(path)
+    head = next(p for p in plan_cluster(cluster) if p.host.name == "head")
+    copied = router_yaml(cluster)["tokenizer_dir"]
+    assert copied == f"{head.dirs['models']}/tokenizer"
+    files = {f.path: f.content for f in head.files if f.path.startswith(copied + "/")}
+    assert files == {
+        f"{copied}/{name}": (source / name).read_text()
+        for name in ("tokenizer.json", "tokenizer_config.json")
+    }
+    (source / "tokenizer.json").unlink()
+    with pytest.raises(InventoryError, match=r"inv.yaml:\d+: .*tokenizer.json does not exist"):
+        load_inventory(path)
     path.write_text(text.replace("router: {", "router: {tokenizer_dir: /models/llama, ", 1))
     assert router_yaml(load_inventory(path))["tokenizer_dir"] == "/models/llama"
     # the router on an engine host: that host's model copy
