@@ -26,10 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from stackctl.kv_events import BlockStored, KVEventBatch, block_keys
+from stackctl.kv_events import block_keys
 from stackctl.model_tokenizer import ModelTokenizer
 from stackctl.router.kv_index import KvEventView
 from stackctl.router.policies import RouteRequest
+from tests.helpers.kv_batches import prefix_stored
 
 BLOCK = 16
 
@@ -58,23 +59,7 @@ def chats(users: int, rounds: int, words_per_round: int, seed: int = 0) -> list[
 def view_holding(ids: list[int]) -> KvEventView:
     view = KvEventView()
     n = len(ids) // BLOCK
-    view.apply(
-        0,
-        KVEventBatch(
-            ts=0.0,
-            events=[
-                BlockStored(
-                    block_hashes=list(range(n)),
-                    parent_block_hash=None,
-                    token_ids=ids[: n * BLOCK],
-                    block_size=BLOCK,
-                    lora_id=None,
-                    medium="GPU",
-                    lora_name=None,
-                )
-            ],
-        ),
-    )
+    view.apply(0, prefix_stored(ids, n, BLOCK))
     return view
 
 

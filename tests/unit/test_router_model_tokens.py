@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from stackctl.kv_events import BlockStored, KVEventBatch
+from stackctl.kv_events import KVEventBatch
 from stackctl.model_tokenizer import ModelTokenizer
 from stackctl.router.backends import Backend
 from stackctl.router.config import BackendConfig, RouterConfigError, load_tokenizer, parse_config
@@ -14,6 +14,7 @@ from stackctl.router.kv_index import KvEventView
 from stackctl.router.policies import KvAwarePolicy, RouteRequest
 from stackctl.tokenizer import token_ids, tokenize
 from tests.helpers import tiny_model as tm
+from tests.helpers.kv_batches import prefix_stored
 
 SYSTEM = {"role": "system", "content": "You are a terse assistant for routers and caches."}
 
@@ -83,23 +84,7 @@ def test_kv_aware_on_events_matches_the_blocks_vllm_names_by_model_token_ids(tok
         b.kv_view = KvEventView()
         b.kv_view.apply(0, KVEventBatch(ts=0.0, events=[]))
     holder = backends[2]
-    holder.kv_view.apply(
-        1,
-        KVEventBatch(
-            ts=0.0,
-            events=[
-                BlockStored(
-                    block_hashes=list(range(blocks)),
-                    parent_block_hash=None,
-                    token_ids=ids[: blocks * 4],
-                    block_size=4,
-                    lora_id=None,
-                    medium="GPU",
-                    lora_name=None,
-                )
-            ],
-        ),
-    )
+    holder.kv_view.apply(1, prefix_stored(ids, blocks, 4))
     for b in backends:
         b.kv_view.block_size = 4
     policy = KvAwarePolicy(kv_index="events")

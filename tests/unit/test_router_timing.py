@@ -7,13 +7,14 @@ import random
 
 import pytest
 
-from stackctl.kv_events import MEDIUM_CPU, MEDIUM_GPU, BlockStored, KVEventBatch
+from stackctl.kv_events import MEDIUM_CPU, MEDIUM_GPU
 from stackctl.router.backends import Backend
 from stackctl.router.config import BackendConfig
 from stackctl.router.kv_index import KvEventView
 from stackctl.router.policies import CostPolicy, KvAwarePolicy, RouteRequest
 from stackctl.router.timing import PrefillTiming, TimingSample, timing_sample
 from stackctl.tokenizer import token_ids, tokenize
+from tests.helpers.kv_batches import prefix_stored
 
 # What vLLM 0.32 prints (two engine cores of a data-parallel server), trimmed to the series
 # read here and a neighbour whose name starts the same.
@@ -202,23 +203,7 @@ def test_what_a_move_evicts_keeps_a_conversation_home_behind_a_short_queue():
 
 def held_in(backend: Backend, ids: list[int], blocks: int, medium: str, seq: int) -> None:
     backend.kv_view = backend.kv_view or KvEventView()
-    backend.kv_view.apply(
-        seq,
-        KVEventBatch(
-            ts=0.0,
-            events=[
-                BlockStored(
-                    block_hashes=list(range(blocks)),
-                    parent_block_hash=None,
-                    token_ids=ids[: blocks * 16],
-                    block_size=16,
-                    lora_id=None,
-                    medium=medium,
-                    lora_name=None,
-                )
-            ],
-        ),
-    )
+    backend.kv_view.apply(seq, prefix_stored(ids, blocks, 16, medium))
 
 
 @pytest.mark.parametrize(
