@@ -488,16 +488,23 @@ class KvAwarePolicy(Policy):
         # A view not trusted alone (warming) still proves what it shows: take the larger.
         return estimated if reported is None or estimated[0] >= reported[0] else reported
 
-    def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
+    def _prompt(self, request: RouteRequest) -> tuple[int, bool, list[int]]:
+        """(the prompt's chars, whether it is indexed, its chunk hashes). A prompt too long to
+        be worth indexing is neither hashed nor recorded nor matched: it is placed as a new
+        conversation (for balance), and the indexes keep real conversations' state."""
         prompt_chars = len(request.prompt) or 1
-        # A prompt too long to be worth indexing is neither hashed nor recorded nor matched: it
-        # is placed as a new conversation (for balance), and the indexes keep real
-        # conversations' state.
         indexed = prompt_chars <= self.max_indexed_chars
-        hashes = request.hashes(self.chunk_chars) if indexed else []
+        return prompt_chars, indexed, request.hashes(self.chunk_chars) if indexed else []
+
+    def _load_bounds(self, backends: Sequence[Backend]) -> tuple[float, float]:
+        """(mean in flight, the cap above which an engine is skipped)."""
+        mean = sum(b.inflight for b in backends) / len(backends)
+        return mean, self.load_factor * mean + 1
+
+    def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
+        prompt_chars, indexed, hashes = self._prompt(request)
         n = len(backends)
-        mean = sum(b.inflight for b in backends) / n
-        cap = self.load_factor * mean + 1
+        mean, cap = self._load_bounds(backends)
         norm = mean + 1
         beta = self.beta
         held = self.held
@@ -583,12 +590,9 @@ class CostPolicy(KvAwarePolicy):
     def choose(self, backends: Sequence[Backend], request: RouteRequest) -> Choice:
         if any(b.timing.seconds_per_token is None for b in backends):
             return super().choose(backends, request)
-        prompt_chars = len(request.prompt) or 1
-        indexed = prompt_chars <= self.max_indexed_chars
-        hashes = request.hashes(self.chunk_chars) if indexed else []
+        prompt_chars, indexed, hashes = self._prompt(request)
         n = len(backends)
-        mean = sum(b.inflight for b in backends) / n
-        cap = self.load_factor * mean + 1
+        mean, cap = self._load_bounds(backends)
         start = (hashes[0] if hashes else self._rotate()) % n
         unindexed = (prompt_chars / self.chars_per_token, 0.0, 0.0, False)
         best = None
