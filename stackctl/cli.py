@@ -128,10 +128,11 @@ def validate(inventory: Path, profile: str | None) -> None:
             err=True,
         )
     engines = cluster.engines
+    routers = ", ".join(f"{h.name} at {cluster.router_url_of(h)}" for h in cluster.router_hosts)
     click.echo(
         f"{inventory}: OK. Cluster '{cluster.name}': {len(cluster.hosts)} hosts, {len(engines)} "
-        f"{cluster.engine.kind} engine(s) serving {cluster.model.name}, router on "
-        f"{cluster.router.host} ({cluster.router.policy}) at {cluster.router_url}"
+        f"{cluster.engine.kind} engine(s) serving {cluster.model.name}, "
+        f"{'router' if len(cluster.router_hosts) == 1 else 'routers'} ({cluster.router.policy}) on {routers}"
         + (f"; profiles: {', '.join(cluster.profiles)}" if cluster.profiles else "")
         + "."
     )
@@ -392,7 +393,7 @@ def logs(inventory, profile, hosts, program, lines, follow, accept_new_host_keys
 @click.option(
     "--rolling",
     is_flag=True,
-    help="Engine hosts one at a time, each out of the router until its requests finish and healthy again before the next; the router host last.",
+    help="Engine hosts one at a time, each out of the routers until its requests finish and healthy again before the next; the router hosts last, one at a time.",
 )
 @YES
 @ACCEPT_KEYS

@@ -71,7 +71,8 @@ class HostOutcome:
 @dataclass
 class UpResult:
     outcomes: dict[str, HostOutcome] = field(default_factory=dict)
-    router_url: str = ""
+    router_url: str = ""  # the first router's (Cluster.router_url)
+    router_urls: list[str] = field(default_factory=list)  # every router's
     verified: bool = False
     verify_error: str = ""
     interrupted: bool = False  # Ctrl-C: hosts with status INTERRUPTED were left half-done
@@ -115,7 +116,10 @@ class Deployment:
         self.options = options
         self.progress = progress
         self.confirm = confirm
-        self.result = UpResult(router_url=cluster.router_url)
+        self.result = UpResult(
+            router_url=cluster.router_url,
+            router_urls=[cluster.router_url_of(h) for h in cluster.router_hosts],
+        )
         self.conns: dict[str, Connector] = {}
         self.diffs: dict[str, HostDiff] = {}
         self.facts: dict[str, Facts] = {}  # the hosts that answered, before they are diffed
@@ -235,19 +239,20 @@ class Deployment:
         self._parallel(router_hosts, self._start)
 
     def _apply_rolling(self, engine_hosts: list[HostPlan], router_hosts: list[HostPlan]) -> None:
-        """Engine hosts one by one, each drained through the running router; then the router
-        host (its config reloads)."""
+        """Engine hosts one by one, each drained through every running router; then the router
+        hosts one by one (with several, the others keep serving; a router host's engines are
+        drained out of the other routers)."""
         drain = RouterDrain.open(self)
-        if drain.conn is not None and drain.plan is not None:  # the router's key before theirs
-            router = drain.plan.host.name
-            engine_key.router_copy_first(self.cluster, self.diffs[router], drain.conn, self.secrets)
-        for k, plan in enumerate(engine_hosts):
+        for conn, router in drain.routers:  # the routers' key before the engines'
+            name = router.host.name
+            engine_key.router_copy_first(self.cluster, self.diffs[name], conn, self.secrets)
+        todo = engine_hosts + router_hosts
+        for k, plan in enumerate(todo):
             self.cancellation.check()
             self._apply_drained(drain, plan)
             if self.result.outcomes[plan.host.name].status == HostState.FAILED:
-                self._stopped_at(plan, engine_hosts[k + 1 :] + router_hosts)
+                self._stopped_at(plan, todo[k + 1 :])
                 return
-        self._parallel(router_hosts, self._apply)
 
     def _stopped_at(self, failed: HostPlan, rest: list[HostPlan]) -> None:
         """A rolling run stops at the first failed host: no second host goes down while one is
@@ -259,7 +264,7 @@ class Deployment:
                 outcome.error = f"the rolling run stopped at {failed.host.name}, which failed; fix it and run `up --rolling` again"
 
     def _apply_drained(self, drain: RouterDrain, plan: HostPlan) -> None:
-        """One engine host, out of the router while its engines restart."""
+        """One host, its engines out of the (other) routers while they restart."""
         try:
             with drain.without(plan, self.diffs[plan.host.name]):
                 self._apply(plan)
@@ -414,18 +419,25 @@ class Deployment:
             outcome.seconds += time.monotonic() - started
 
     def _verify(self) -> None:
-        """Verify (unless UpOptions.verify is off): the router answers /health and serves one real
-        completion; ``result.verify_error`` says why not."""
+        """Verify (unless UpOptions.verify is off): every router answers /health and serves one
+        real completion; ``result.verify_error`` says which did not, and why."""
         if not self.options.verify:
             return
-        router_host = self.cluster.router.host
-        conn = self._router_connection(router_host)
-        if conn is not None:
-            self._verify_router(conn, router_host)
+        errors = []
+        for host in self.cluster.router_hosts:
+            conn, error = self._router_connection(host.name)
+            if conn is not None:
+                error = self._verify_router(conn, host.name)
+            if error:
+                errors.append(
+                    error if len(self.cluster.router_hosts) == 1 else f"{host.name}: {error}"
+                )
+        self.result.verify_error = "; ".join(errors)
+        self.result.verified = not errors
 
-    def _router_connection(self, router_host: str) -> Connector | None:
-        """The router host's connection (made here when `--hosts` left it out); None, with the
-        reason in ``verify_error``, when it is unreachable, refused or failed."""
+    def _router_connection(self, router_host: str) -> tuple[Connector | None, str]:
+        """The router host's connection (made here when `--hosts` left it out), or None and the
+        reason when it is unreachable, refused or failed."""
         conn = self.conns.get(router_host)
         if conn is None and router_host not in self.result.outcomes:  # `--hosts` left it out
             try:
@@ -434,22 +446,18 @@ class Deployment:
                     accept_new_host_keys=self.options.accept_new_host_keys,
                 )
             except StackctlError as exc:
-                self.result.verify_error = str(exc)
-                return None
+                return None, str(exc)
         if conn is None:
-            self.result.verify_error = f"router host {router_host} was not reachable"
-            return None
+            return None, f"router host {router_host} was not reachable"
         if self.result.outcomes.get(router_host, HostOutcome(router_host)).status in (
             HostState.REFUSED,
             HostState.FAILED,
         ):
-            self.result.verify_error = (
-                f"router host {router_host} was {self.result.outcomes[router_host].status}"
-            )
-            return None
-        return conn
+            return None, f"router host {router_host} was {self.result.outcomes[router_host].status}"
+        return conn, ""
 
-    def _verify_router(self, conn: Connector, router_host: str) -> None:
+    def _verify_router(self, conn: Connector, router_host: str) -> str:
+        """ "" when the router on ``router_host`` is healthy and completes, else why not."""
         router_plan = next(p for p in plan_cluster(self.cluster, [router_host]))
         router = router_plan.program("router")
         assert router.health_url is not None  # plan._plan_router always gives the router one
@@ -458,11 +466,8 @@ class Deployment:
         if health["unhealthy"]:
             last = health["last"].get(router.health_url)
             status, said = (last["status"], last["body"][:300]) if last else (None, "")
-            self.result.verify_error = (
-                f"the router's /health did not answer 200 within 60 s (last: {status} {said})"
-            )
             self.progress.update(router_host, "verify failed")
-            return
+            return f"the router's /health did not answer 200 within 60 s (last: {status} {said})"
         self.progress.update(router_host, "verify: completion")
         body = json.dumps(
             {
@@ -480,19 +485,18 @@ class Deployment:
         }
         answer = probe_http(conn, router_plan.python, [request], timeout=360)[0]
         if answer["status"] != 200:
-            self.result.verify_error = (
+            self.progress.update(router_host, "verify failed")
+            return (
                 f"a completion through the router failed: {answer['status']} {answer['body'][:300]}"
             )
-            self.progress.update(router_host, "verify failed")
-            return
-        self.result.verified = True
         self.progress.update(router_host, f"verified ({answer['seconds']:.2f} s completion)")
+        return ""
 
 
 class RouterDrain:
-    """Rolling updates: take a host's engines out of the running router (router.yaml rendered
-    without them, SIGHUP) and let their requests finish before they restart; put them back
-    after (the full planned router.yaml).
+    """Rolling updates: take a host's engines out of every running router (router.yaml
+    rendered without them, SIGHUP) and let their requests finish before they restart; put them
+    back after (the full planned router.yaml).
 
     Without this, requests in flight on an engine when supervisord stops it are cut (an
     engine may abort them at SIGTERM, and supervisord signals its whole process group).
@@ -501,38 +505,46 @@ class RouterDrain:
     IDLE_TIMEOUT_S = 60.0
     RELOAD_TIMEOUT_S = 30.0
 
-    def __init__(self, deployment: Deployment, conn: Connector | None, plan: HostPlan | None):
-        self.deployment, self.conn, self.plan = deployment, conn, plan
+    def __init__(self, deployment: Deployment, routers: list[tuple[Connector, HostPlan]]):
+        self.deployment, self.routers = deployment, routers
 
     @classmethod
     def open(cls, deployment: Deployment) -> RouterDrain:
-        """Drains through the router host's connection when its router runs (else a no-op)."""
-        name = deployment.cluster.router.host
-        conn, diff = deployment.conns.get(name), deployment.diffs.get(name)
-        if conn is None or diff is None or diff.facts.program_state("router") != "RUNNING":
-            return cls(deployment, None, None)
-        return cls(deployment, conn, diff.plan)
+        """Drains through each router host's connection whose router runs (none: a no-op)."""
+        routers = []
+        for host in deployment.cluster.router_hosts:
+            conn, diff = deployment.conns.get(host.name), deployment.diffs.get(host.name)
+            if conn and diff and diff.facts.program_state("router") == "RUNNING":
+                routers.append((conn, diff.plan))
+        return cls(deployment, routers)
 
     @contextlib.contextmanager
     def without(self, plan: HostPlan, diff: HostDiff):
+        """``plan``'s engines out of the routers while ``diff`` restarts them (its own router,
+        restarting too or not, keeps them: it carries nothing while it restarts)."""
         engines = {p.name for p in plan.programs if p.kind == "engine"}
         names = {e.name for e in plan.host.engines}
         restarts = any(c.kind == ChangeKind.RESTART and c.target in engines for c in diff.changes)
-        conn, router = self.conn, self.plan  # both set, or both None (``open``)
-        if conn is None or router is None or not restarts:
+        routers = [(c, r) for c, r in self.routers if r.host.name != plan.host.name]
+        if not routers or not restarts:
             yield
             return
         progress = self.deployment.progress
         cluster = self.deployment.cluster
-        progress.update(plan.host.name, "drain: out of the router")
-        self._load(conn, router, router_config_text(cluster, router, without=names), absent=names)
+        progress.update(plan.host.name, "drain: out of the router" + "s" * (len(routers) > 1))
+        loaded = []
         try:
+            for conn, router in routers:
+                loaded.append((conn, router))
+                text = router_config_text(cluster, router, without=names)
+                self._load(conn, router, text, absent=names)
             progress.update(plan.host.name, "drain: finishing requests")
             self._wait_idle(plan)
             yield
         finally:
-            progress.update(plan.host.name, "drain: back in the router")
-            self._load(conn, router, router_config_text(cluster, router), absent=set())
+            progress.update(plan.host.name, "drain: back in the router" + "s" * (len(routers) > 1))
+            for conn, router in loaded:
+                self._load(conn, router, router_config_text(cluster, router), absent=set())
 
     def _load(self, conn: Connector, router: HostPlan, text: str, absent: set[str]) -> None:
         """Write the router's config, SIGHUP it, wait until its /engines shows the change."""

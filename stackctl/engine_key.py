@@ -50,7 +50,7 @@ def resolve(
     ``facts``: the hosts of this run that answered (their ``secrets`` say which hold a copy)."""
     if cluster.router.engine_key_env:
         return {}, None
-    router = cluster.router.host
+    router = cluster.router_host.name
     holders = [
         p
         for p in plans

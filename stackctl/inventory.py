@@ -257,11 +257,19 @@ class Cluster:
         raise KeyError(name)
 
     @property
+    def router_hosts(self) -> tuple[Host, ...]:
+        """Every host that runs a router, in inventory order: roles naming ``router``, and
+        ``router.host`` (the older one-router spelling). Each router routes to every engine."""
+        return tuple(h for h in self.hosts if self.runs_router(h))
+
+    @property
     def router_host(self) -> Host:
-        return self.host(self.router.host)
+        """The first router host: it keeps the generated engine key, and `bench` and `up`'s
+        summary use its router."""
+        return self.router_hosts[0]
 
     def runs_router(self, host: Host) -> bool:
-        return host.name == self.router.host
+        return "router" in host.roles or host.name == self.router.host
 
     @property
     def engines(self) -> list[Engine]:
@@ -269,7 +277,11 @@ class Cluster:
 
     @property
     def router_url(self) -> str:
-        return f"http://{_url_host(self.router_host.address)}:{self.router.port}"
+        """The first router's URL (see :attr:`router_host`)."""
+        return self.router_url_of(self.router_host)
+
+    def router_url_of(self, host: Host) -> str:
+        return f"http://{_url_host(host.address)}:{self.router.port}"
 
     def kv_event_endpoints(self, engine: Engine) -> KvEventEndpoints | None:
         """Where ``engine`` publishes its KV events and the router reaches them (None unless
@@ -602,11 +614,6 @@ def load_inventory(path: str | Path, profile: str | None = None) -> Cluster:
         data = deep_merge(data, profiles[profile])
     engine = deep_merge(_load_role_defaults("engine"), data.get("engine") or {})
     router = deep_merge(_load_role_defaults("router"), data.get("router") or {})
-    if router["host"] is None:  # its default is null: the one router key without a usable default
-        raise doc.error(
-            ("router",),
-            "router.host is missing; name the host that runs the router, e.g. router: {host: head}.",
-        )
     model = build(ModelSettings, deep_merge(MODEL_DEFAULTS, data["model"]))
     top = deep_merge(
         TOP_DEFAULTS, {k: data[k] for k in (*TOP_DEFAULTS, "service_user") if k in data}
@@ -750,30 +757,37 @@ def _check_cluster(doc: _Doc, cluster: Cluster) -> None:
         _check_ssh(doc, path, host)
         _check_accounts(doc, path, host)
         _check_values(doc, path + ("engine",), host.engine)
-    router_host = cluster.router.host
-    if router_host not in names:
+    named = cluster.router.host
+    if named is not None and named not in names:
         raise doc.error(
             ("router", "host"),
-            f"router host '{router_host}' is not one of the hosts.{_did_you_mean(router_host, names)} Hosts: {', '.join(names)}.",
+            f"router host '{named}' is not one of the hosts.{_did_you_mean(named, names)} Hosts: {', '.join(names)}.",
+        )
+    if not cluster.router_hosts:
+        raise doc.error(
+            ("hosts",),
+            "no host runs the router; give the host that should run it roles: [router] (or [engine, router] on an engine host), or name it in router.host.",
         )
     for i, host in enumerate(cluster.hosts):
         loopback = host.engine.bind in ("127.0.0.1", "localhost", "::1")
-        if (
-            host.runs_engines
-            and loopback
-            and host.name != router_host
-            and not (host.is_local and cluster.router_host.is_local)
-        ):
-            raise doc.error(
-                ("hosts", i),
-                f"the engines of '{host.name}' would listen on {host.engine.bind} only, so the router on '{router_host}' could not reach them; set engine.bind to 0.0.0.0 or the host's address.",
-            )
+        for router_host in cluster.router_hosts:
+            if (
+                host.runs_engines
+                and loopback
+                and host.name != router_host.name
+                and not (host.is_local and router_host.is_local)
+            ):
+                raise doc.error(
+                    ("hosts", i),
+                    f"the engines of '{host.name}' would listen on {host.engine.bind} only, so the router on '{router_host.name}' could not reach them; set engine.bind to 0.0.0.0 or the host's address.",
+                )
     if not cluster.engines:
         raise doc.error(
             ("hosts",),
             "no host runs an engine; give at least one host the 'engine' role (the default) and GPUs, e.g. gpus: [0].",
         )
     _check_router(doc, cluster.router)
+    _check_vip(doc, cluster)
     _check_kv_index(doc, cluster)
     _check_context(doc, cluster)
     _check_ports(doc, cluster)
@@ -1210,6 +1224,62 @@ def _kv_event_endpoints(cluster: Cluster, engine: Engine) -> KvEventEndpoints | 
     )
 
 
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")  # Linux's IFNAMSIZ - 1, no spaces
+
+
+def _check_vip(doc: _Doc, cluster: Cluster) -> None:
+    """``router.vip``: what keepalived needs (an interface, a VRRP id, IP peers of the VIP's
+    family), checked before `up` renders keepalived.conf on each router host."""
+    vip = cluster.router.vip
+    where = ("router", "vip")
+    if vip.address is None:
+        return
+    try:
+        address = ipaddress.ip_interface(vip.address)
+    except ValueError:
+        raise doc.error(
+            (*where, "address"),
+            f"router.vip.address {vip.address!r} is not an IP address; give one with its prefix, e.g. 10.0.0.100/24.",
+        ) from None
+    if vip.interface is None or not INTERFACE_NAME.fullmatch(vip.interface):
+        raise doc.error(
+            (*where, "interface") if vip.interface is not None else where,
+            f"router.vip needs the network interface that carries the VIP on every router host (got {vip.interface!r}); set interface, e.g. interface: eth0 (up to 15 letters, digits, '_', '.', ':', '@', '-').",
+        )
+    if not 1 <= vip.virtual_router_id <= 255:
+        raise doc.error(
+            (*where, "virtual_router_id"),
+            f"router.vip.virtual_router_id {vip.virtual_router_id} is out of range; use 1-255, unique among the VRRP groups on that network.",
+        )
+    if vip.advert_int_s != int(vip.advert_int_s) or not 1 <= vip.advert_int_s <= 255:
+        raise doc.error(
+            (*where, "advert_int_s"),
+            f"router.vip.advert_int_s {vip.advert_int_s} must be whole seconds, 1-255 (VRRP version 2).",
+        )
+    for host in cluster.router_hosts:
+        i = cluster.hosts.index(host)
+        if host.is_local:
+            raise doc.error(
+                ("hosts", i),
+                f"router.vip moves an address between router hosts, but router host '{host.name}' is connection: local; a VIP needs routers on separate machines reached over SSH.",
+            )
+        own = host.cluster_address or host.address
+        try:
+            peer = ipaddress.ip_address(own)
+        except ValueError:
+            peer = None
+        if peer is None or peer.version != address.version:
+            raise doc.error(
+                ("hosts", i),
+                f"router.vip: keepalived on '{host.name}' talks to the other routers by IP, but its address {own!r} is not an IPv{address.version} address; set cluster_address to its IPv{address.version} address on the interface {vip.interface}.",
+            )
+        if peer == address.ip:
+            raise doc.error(
+                (*where, "address"),
+                f"router.vip.address {address.ip} is the address of host '{host.name}'; the VIP must be a free address that no host owns.",
+            )
+
+
 def _check_kv_index(doc: _Doc, cluster: Cluster) -> None:
     """``router.kv_index: events`` needs a cache-aware policy (kv_aware, cost), and with vLLM
     engines the model's tokenizer on the router host (``plan.router_tokenizer_dir``)."""
@@ -1229,13 +1299,12 @@ def _check_kv_index(doc: _Doc, cluster: Cluster) -> None:
             f"kv_index: events is what kv_aware and cost routing match prompts on, but router.policy is {cluster.router.policy}; set policy: kv_aware or cost, or remove kv_index.",
         )
     vllm_hosts = [h.name for h in cluster.hosts if h.runs_engines and not h.engine.is_sim]
-    router_host = cluster.router_host
-    if (
-        not vllm_hosts
-        or cluster.router.tokenizer_dir is not None
-        or (router_host.runs_engines and not router_host.engine.is_sim)
-    ):
+    without_model = [
+        h for h in cluster.router_hosts if not (h.runs_engines and not h.engine.is_sim)
+    ]
+    if not vllm_hosts or cluster.router.tokenizer_dir is not None or not without_model:
         return
+    router_host = without_model[0]
     needs = (
         f"router.kv_index: events with vLLM engines (on {', '.join(vllm_hosts)}) needs the "
         f"model's tokenizer on the router host '{router_host.name}', which runs no vLLM engine "
@@ -1270,7 +1339,7 @@ def _check_ports(doc: _Doc, cluster: Cluster) -> None:
         if host.runs_engines and host.engine.lmcache.server:
             claims.append((host.engine.lmcache.server_port, f"the LMCache server of {host.name}"))
         if cluster.runs_router(host):
-            claims.append((cluster.router.port, "the router"))
+            claims.append((cluster.router.port, f"the router of {host.name}"))
         for port, what in claims:
             if not 1 <= port <= 65535:  # engine i listens on engine.port + i
                 raise doc.error(
@@ -1284,6 +1353,9 @@ def _check_ports(doc: _Doc, cluster: Cluster) -> None:
                     + (
                         "give each host's engines their own KV event ports (engine.kv_events_port sets the first; engine i uses kv_events_port + 2i and + 2i + 1)."
                         if "KV event" in what
+                        else "run one router per machine (router.port is the cluster's), or move engine.port off it."
+                        if what.startswith("the router")
+                        or taken[(machine, port)].startswith("the router")
                         else "give each engine its own port (engine.port sets the first; engine i uses port + i)."
                     ),
                 )

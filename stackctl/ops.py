@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import signal
 from collections.abc import Callable
@@ -149,12 +148,12 @@ def _rolling_restart(
     accept_new_host_keys: bool,
     progress: Progress,
 ) -> dict[str, str | None]:
-    """One engine host at a time: out of the running router (deploy.RouterDrain), its requests
-    finished, restarted, healthy, back in; then the router host. It stops at the first host that
-    fails, so that no more engines go down than that one."""
+    """One engine host at a time: out of the running routers (deploy.RouterDrain), its requests
+    finished, restarted, healthy, back in; then the router hosts, one at a time. It stops at the
+    first host that fails, so that no more engines go down than that one."""
     from .deploy import Deployment, RouterDrain, UpOptions  # deploy imports much of the package
 
-    router_name = cluster.router.host
+    router_names = [h.name for h in cluster.router_hosts]
     deployment = Deployment(
         cluster,
         UpOptions(rolling=True, accept_new_host_keys=accept_new_host_keys),
@@ -165,10 +164,10 @@ def _rolling_restart(
     todo = [(plan, [p.name for p in plan.programs if program in (None, p.name)]) for plan in plans]
     todo = [(plan, names) for plan, names in todo if names]
     todo.sort(
-        key=lambda item: item[0].host.name == router_name
+        key=lambda item: item[0].host.name in router_names
     )  # engine hosts first, in inventory order
     try:
-        drain = _open_drain(deployment, RouterDrain, router_name, accept_new_host_keys)
+        drain = _open_drain(deployment, RouterDrain, router_names, accept_new_host_keys)
         for plan, names in todo:
             name = plan.host.name
             if any(results.values()):
@@ -184,13 +183,9 @@ def _rolling_restart(
                 restarts = [
                     Change(ChangeKind.RESTART, n) for n in names
                 ]  # what `without` drains for, as in `up`'s diff
-                # the router host last and undrained: restarting the router cuts what it carries anyway
-                drained = (
-                    contextlib.nullcontext()
-                    if name == router_name
-                    else drain.without(plan, HostDiff(plan, Facts(), restarts))
-                )
-                with drained:
+                # a router host's engines leave the other routers (its own router, restarting
+                # or not, keeps them: a router that restarts cuts what it carries anyway)
+                with drain.without(plan, HostDiff(plan, Facts(), restarts)):
                     progress.update(name, f"restart {', '.join(names)}")
                     conn.run(shlex.join(plan.supervisorctl("restart", *names)), timeout=600)
                     _wait_healthy(conn, plan, names, progress)
@@ -207,16 +202,14 @@ def _rolling_restart(
     return results
 
 
-def _open_drain(deployment, drain_class, router_name: str, accept_new_host_keys: bool):
-    """The router's facts (is it running, on which plan), then ``RouterDrain.open`` on them."""
-    cluster = deployment.cluster
-    router_plan = plan_cluster(cluster, [router_name])[0]
-    conn = deployment.conns[router_name] = connect(
-        router_plan.host, accept_new_host_keys=accept_new_host_keys
-    )
-    deployment.diffs[router_name] = HostDiff(
-        router_plan, gather(conn, router_plan, needs_gpus=False)
-    )
+def _open_drain(deployment, drain_class, router_names: list[str], accept_new_host_keys: bool):
+    """The routers' facts (which run, on which plan), then ``RouterDrain.open`` on them."""
+    for router_plan in plan_cluster(deployment.cluster, router_names):
+        name = router_plan.host.name
+        conn = deployment.conns[name] = connect(
+            router_plan.host, accept_new_host_keys=accept_new_host_keys
+        )
+        deployment.diffs[name] = HostDiff(router_plan, gather(conn, router_plan, needs_gpus=False))
     return drain_class.open(deployment)
 
 

@@ -123,6 +123,12 @@ class HostPlan:
     def supervisor_conf(self) -> str:
         return f"{self.dirs['supervisor']}/supervisord.conf"
 
+    @property
+    def keepalived_conf(self) -> str:
+        """keepalived's config for ``router.vip`` (router hosts; the host's keepalived service
+        includes it: docs/inventory.md)."""
+        return f"{self.dirs['config']}/keepalived.conf"
+
     def supervisorctl(self, *args: str) -> list[str]:
         return [self.python, "-m", "supervisor.supervisorctl", "-c", self.supervisor_conf, *args]
 
@@ -759,6 +765,13 @@ def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
         assert cluster.model.source is not None  # inventory._check_kv_index
         for name, content in tokenizer_files(cluster.model.source).items():
             plan.files.append(FileSpec(f"{tokenizer_dir}/{name}", content.decode("utf-8")))
+    health_url = f"{local_url(router.bind, router.port)}/health"
+    if router.vip.enabled:
+        from .keepalived import keepalived_conf
+
+        check = (plan.python, "-m", "stackctl.router.healthcheck", health_url)
+        text = keepalived_conf(cluster, plan.host, check)
+        plan.files.append(FileSpec(plan.keepalived_conf, text))
     plan.programs.append(
         ProgramSpec(
             name="router",
@@ -767,7 +780,7 @@ def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
             command=(plan.python, "-m", "stackctl.router", "--config", config_path),
             environment={"PYTHONHASHSEED": PYTHONHASHSEED},
             port=router.port,
-            health_url=f"{local_url(router.bind, router.port)}/health",
+            health_url=health_url,
             base_url=local_url(router.bind, router.port),
             startsecs=2,
         )

@@ -37,12 +37,12 @@ def render_up_summary(result: UpResult) -> None:
         if outcome.error and "\n" in outcome.error:
             console.print(f"[bold]{outcome.name}[/bold] ({outcome.step}):")
             console.print(outcome.error, markup=False)
+    urls = ", ".join(result.router_urls or [result.router_url])
+    label = "routers" if len(result.router_urls) > 1 else "router"
     if result.verified:
-        console.print(f"router: {result.router_url} (verified with a completion)")
+        console.print(f"{label}: {urls} (verified with a completion)")
     elif result.verify_error:
-        console.print(
-            f"router: {result.router_url} NOT verified: {result.verify_error}", markup=False
-        )
+        console.print(f"{label}: {urls} NOT verified: {result.verify_error}", markup=False)
 
 
 def up_document(result: UpResult) -> dict:
@@ -50,6 +50,7 @@ def up_document(result: UpResult) -> dict:
     return {
         "ok": result.ok,
         "router_url": result.router_url,
+        "router_urls": result.router_urls,
         "verified": result.verified,
         "verify_error": result.verify_error,
         "interrupted": result.interrupted,
@@ -133,7 +134,7 @@ def render_status(status: dict) -> None:
         count = len(engines) if isinstance(engines, list) else "?"
         healthy = sum(1 for e in engines if e.get("healthy")) if isinstance(engines, list) else "?"
         console.print(
-            f"router {status['router_url']}: {row['state']}, health {'ok' if row['healthy'] else 'FAIL'}, engines healthy {healthy}/{count}"
+            f"router {row.get('url') or status['router_url']}: {row['state']}, health {'ok' if row['healthy'] else 'FAIL'}, engines healthy {healthy}/{count}"
         )
     for entry in status["hosts"]:
         unit = entry.get("systemd") or {}

@@ -111,8 +111,24 @@ class ClientSettings:
 
 
 @dataclass(frozen=True)
+class VipSettings:
+    """``router.vip``: a virtual IP that keepalived (Debian's package) keeps on one healthy
+    router host, so that clients need one address however many routers run."""
+
+    address: str | None  # e.g. 10.0.0.100/24; null: no VIP (nothing is rendered)
+    interface: str | None  # the network interface on every router host that carries it
+    virtual_router_id: int  # VRRP's id, 1-255: unique among the VRRP groups of that network
+    advert_int_s: float  # how often the holder advertises; a backup takes over after ~3 of them
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+
+@dataclass(frozen=True)
 class RouterSettings:
-    host: str  # required: the inventory refuses a cluster without it before building this
+    # a host that runs a router besides those whose roles name `router` (the older spelling)
+    host: str | None
     port: int
     bind: str
     policy: Policy
@@ -141,6 +157,7 @@ class RouterSettings:
     max_prompt_chars: int | None
     write_timeout_s: float
     clients: Mapping[str, ClientSettings]  # named client keys, each with optional limits
+    vip: VipSettings
 
     @property
     def key_sources(self) -> tuple[tuple[str, str], ...]:

@@ -29,7 +29,12 @@ _DETAIL = re.compile(r"pid (\d+), uptime ([\d:]+(?: days?,? [\d:]+)?)")
 
 
 def _program_row(
-    plan: HostPlan, program, supervisor: SupervisorFacts, http: dict[str, HttpAnswer], model: str
+    plan: HostPlan,
+    program,
+    supervisor: SupervisorFacts,
+    http: dict[str, HttpAnswer],
+    model: str,
+    router_url: str,
 ) -> dict:
     info = supervisor.programs.get(program.name)
     match = _DETAIL.search(info.detail if info else "")
@@ -54,6 +59,7 @@ def _program_row(
             except Exception as exc:  # noqa: BLE001 - a malformed exposition must not hide the rest
                 row["metrics_error"] = f"unparseable /metrics: {exc}"
     if program.kind == "router":
+        row["url"] = router_url
         engines = http.get(program.url("/engines"))
         if engines is not None and engines["status"] == 200:
             try:
@@ -102,7 +108,10 @@ def host_status(cluster: Cluster, plan: HostPlan, accept_new_host_keys: bool = F
         answers = probe_http(conn, interpreter, requests) if requests else []
         http = {a["url"]: a for a in answers}
         entry["programs"] = [
-            _program_row(plan, p, facts.supervisor, http, cluster.model.name) for p in plan.programs
+            _program_row(
+                plan, p, facts.supervisor, http, cluster.model.name, cluster.router_url_of(host)
+            )
+            for p in plan.programs
         ]
     except StackctlError as exc:
         entry["error"] = str(exc)
@@ -122,6 +131,7 @@ def cluster_status(
         "cluster": cluster.name,
         "profile": cluster.profile,
         "router_url": cluster.router_url,
+        "router_urls": [cluster.router_url_of(h) for h in cluster.router_hosts],
         "hosts": entries,
         "overall": overall(entries),
     }
