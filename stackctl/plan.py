@@ -769,7 +769,9 @@ def _plan_router(cluster: Cluster, plan: HostPlan, context: dict) -> None:
     if router.vip.enabled:
         from .keepalived import keepalived_conf
 
-        check = (plan.python, "-m", "stackctl.router.healthcheck", health_url)
+        # through env: keepalived resolves a link in the script's path, and a venv's python
+        # is one (the base interpreter would lack stackctl)
+        check = ("/usr/bin/env", plan.python, "-m", "stackctl.router.healthcheck", health_url)
         text = keepalived_conf(cluster, plan.host, check)
         plan.files.append(FileSpec(plan.keepalived_conf, text))
     plan.programs.append(

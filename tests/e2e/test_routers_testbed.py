@@ -3,8 +3,9 @@ testbed, deployed by `up` as an operator would. Each router routes to every engi
 change drains an engine out of both routers; a client that retries on the other router loses
 no request when one router dies, nor through `restart --rolling` of everything.
 
-Clients reach the routers by their own addresses here (what DNS round robin gives a client);
-tests/e2e/test_keepalived_testbed.py covers one VIP in front of them.
+Clients reach the routers by their own addresses (what DNS round robin gives a client), then
+through one VIP that keepalived (Debian's package) moves to the other router host when the
+router holding it stops, from the keepalived.conf that `up` rendered on each.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Fleet:
             "lmcache": {"enabled": False},
             "sim": {"hardware": "a100-80gb", "time_scale": 10},
         }
+        self.router: dict = {"port": ROUTER_PORT, "bind": "0.0.0.0", "health_interval_s": 0.5}
 
     @property
     def inventory(self) -> Path:
@@ -54,8 +56,9 @@ class Fleet:
     def urls(self) -> list[str]:
         return [f"http://{h.address}:{ROUTER_PORT}" for h in self.routers]
 
-    def write_inventory(self, **engine) -> None:
+    def write_inventory(self, router: dict | None = None, **engine) -> None:
         self.engine.update(engine)
+        self.router.update(router or {})
         hosts = [{"name": h.name, "address": h.address, "roles": ["router"]} for h in self.routers]
         hosts += [{"name": h.name, "address": h.address} for h in self.engines]
         inventory = {
@@ -67,7 +70,7 @@ class Fleet:
             "ssh": self.testbed.inventory_ssh_block(),
             "model": {"name": MODEL},
             "engine": self.engine,
-            "router": {"port": ROUTER_PORT, "bind": "0.0.0.0", "health_interval_s": 0.5},
+            "router": self.router,
             "hosts": hosts,
         }
         self.inventory.write_text(yaml.safe_dump(inventory, sort_keys=False))
@@ -113,11 +116,12 @@ def fleet(testbed_factory, tmp_path_factory):
 
 
 class RetryingClient:
-    """Workers sending completions to the first router, each retried once on the other router
-    when it fails in any way (refused, cut, 5xx): what a client given both addresses does."""
+    """Workers sending completions to the first URL, each retried on the second when it fails
+    in any way (refused, cut, 5xx): what a client given both routers' addresses does. With one
+    URL (a VIP), retried on it for up to ``patience_s``."""
 
-    def __init__(self, urls: list[str], workers: int = 3):
-        self.urls = urls
+    def __init__(self, urls: list[str], workers: int = 3, patience_s: float = 0):
+        self.urls, self.patience_s = urls, patience_s
         self.stop = threading.Event()
         self.ok = self.retried = 0
         self.lost: list[str] = []
@@ -146,7 +150,11 @@ class RetryingClient:
                 return
             prompt = f"user {worker} turn {n}: " + "how do several routers agree? " * 6
             first = self.once(self.urls[0], prompt)
-            second = first and self.once(self.urls[1], prompt)
+            second = first and self.once(self.urls[-1], prompt)
+            deadline = time.monotonic() + self.patience_s
+            while second and time.monotonic() < deadline:
+                time.sleep(0.25)
+                second = self.once(self.urls[-1], prompt)
             with self.lock:
                 if not first:
                     self.ok += 1
@@ -229,3 +237,62 @@ def test_a_rolling_restart_of_everything_loses_nothing_for_a_retrying_client(fle
     assert client.lost == [], client.lost[:5]
     assert client.ok > 20
     assert fleet.status()["overall"] == "healthy"
+
+
+# ---------------------------------------------------------------- one VIP in front (keepalived)
+
+
+def vip_holders(fleet: Fleet, vip: str) -> list[str]:
+    return [
+        h.name
+        for h in fleet.routers
+        if f" {vip}/" in fleet.testbed.exec_in(h, "ip -4 -o addr show dev eth0").stdout
+    ]
+
+
+def start_keepalived(fleet: Fleet, host) -> None:
+    """keepalived on ``host`` from the config `up` rendered, as Debian's keepalived.service runs
+    it (daemonised; pid files of its own: the testbed's hosts share /run)."""
+    conf = f"{fleet.testbed.deploy_dir}/config/keepalived.conf"
+    run = f"{fleet.testbed.deploy_dir}/run"
+    fleet.testbed.exec_in(
+        host,
+        f"keepalived --use-file={conf} --pid={run}/keepalived.pid "
+        f"--vrrp_pid={run}/keepalived-vrrp.pid --checkers_pid={run}/keepalived-checkers.pid",
+    )
+
+
+def test_a_vip_moves_to_the_other_router_when_the_one_holding_it_stops(fleet):
+    vip = str(fleet.testbed.network[200])
+    fleet.write_inventory(router={"vip": {"address": f"{vip}/24", "interface": "eth0"}})
+    run = fleet.stackctl("up", "--yes")
+    assert run.returncode == 0, run
+    for host in fleet.routers:
+        conf = (host.deploy_source / "config" / "keepalived.conf").read_text()
+        assert f"{vip}/24 dev eth0" in conf
+        start_keepalived(fleet, host)
+    wait_until(lambda: len(vip_holders(fleet, vip)) == 1, timeout=30, what="one VIP holder")
+    (holder,) = vip_holders(fleet, vip)
+    other = next(h for h in fleet.routers if h.name != holder)
+    url = f"http://{vip}:{ROUTER_PORT}"
+    with RetryingClient([url], patience_s=20) as client:
+        wait_until(lambda: client.ok >= 10, timeout=60, what="requests through the VIP")
+        stopped = time.monotonic()
+        supervisorctl(fleet, holder, "stop", "router")  # down for good (kill -9: back in ~1 s)
+        wait_until(lambda: vip_holders(fleet, vip) == [other.name], timeout=30, what="the move")
+        moved_s = time.monotonic() - stopped
+        at_move = client.ok
+        wait_until(lambda: client.ok >= at_move + 20, timeout=90, what="requests after it")
+    print(f"\n[vip] moved from {holder} to {other.name} {moved_s:.1f} s after its router stopped")
+    assert client.lost == [], client.lost[:5]
+    assert client.retried >= 1, "no request met the stopped router: failover was not tested"
+    assert moved_s < 15
+    supervisorctl(fleet, holder, "start", "router")  # back, healthy: it does not take the VIP back
+    time.sleep(6)
+    assert vip_holders(fleet, vip) == [other.name]
+
+
+def supervisorctl(fleet: Fleet, host_name: str, *args: str) -> None:
+    conf = f"{fleet.testbed.deploy_dir}/supervisor/supervisord.conf"
+    command = [sys.executable, "-m", "supervisor.supervisorctl", "-c", conf, *args]
+    fleet.testbed.exec_in(host_name, command)

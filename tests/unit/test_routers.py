@@ -128,3 +128,22 @@ def test_a_dns_named_router_may_give_its_cluster_address(tmp_path):
         "address: 10.0.0.11,", "address: head-b.example, cluster_address: 10.0.0.11,"
     )
     assert len(load_inventory(write(tmp_path, text)).router_hosts) == 2
+
+
+def test_each_router_host_gets_its_keepalived_conf_and_engine_hosts_none(tmp_path):
+    cluster = load_inventory(write(tmp_path, TWO.replace("router: {port: 8080}", VIP)))
+    plans = {p.host.name: p for p in plan_cluster(cluster)}
+    confs = {}
+    for name, plan in plans.items():
+        conf = [f.content for f in plan.files if f.path == plan.keepalived_conf]
+        if name.startswith("gpu"):
+            assert conf == []
+            continue
+        (confs[name],) = conf
+        # the router's own health, through env (a venv's python is a link keepalived resolves)
+        health = f'"/usr/bin/env {plan.python} -m stackctl.router.healthcheck http://127.0.0.1:8080/health"'
+        assert health in confs[name]
+        assert "10.0.0.100/24 dev eth0" in confs[name]
+    assert "priority 200" in confs["head-a"] and "priority 190" in confs["head-b"]
+    assert "unicast_peer {\n        10.0.0.11\n" in confs["head-a"]
+    assert "unicast_peer {\n        10.0.0.10\n" in confs["head-b"]
