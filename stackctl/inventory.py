@@ -1224,7 +1224,8 @@ def _kv_event_endpoints(cluster: Cluster, engine: Engine) -> KvEventEndpoints | 
     )
 
 
-INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")  # Linux's IFNAMSIZ - 1, no spaces
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # Linux's IFNAMSIZ - 1, no spaces
+VIP_MAX_ROUTERS = 20  # keepalived.PRIORITY_FIRST / PRIORITY_STEP: distinct VRRP priorities
 
 
 def _check_vip(doc: _Doc, cluster: Cluster) -> None:
@@ -1244,7 +1245,7 @@ def _check_vip(doc: _Doc, cluster: Cluster) -> None:
     if vip.interface is None or not INTERFACE_NAME.fullmatch(vip.interface):
         raise doc.error(
             (*where, "interface") if vip.interface is not None else where,
-            f"router.vip needs the network interface that carries the VIP on every router host (got {vip.interface!r}); set interface, e.g. interface: eth0 (up to 15 letters, digits, '_', '.', ':', '@', '-').",
+            f"router.vip needs the network interface that carries the VIP on every router host (got {vip.interface!r}); set interface, e.g. interface: eth0 (up to 15 letters, digits, '_', '.', '-').",
         )
     if not 1 <= vip.virtual_router_id <= 255:
         raise doc.error(
@@ -1255,6 +1256,11 @@ def _check_vip(doc: _Doc, cluster: Cluster) -> None:
         raise doc.error(
             (*where, "advert_int_s"),
             f"router.vip.advert_int_s {vip.advert_int_s} must be whole seconds, 1-255 (VRRP version 2).",
+        )
+    if len(cluster.router_hosts) > VIP_MAX_ROUTERS:
+        raise doc.error(
+            where,
+            f"router.vip: {len(cluster.router_hosts)} router hosts, but one VIP is shared by at most {VIP_MAX_ROUTERS}; give the others no router role, or no VIP.",
         )
     for host in cluster.router_hosts:
         i = cluster.hosts.index(host)

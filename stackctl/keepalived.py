@@ -18,20 +18,19 @@ import math
 import re
 from collections.abc import Sequence
 
-from .inventory import Cluster, Host
+from .inventory import INTERFACE_NAME, VIP_MAX_ROUTERS, Cluster, Host
 from .roles import render
 from .router.healthcheck import DEFAULT_TIMEOUT_S
 
 TEMPLATE = "shared/keepalived.conf.j2"
 PRIORITY_FIRST = 200  # the first router host's; VRRP priorities are 1-254 (255: address owner)
-PRIORITY_STEP = 10
+PRIORITY_STEP = PRIORITY_FIRST // VIP_MAX_ROUTERS
 FALL = 3  # failed checks in a row before the host gives the VIP up (~3 s at interval 1)
 RISE = 2  # passed checks in a row before a recovered host may hold it again
 # the script's own limit: the health check's timeout plus a margin for Python's start-up
 SCRIPT_TIMEOUT_S = math.ceil(DEFAULT_TIMEOUT_S) + 1
 # what an interpolated value may hold: enough for paths, URLs, user and interface names
 _WORD = re.compile(r"[A-Za-z0-9_./:@%+=,\[\]-]+")
-_INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # Linux: at most 15 bytes (IFNAMSIZ - 1)
 
 
 def keepalived_conf(cluster: Cluster, host: Host, health_command: Sequence[str]) -> str:
@@ -61,7 +60,7 @@ def keepalived_conf(cluster: Cluster, host: Host, health_command: Sequence[str])
         if ip == address.ip:
             raise ValueError(f"router.vip.address {address.ip} is host {h.name}'s own address")
     interface = vip.interface
-    if interface is None or not _INTERFACE.fullmatch(interface):
+    if interface is None or not INTERFACE_NAME.fullmatch(interface):
         raise ValueError(
             f"router.vip.interface {interface!r}: name the network interface that carries the VIP on every router host (letters, digits, '_', '.', '-'; at most 15)"
         )
