@@ -65,6 +65,16 @@ class CacheStats:
     cpu_hits: float = 0.0
     generation_tokens: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)
+    # each engine's prompt tokens looked up (its prefill work, cached or not), by URL
+    engine_queries: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def busiest_share(self) -> float | None:
+        """The busiest engine's prompt tokens over the fair share (the engines' mean): 1.0 is
+        perfect balance, 8.0 on 8 engines is everything on one."""
+        work = list(self.engine_queries.values())
+        total = sum(work)
+        return max(work) * len(work) / total if total else None
 
     @property
     def gpu_hit_rate(self) -> float | None:
@@ -83,6 +93,7 @@ class CacheStats:
             "cpu_queries": self.cpu_queries,
             "cpu_hits": self.cpu_hits,
             "cpu_hit_rate": self.cpu_hit_rate,
+            "busiest_engine_share": self.busiest_share,
             "server_generation_tokens": self.generation_tokens,
             "scrape_errors": self.errors,
         }
@@ -103,7 +114,8 @@ def cache_stats(before: dict[str, dict | str], after: dict[str, dict | str]) -> 
             stats.errors[url] = end if isinstance(end, str) else str(start or "not scraped before")
             continue
         stats.engines += 1
-        stats.gpu_queries += _delta(start, end, PREFIX_QUERIES)
+        stats.engine_queries[url] = _delta(start, end, PREFIX_QUERIES)
+        stats.gpu_queries += stats.engine_queries[url]
         stats.gpu_hits += _delta(start, end, PREFIX_HITS)
         stats.cpu_queries += _delta(start, end, EXTERNAL_QUERIES)
         stats.cpu_hits += _delta(start, end, EXTERNAL_HITS)

@@ -103,6 +103,7 @@ def point_rows(records: Sequence[Record], points: Sequence[PointResult]) -> list
                 ),
                 "gpu_hit_rate": cache.get("gpu_hit_rate"),
                 "cpu_hit_rate": cache.get("cpu_hit_rate"),
+                "busiest_engine_share": cache.get("busiest_engine_share"),
                 "lag_p99_s": pacing.get("lag_p99_s"),
                 "lag_max_s": pacing.get("lag_max_s"),
                 "waited_for_idle_user": pacing.get("waited_for_idle_user"),
@@ -180,11 +181,12 @@ def markdown(
         "",
         "TTFT in seconds over successful requests. Throughput: output tokens/s over the point "
         "(window + drain). Lag: how late the client sent requests (p99/max, s); "
-        "waits: arrivals that found no idle user.",
+        "waits: arrivals that found no idle user. Busiest: the busiest engine's prompt tokens "
+        "over the engines' mean (1.00: balanced).",
         "",
         "| profile | QPS target | achieved | requests | errors | TTFT mean | p50 | p90 | p99 "
-        "| gen tok/s | GPU hit | CPU hit | lag p99 | lag max | waits |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gen tok/s | GPU hit | CPU hit | busiest | lag p99 | lag max | waits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if rows:  # an availability run alone has no sweep to tabulate
         lines += sweep
@@ -193,7 +195,8 @@ def markdown(
             f"| {r['profile']} | {r['qps_target']:g} | {_fmt(r['achieved_qps'], 2)} | {r['requests']} "
             f"| {r['errors']} | {_fmt(r['ttft_mean_s'])} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p90_s'])} "
             f"| {_fmt(r['ttft_p99_s'])} | {_fmt(r['generation_tokens_per_s'], 1)} | {_pct(r['gpu_hit_rate'])} "
-            f"| {_pct(r['cpu_hit_rate'])} | {_fmt(r['lag_p99_s'])} | {_fmt(r['lag_max_s'])} "
+            f"| {_pct(r['cpu_hit_rate'])} | {_fmt(r.get('busiest_engine_share'), 2)} "
+            f"| {_fmt(r['lag_p99_s'])} | {_fmt(r['lag_max_s'])} "
             f"| {_fmt(r['waited_for_idle_user'])} |"
         )
     if rows:

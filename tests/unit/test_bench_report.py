@@ -153,6 +153,10 @@ def test_parse_counters_and_hit_rates():
     assert stats.cpu_hit_rate == pytest.approx(200 / 1000)
     assert stats.generation_tokens == 100 + 7
     assert "c" in stats.errors
+    # a: 1000 prompt tokens, b: 30 (after its reset): the busiest has 1000 of a fair 515
+    assert stats.busiest_share == pytest.approx(1000 / 515)
+    assert stats.summary()["busiest_engine_share"] == stats.busiest_share
+    assert cache_stats({"a": before["a"]}, {"a": before["a"]}).busiest_share is None  # idle
 
 
 def test_write_report_files(tmp_path):
