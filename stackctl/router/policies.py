@@ -355,9 +355,11 @@ class KvAwarePolicy(Policy):
     (which would cost each of them cache room). A prompt that no engine holds more of than the
     others, or of which no engine holds more than its leading system messages (a new
     conversation), goes, among the
-    engines not busier than average, to the one that was given the fewest such new prompts
-    lately, so conversations are spread evenly by count rather than by a momentary in-flight
-    snapshot (an uneven split of long-lived conversations is what later forces spills). The
+    engines not busier than average and given about the fewest such new prompts lately (a
+    quarter of the fair share of slack), to the one holding most of it (its system prompt),
+    so conversations are spread evenly by count rather than by a momentary in-flight snapshot
+    (an uneven split of long-lived conversations is what later forces spills) while each
+    system prompt stays where it is cached. The
     chosen engine's index then records the prompt: the engine caches it while serving it. No
     network round trip. The indexes and placement counts live here, keyed by backend, and
     follow the pool's hooks (cleared on ejection, resized on a capacity change, dropped with
@@ -366,6 +368,7 @@ class KvAwarePolicy(Policy):
 
     name = "kv_aware"
     PLACEMENT_DECAY = 1 - 1 / 512  # placements count over roughly the last 512 new prompts
+    PLACEMENT_SLACK = 0.25  # of the fair share: how uneven new conversations may be placed
 
     def __init__(
         self,
@@ -433,25 +436,35 @@ class KvAwarePolicy(Policy):
         }
 
     # -- choice --------------------------------------------------------------------------------
-    def _place_new(self, backends: Sequence[Backend], mean: float) -> Backend:
-        """Fewest recent placements among the backends at or below the mean load."""
+    def _place_new(
+        self, backends: Sequence[Backend], mean: float, held: Mapping[Backend, float]
+    ) -> Backend:
+        """A new conversation: among the backends (not above the cap: those in ``held``)
+        whose recent placements are within ``PLACEMENT_SLACK`` of the fewest, the best by the
+        kv_aware score on what it holds of the prompt (``held``, a fraction: its system prompt,
+        so that each application's own system prompt stays where it is cached), then the
+        fewest placed, then the least loaded. The slack keeps conversations spread by count;
+        without the score inside it, many distinct system prompts would be spread as if no
+        engine held any."""
         placed = self._placed
+        fewest = min(placed.get(b, 0.0) for b in held)
+        fair = sum(placed.values()) / len(backends)
+        limit = fewest + self.PLACEMENT_SLACK * fair + 1.0  # one conversation, at least
+        norm = mean + 1
         best = None
-        best_count = 0.0
-        for backend in backends:
-            if backend.inflight > mean:
-                continue
+        best_key = (0.0, 0.0, 0)
+        for backend, fraction in held.items():
             count = placed.get(backend, 0.0)
-            if (
-                best is None
-                or count < best_count
-                or (count == best_count and backend.inflight < best.inflight)
-            ):
-                best, best_count = backend, count
-        if best is None:  # unreachable: some backend is at or below the mean
-            best = self._least_loaded(backends)
-        for key in placed:  # forget old placements: those conversations end
-            placed[key] *= self.PLACEMENT_DECAY
+            if count > limit:
+                continue
+            load = backend.inflight
+            score = fraction - self.beta * (load - mean) / norm if load > mean else fraction
+            key = (score, -count, -load)
+            if best is None or key > best_key:
+                best, best_key = backend, key
+        assert best is not None  # the fewest placed is always within the limit
+        for backend in placed:  # forget old placements: those conversations end
+            placed[backend] *= self.PLACEMENT_DECAY
         placed[best] = placed.get(best, 0.0) + 1.0
         return best
 
@@ -513,6 +526,7 @@ class KvAwarePolicy(Policy):
         best_score = best_fraction = best_tokens = 0.0
         least_fraction = None
         conversation_held = False  # some engine holds part of the prompt past its shared prefix
+        fractions: dict[Backend, float] = {}
         for i in range(n):
             backend = backends[(start + i) % n]
             load = backend.inflight
@@ -521,6 +535,7 @@ class KvAwarePolicy(Policy):
             fraction, tokens, own = (
                 held(backend, request, hashes, prompt_chars) if indexed else (0.0, 0.0, False)
             )
+            fractions[backend] = fraction
             conversation_held = conversation_held or own
             if least_fraction is None or fraction < least_fraction:
                 least_fraction = fraction
@@ -533,9 +548,10 @@ class KvAwarePolicy(Policy):
             # The cache tells the backends apart for none of this prompt, or only by its
             # system prompt (a new conversation: engines that happen to hold the system prompt
             # would otherwise take every new conversation, and an engine that never got one
-            # would never get any): place it for balance. (best is never None: the least
-            # loaded backend is never above the cap.)
-            best = self._place_new(backends, mean)
+            # would never get any): place it for balance, where its system prompt is cached
+            # when that keeps the balance. (best is never None: the least loaded backend is
+            # never above the cap.)
+            best = self._place_new(backends, mean, fractions)
             best_tokens = held(best, request, hashes, prompt_chars)[1] if indexed else 0.0
         if hashes:
             self.index(best).insert(hashes)  # kept with events too: the fallback stays warm
@@ -600,6 +616,7 @@ class CostPolicy(KvAwarePolicy):
         best_tiers = unindexed
         most_held = least_held = None
         conversation_held = False
+        held_fractions: dict[Backend, float] = {}
         for i in range(n):
             backend = backends[(start + i) % n]
             if backend.inflight > cap:
@@ -608,6 +625,7 @@ class CostPolicy(KvAwarePolicy):
             prompt_tokens, gpu, cpu, own = tiers
             conversation_held = conversation_held or own
             held = gpu + cpu
+            held_fractions[backend] = held / (prompt_tokens or 1.0)
             most_held = held if most_held is None else max(most_held, held)
             least_held = held if least_held is None else min(least_held, held)
             timing = backend.timing
@@ -621,7 +639,7 @@ class CostPolicy(KvAwarePolicy):
             if cost < best_cost:
                 best, best_cost, best_tiers = backend, cost, tiers
         if best is None or most_held == least_held or not conversation_held:
-            best = self._place_new(backends, mean)
+            best = self._place_new(backends, mean, held_fractions)
             best_tiers = self.tiers(best, request, hashes, prompt_chars) if indexed else unindexed
         if hashes:
             self.index(best).insert(hashes)
