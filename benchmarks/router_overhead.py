@@ -11,12 +11,34 @@ benchmarks/aiohttp_upstream.py), ``vllm-rr`` and ``vllm-cache``
 (``vllm-router`` from PyPI, round_robin / cache_aware; skipped when not installed, pass
 ``--vllm-router PATH`` or put ``vllm-router`` on PATH).
 
+KV events (issue 14), opt-in: ``direct-sim``, ``ours-kv-sim`` (kv_aware, ``kv_index: estimate``)
+and ``ours-kv-events`` (kv_aware, ``kv_index: events``) run against 4 simulator engines
+(``python -m stackctl.sim``, a fast profile at ``--sim-time-scale`` so modelled time is near
+zero) that publish vLLM-format KV events on ipc:// sockets, as a local fleet `up` deployed
+with ``kv_index: events`` does; only the events router subscribes, and both routers tokenize
+with the simulator's tokenizer (no ``tokenizer_dir``, as `up` renders it for a sim fleet).
+Each row (target and concurrency) gets 4 fresh engines and router (empty caches, event seq
+from 0), so both routers start from identical engines; the engines' caches hold
+``--engine-cache-groups`` whole requests plus those the row's concurrency keeps in flight on
+one engine (``--sim-gpu-blocks`` overrides), so they evict about as the modelled LRU does.
+Their "vs direct" and "added" are against ``direct-sim`` (the same engines without a router;
+added before them when not listed), not ``direct``:
+
+    python -m benchmarks.router_overhead --targets direct-sim ours-kv-sim ours-kv-events
+
+Two columns come with them: "engine cached" (the cached prompt tokens the engines report in
+``usage.prompt_tokens_details.cached_tokens``, over prompt tokens) and "engine CPU ms/req"
+(all 4 engines', e.g. what publishing events to a subscriber costs them).
+
 Workload: each prompt is ~2 KB of chat: a system prompt picked from ``--groups`` shared
 prefixes (75% of the characters) plus a unique user message (25%). Each engine is modelled as
 holding at most ``--engine-cache-groups`` shared prefixes (LRU, tracked by the client from the
-engine name each answer carries); "prefix hit" is the fraction of requests whose shared
-prefix went to an engine that held it. With 64 groups and room for 24 per engine, a
-cache-blind policy hits ~24/64 while a prefix-aware one can hit ~1.0.
+engine name each answer carries, else the router's engine header, else the URL's engine);
+"prefix hit" is the fraction of requests whose shared prefix went to an engine that held it.
+With 64 groups and room for 24 per engine, a cache-blind policy hits ~24/64 while a
+prefix-aware one can hit ~1.0. (Every request here is a new conversation sharing only a
+system prompt: kv_aware places it where that system prompt is cached while the placements
+stay balanced.)
 
 The machine is noisy (shared hosts swing throughput by 20% from one 10 s window to the next),
 so the whole list of targets is run ``--rounds`` times (default 3), each round measuring
@@ -36,8 +58,10 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -47,11 +71,22 @@ from pathlib import Path
 
 import aiohttp
 
+from stackctl.router.app import ENGINE_HEADER
 from stackctl.testing import free_ports, wait_until_async
 
 ROOT = Path(__file__).resolve().parents[1]
-*ENGINE_PORTS, ROUTER_PORT = free_ports(5)  # picked once per run, reused by every target
+_PORTS = free_ports(9)  # picked once per run, reused by every target
+ENGINE_PORTS, ROUTER_PORT, SIM_PORTS = _PORTS[:4], _PORTS[4], _PORTS[5:]
 MODEL = "bench-model"
+#: Targets on simulator engines that publish KV events: the kv_index of each one's router
+#: (None: no router, the client spreads requests itself, the baseline of the others).
+SIM_TARGETS: dict[str, str | None] = {
+    "direct-sim": None,
+    "ours-kv-sim": "estimate",
+    "ours-kv-events": "events",
+}
+SIM_HARDWARE, SIM_MODEL_PROFILE = "h100-80gb", "tinyllama-1.1b"  # the fastest profiles
+SIM_BLOCK_SIZE = 16
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -85,19 +120,121 @@ def start_engines(core):
     return procs
 
 
-def write_our_config(policy: str, directory: str, options: dict | None = None) -> str:
+def baseline(target: str) -> str:
+    """The target without a router on the same engines as ``target``."""
+    return "direct-sim" if target in SIM_TARGETS else "direct"
+
+
+def sim_gpu_blocks(
+    bodies: list[tuple[int, bytes]], cache_groups: int, concurrency: int, engines: int
+) -> int:
+    """GPU KV blocks for one simulator engine: ``cache_groups`` whole requests (what the
+    modelled LRU behind "prefix hit" holds of shared prefixes) plus the requests its share of
+    ``concurrency`` keeps in flight, whose blocks are pinned, so none waits for room."""
+    from stackctl.tokenizer import count_tokens, render_chat
+
+    sample = [json.loads(body) for _, body in bodies[:256]]
+    tokens = sum(count_tokens(render_chat(b["messages"])) + b["max_tokens"] for b in sample)
+    per_request = math.ceil(tokens / (len(sample) * SIM_BLOCK_SIZE))
+    return per_request * (cache_groups + math.ceil(concurrency / engines))
+
+
+def sim_endpoints(directory: str, i: int):
+    """Engine ``i``'s KV event endpoints: Unix sockets, as `up` gives a local fleet."""
+    from stackctl.inventory import KvEventEndpoints
+
+    pub, replay = f"ipc://{directory}/kv-e{i}.sock", f"ipc://{directory}/kv-e{i}-replay.sock"
+    return KvEventEndpoints(pub, replay, pub, replay)
+
+
+def start_sim_engines(core, directory: str, blocks: int, time_scale: float):
+    from stackctl.plan import kv_events_config
+
+    procs = []
+    for i, port in enumerate(SIM_PORTS):
+        events = json.dumps(kv_events_config(sim_endpoints(directory, i)), separators=(",", ":"))
+        with open(os.path.join(directory, f"sim-e{i}.log"), "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    _taskset(core)
+                    + [
+                        sys.executable,
+                        "-m",
+                        "stackctl.sim",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--served-model-name",
+                        MODEL,
+                        "--hardware",
+                        SIM_HARDWARE,
+                        "--model-profile",
+                        SIM_MODEL_PROFILE,
+                        "--time-scale",
+                        str(time_scale),
+                        "--block-size",
+                        str(SIM_BLOCK_SIZE),
+                        "--num-gpu-blocks-override",
+                        str(blocks),
+                        "--kv-events-config",
+                        events,
+                    ],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return procs
+
+
+def stop(procs) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait()
+
+
+def write_our_config(
+    policy: str,
+    directory: str,
+    options: dict | None = None,
+    kv_index: str | None = None,
+    sim_blocks: int = 0,
+) -> str:
+    """router.yaml for the fake engines, or (``kv_index`` given) for the simulator engines:
+    their capacity declared as `up` declares a sim engine's, their event endpoints only
+    with ``kv_index: events`` (as `up` renders them: a router subscribes to any it is given)."""
     import yaml
 
-    path = os.path.join(directory, f"router-{policy}.yaml")
+    path = os.path.join(directory, f"router-{policy}-{kv_index or 'fake'}.yaml")
+    engines: list[dict]
+    if kv_index is None:
+        engines = [
+            {"name": f"e{i}", "url": f"http://127.0.0.1:{p}", "model": MODEL}
+            for i, p in enumerate(ENGINE_PORTS)
+        ]
+    else:
+        engines = []
+        for i, p in enumerate(SIM_PORTS):
+            entry = {
+                "name": f"e{i}",
+                "url": f"http://127.0.0.1:{p}",
+                "model": MODEL,
+                "cache_capacity_tokens": sim_blocks * SIM_BLOCK_SIZE,
+            }
+            if kv_index == "events":
+                endpoints = sim_endpoints(directory, i)
+                entry["kv_events"], entry["kv_events_replay"] = endpoints.connect, endpoints.replay
+            engines.append(entry)
     config = {
         "listen": {"host": "127.0.0.1", "port": ROUTER_PORT},
         "policy": policy,
-        "engines": [
-            {"name": f"e{i}", "url": f"http://127.0.0.1:{p}", "model": MODEL}
-            for i, p in enumerate(ENGINE_PORTS)
-        ],
+        "engines": engines,
         "health": {"interval_s": 2.0, "timeout_s": 2.0},
     }
+    if kv_index is not None:
+        config["kv_index"] = kv_index
     if options and policy == "kv_aware":
         config["policy_options"] = options
     with open(path, "w") as f:
@@ -106,7 +243,11 @@ def write_our_config(policy: str, directory: str, options: dict | None = None) -
 
 
 def router_command(
-    target: str, vllm_router: str | None, directory: str, kv_options: dict | None = None
+    target: str,
+    vllm_router: str | None,
+    directory: str,
+    kv_options: dict | None = None,
+    sim_blocks: int = 0,
 ) -> list[str] | None:
     if target.startswith("ours-"):
         policy = "round_robin" if target == "ours-rr" else "kv_aware"
@@ -117,7 +258,7 @@ def router_command(
             "-m",
             module,
             "--config",
-            write_our_config(policy, directory, kv_options),
+            write_our_config(policy, directory, kv_options, SIM_TARGETS.get(target), sim_blocks),
             "--log-level",
             "WARNING",
         ]
@@ -196,7 +337,8 @@ def peak_rss_mb(pid: int) -> float:
 
 
 # -- workload -------------------------------------------------------------------------------
-def make_bodies(n: int, groups: int, seed: int = 7) -> list[tuple[int, bytes]]:
+def make_bodies(n: int, groups: int, seed: int = 7, usage: bool = False) -> list[tuple[int, bytes]]:
+    """``n`` requests (shared-prefix group, body); ``usage``: ask for the usage chunk."""
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(5000)]
 
@@ -221,6 +363,8 @@ def make_bodies(n: int, groups: int, seed: int = 7) -> list[tuple[int, bytes]]:
                 {"role": "user", "content": f"request {i}: " + text(500)},
             ],
         }
+        if usage:
+            body["stream_options"] = {"include_usage": True}
         bodies.append((g, json.dumps(body).encode()))
     return bodies
 
@@ -237,6 +381,14 @@ class Stats:
         )
         self.recording = False
         self.per_engine: collections.Counter = collections.Counter()
+        self.prompt_tokens = self.cached_tokens = 0  # as the engines' usage chunks report
+
+    def observe_usage(self, stream: bytes) -> None:
+        """Add the prompt and cached tokens of a streamed answer's usage chunk (if any)."""
+        prompt, cached = USAGE_PROMPT.search(stream), USAGE_CACHED.search(stream)
+        if self.recording and prompt and cached:
+            self.prompt_tokens += int(prompt.group(1))
+            self.cached_tokens += int(cached.group(1))
 
     def observe_prefix(self, engine: bytes, group: int) -> None:
         cache = self.caches[engine]
@@ -252,6 +404,8 @@ class Stats:
 
 
 MARK = b'"system_fingerprint": "'
+USAGE_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
+USAGE_CACHED = re.compile(rb'"cached_tokens":\s*(\d+)')
 
 
 async def closed_loop(
@@ -261,9 +415,14 @@ async def closed_loop(
     warmup: float,
     duration: float,
     cache_groups: int,
-    sample=lambda: 0.0,
+    sample=lambda: (0.0,),
+    usage: bool = False,
 ):
-    """Run the load; returns (stats, seconds measured, ``sample()`` delta over them)."""
+    """Run the load; returns (stats, seconds measured, ``sample()``'s deltas over them).
+
+    The engine of an answer is the one its ``system_fingerprint`` names (fake engines), else
+    the one the router's engine header names, else the URL's (``direct`` on engines that do
+    not name themselves). ``usage``: read each answer whole for its usage chunk."""
     stats = Stats(cache_groups)
     connector = aiohttp.TCPConnector(limit=0)
     headers = {"Content-Type": "application/json"}
@@ -279,6 +438,7 @@ async def closed_loop(
             start = loop.time()
             first = None
             engine = b"?"
+            chunks = []
             try:
                 async with session.post(url, data=body, headers=headers) as resp:
                     async for chunk in resp.content.iter_any():
@@ -288,6 +448,12 @@ async def closed_loop(
                             if at >= 0:
                                 end = chunk.find(b'"', at + len(MARK))
                                 engine = chunk[at + len(MARK) : end]
+                            elif ENGINE_HEADER in resp.headers:
+                                engine = resp.headers[ENGINE_HEADER].encode()
+                            elif len(urls) > 1:
+                                engine = f"e{i % len(urls)}".encode()
+                        if usage:
+                            chunks.append(chunk)
                     ok = resp.status == 200
             except (TimeoutError, aiohttp.ClientError):
                 ok = False
@@ -296,6 +462,8 @@ async def closed_loop(
                 stats.errors += stats.recording
                 continue
             stats.observe_prefix(engine, group)
+            if usage:
+                stats.observe_usage(b"".join(chunks))
             if stats.recording:
                 stats.ttft.append(first - start)
                 stats.latency.append(end_t - start)
@@ -310,7 +478,7 @@ async def closed_loop(
         elapsed, s1 = loop.time() - t0, sample()
         stop_at[0] = 0
         await asyncio.gather(*tasks)
-    return stats, elapsed, s1 - s0
+    return stats, elapsed, tuple(b - a for a, b in zip(s0, s1, strict=True))
 
 
 def pct(values, q):
@@ -322,12 +490,55 @@ def pct(values, q):
 
 # -- driver ---------------------------------------------------------------------------------
 async def run_target(target, args, bodies, directory):
+    """The rows of ``target``. A simulator target runs each concurrency on 4 engines (and a
+    router) started for it alone, their caches sized for it (:func:`sim_gpu_blocks`)."""
+    if target not in SIM_TARGETS:
+        return await _run_target(target, args, bodies, directory, args.concurrency)
+    rows = []
+    for concurrency in args.concurrency:
+        blocks = args.sim_gpu_blocks or sim_gpu_blocks(
+            bodies, args.engine_cache_groups, concurrency, len(SIM_PORTS)
+        )
+        engines = start_sim_engines(args.client_core, directory, blocks, args.sim_time_scale)
+        try:
+            for port in SIM_PORTS:
+                try:
+                    await wait_ready(f"http://127.0.0.1:{port}/health")
+                except AssertionError:
+                    for i in range(len(SIM_PORTS)):
+                        log = Path(directory, f"sim-e{i}.log").read_text()[-2000:]
+                        print(f"--- sim-e{i}.log\n{log}", file=sys.stderr)
+                    raise
+            rows += await _run_target(
+                target, args, bodies, directory, [concurrency], engines, blocks
+            )
+        finally:
+            stop(engines)
+    return rows
+
+
+async def kv_views() -> dict:
+    """The events router's views of the engines (/engines): states and what went wrong."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{ROUTER_PORT}/engines") as r,
+    ):
+        views = [e["kv_events"] or {} for e in (await r.json())["engines"]]
+    out: dict = {"states": sorted(str(v.get("state")) for v in views)}
+    for key in ("gpu_blocks", "batches", "replayed", "gaps", "restarts", "orphans", "malformed"):
+        out[key] = sum(v.get(key) or 0 for v in views)
+    return out
+
+
+async def _run_target(target, args, bodies, directory, concurrencies, engines=(), sim_blocks=0):
     rows = []
     proc = None
     if target == "direct":
         urls = [f"http://127.0.0.1:{p}/v1/chat/completions" for p in ENGINE_PORTS]
+    elif target == "direct-sim":
+        urls = [f"http://127.0.0.1:{p}/v1/chat/completions" for p in SIM_PORTS]
     else:
-        cmd = router_command(target, args.vllm_router, directory, args.kv_options)
+        cmd = router_command(target, args.vllm_router, directory, args.kv_options, sim_blocks)
         if cmd is None:
             print(f"skipping {target}: vllm-router not found", file=sys.stderr)
             return rows
@@ -344,9 +555,13 @@ async def run_target(target, args, bodies, directory):
         await wait_ready(f"http://127.0.0.1:{ROUTER_PORT}/health")
         urls = [f"http://127.0.0.1:{ROUTER_PORT}/v1/chat/completions"]
     try:
-        for concurrency in args.concurrency:
-            sample = (lambda: cpu_seconds(proc.pid)) if proc else (lambda: 0.0)
-            stats, elapsed, cpu = await closed_loop(
+        for concurrency in concurrencies:
+
+            def sample():
+                router = cpu_seconds(proc.pid) if proc else 0.0
+                return router, sum(cpu_seconds(p.pid) for p in engines)
+
+            stats, elapsed, (cpu, engines_cpu) = await closed_loop(
                 urls,
                 bodies,
                 concurrency,
@@ -354,6 +569,7 @@ async def run_target(target, args, bodies, directory):
                 args.duration,
                 args.engine_cache_groups,
                 sample,
+                usage=target in SIM_TARGETS,
             )
             n = len(stats.latency)
             rows.append(
@@ -368,6 +584,8 @@ async def run_target(target, args, bodies, directory):
                     "lat_p50": pct(stats.latency, 0.5),
                     "lat_p99": pct(stats.latency, 0.99),
                     "cpu_ms_per_req": cpu * 1000 / n if proc and n else None,
+                    # the simulator engines' (all 4); fake engines are not measured
+                    "engine_cpu_ms_per_req": engines_cpu * 1000 / n if engines and n else None,
                     "peak_rss_mb": peak_rss_mb(proc.pid) if proc else None,
                     "prefix_hit": stats.hits / stats.lookups if stats.lookups else float("nan"),
                     "max_share": (
@@ -375,8 +593,13 @@ async def run_target(target, args, bodies, directory):
                         if n
                         else float("nan")
                     ),
+                    "engine_cached": (
+                        stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else None
+                    ),
                 }
             )
+            if SIM_TARGETS.get(target) == "events":
+                rows[-1]["kv_views"] = await kv_views()
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         if proc:
@@ -398,14 +621,19 @@ def median(values):
 
 
 def summarize(rows) -> list[dict]:
-    """One row per (target, concurrency): medians over rounds; ratios against the same round's direct."""
-    direct = {(r["round"], r["concurrency"]): r for r in rows if r["target"] == "direct"}
+    """One row per (target, concurrency): medians over rounds; ratios against the same
+    round's run without a router on the same engines (:func:`baseline`)."""
+    direct = {
+        (r["target"], r["round"], r["concurrency"]): r
+        for r in rows
+        if r["target"] in ("direct", "direct-sim")
+    }
     groups: dict = collections.defaultdict(list)
     for r in rows:
         groups[(r["target"], r["concurrency"])].append(r)
     out = []
     for (target, conc), runs in groups.items():
-        pairs = [(r, direct.get((r["round"], conc))) for r in runs]
+        pairs = [(r, direct.get((baseline(target), r["round"], conc))) for r in runs]
         pairs = [(r, d) for r, d in pairs if d is not None]
         summary = {
             key: median([r[key] for r in runs])
@@ -419,6 +647,8 @@ def summarize(rows) -> list[dict]:
                 "peak_rss_mb",
                 "prefix_hit",
                 "max_share",
+                "engine_cached",
+                "engine_cpu_ms_per_req",
             )
         }
         ratios = [r["rps"] / d["rps"] for r, d in pairs]
@@ -436,35 +666,55 @@ def summarize(rows) -> list[dict]:
     return out
 
 
+def _added(r, key: str) -> str:
+    value = r[key]
+    return (
+        "" if r["target"] == baseline(r["target"]) or value is None else f" ({value * 1000:+.2f})"
+    )
+
+
+def _or_dash(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _vs_direct(r) -> str:
+    if r["target"] == baseline(r["target"]):
+        return "1.00"
+    lo, hi = r["vs_direct_range"] or (None, None)
+    return f"{r['vs_direct']:.2f} [{lo:.2f}-{hi:.2f}]" if lo else "-"
+
+
+#: The table's columns: (header, cell); those named in SIM_COLUMNS only with simulator rows.
+COLUMNS = (
+    ("target", lambda r: r["target"]),
+    ("conc", lambda r: str(r["concurrency"])),
+    ("req/s", lambda r: f"{r['rps']:.0f}"),
+    ("vs direct [range]", _vs_direct),
+    ("TTFT p50 ms (added)", lambda r: f"{r['ttft_p50'] * 1000:.2f}{_added(r, 'added_ttft_p50')}"),
+    ("TTFT p99 ms", lambda r: f"{r['ttft_p99'] * 1000:.2f}"),
+    ("latency p50 ms (added)", lambda r: f"{r['lat_p50'] * 1000:.2f}{_added(r, 'added_lat_p50')}"),
+    ("latency p99 ms", lambda r: f"{r['lat_p99'] * 1000:.2f}"),
+    ("router CPU ms/req", lambda r: _or_dash(r["cpu_ms_per_req"], ".3f")),
+    ("engine CPU ms/req", lambda r: _or_dash(r["engine_cpu_ms_per_req"], ".3f")),
+    ("peak RSS MB", lambda r: _or_dash(r["peak_rss_mb"], ".0f")),
+    ("prefix hit", lambda r: f"{r['prefix_hit']:.2f}"),
+    ("engine cached", lambda r: _or_dash(r["engine_cached"], ".2f")),
+    ("max engine share", lambda r: f"{r['max_share']:.2f}"),
+    ("errors", lambda r: str(r["errors"])),
+)
+SIM_COLUMNS = ("engine CPU ms/req", "engine cached")
+
+
 def table(summaries) -> str:
+    """The markdown table; with simulator rows, two columns more: "engine CPU ms/req" (all 4
+    engines') and "engine cached" (the engines' cached prompt tokens / prompt tokens)."""
+    sim = any(r["engine_cached"] is not None for r in summaries)
+    columns = [c for c in COLUMNS if sim or c[0] not in SIM_COLUMNS]
     lines = [
-        "| target | conc | req/s | vs direct [range] | TTFT p50 ms (added) | TTFT p99 ms | "
-        "latency p50 ms (added) | latency p99 ms | router CPU ms/req | peak RSS MB | "
-        "prefix hit | max engine share | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(h for h, _ in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
-    for r in summaries:
-        is_direct = r["target"] == "direct"
-        lo, hi = r["vs_direct_range"] or (None, None)
-        rel = "1.00" if is_direct else (f"{r['vs_direct']:.2f} [{lo:.2f}-{hi:.2f}]" if lo else "-")
-        add_t = (
-            ""
-            if is_direct or r["added_ttft_p50"] is None
-            else f" ({r['added_ttft_p50'] * 1000:+.2f})"
-        )
-        add_l = (
-            ""
-            if is_direct or r["added_lat_p50"] is None
-            else f" ({r['added_lat_p50'] * 1000:+.2f})"
-        )
-        cpu = f"{r['cpu_ms_per_req']:.3f}" if r["cpu_ms_per_req"] is not None else "-"
-        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "-"
-        lines.append(
-            f"| {r['target']} | {r['concurrency']} | {r['rps']:.0f} | {rel} | "
-            f"{r['ttft_p50'] * 1000:.2f}{add_t} | {r['ttft_p99'] * 1000:.2f} | "
-            f"{r['lat_p50'] * 1000:.2f}{add_l} | {r['lat_p99'] * 1000:.2f} | {cpu} | {rss} | "
-            f"{r['prefix_hit']:.2f} | {r['max_share']:.2f} | {r['errors']} |"
-        )
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in summaries]
     return "\n".join(lines)
 
 
@@ -472,21 +722,21 @@ async def amain(args) -> int:
     if args.client_core is not None:
         os.sched_setaffinity(0, {args.client_core})
     bodies = make_bodies(4096, args.groups)
-    engines = start_engines(args.client_core)
+    sim_bodies = make_bodies(4096, args.groups, usage=True)  # the same prompts
+    on_fake = any(t not in SIM_TARGETS for t in args.targets)
+    engines = start_engines(args.client_core) if on_fake else []
     rows = []
     try:
-        for port in ENGINE_PORTS:
+        for port in ENGINE_PORTS if on_fake else ():
             await wait_ready(f"http://127.0.0.1:{port}/health")
         with tempfile.TemporaryDirectory() as directory:
             for round_no in range(args.rounds):
                 for target in args.targets:
-                    for row in await run_target(target, args, bodies, directory):
+                    which = sim_bodies if target in SIM_TARGETS else bodies
+                    for row in await run_target(target, args, which, directory):
                         rows.append({**row, "round": round_no})
     finally:
-        for p in engines:
-            p.terminate()
-        for p in engines:
-            p.wait()
+        stop(engines)
     summaries = summarize(rows)
     print(table(summaries))
     if args.json:
@@ -525,9 +775,25 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="policy_options for our kv_aware router, e.g. beta=0.5",
     )
+    parser.add_argument(
+        "--sim-time-scale",
+        type=float,
+        default=1000.0,
+        help="simulator engines' --time-scale (modelled time / this = real time)",
+    )
+    parser.add_argument(
+        "--sim-gpu-blocks",
+        type=int,
+        help="simulator engines' GPU KV blocks (default: room for --engine-cache-groups "
+        "requests plus those in flight)",
+    )
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
+    if any(SIM_TARGETS.get(t) for t in args.targets) and "direct-sim" not in args.targets:
+        first = next(i for i, t in enumerate(args.targets) if t in SIM_TARGETS)
+        args.targets.insert(first, "direct-sim")
+        print("adding direct-sim: the simulator targets' baseline", file=sys.stderr)
     args.kv_options = {
         k: float(v) if "." in v else int(v) for k, v in (o.split("=", 1) for o in args.kv_option)
     }
