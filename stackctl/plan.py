@@ -667,6 +667,8 @@ def router_engines(cluster: Cluster) -> list[dict]:
         endpoints = cluster.kv_event_endpoints(engine)
         if endpoints:
             entry["kv_events"], entry["kv_events_replay"] = endpoints.connect, endpoints.replay
+            if cluster.host(engine.host).engine.lmcache.enabled:  # LMCache publishes no events
+                entry["kv_events_gpu_only"] = True
         engines.append(entry)
     return engines
 

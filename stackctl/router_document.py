@@ -100,7 +100,7 @@ def client_limits(router: RouterSettings) -> dict:
 
 def _engine_entry(engine: dict) -> dict:
     entry = {"name": engine["name"], "url": engine["url"], "model": engine["model"]}
-    for key in ("cache_capacity_tokens", "kv_events", "kv_events_replay"):
+    for key in ("cache_capacity_tokens", "kv_events", "kv_events_replay", "kv_events_gpu_only"):
         if engine.get(key):
             entry[key] = engine[key]
     return entry

@@ -43,6 +43,7 @@ class Backend:
         "waiting",
         "kv_events",
         "kv_view",
+        "kv_events_gpu_only",
         "queued_tokens",
         "timing",
     )
@@ -68,6 +69,7 @@ class Backend:
         # (PUB endpoint, replay endpoint) of its KV-cache events, and what they say it holds
         self.kv_events = (config.kv_events, config.kv_events_replay) if config.kv_events else None
         self.kv_view: KvEventView | None = None  # made by kv_index.KvEvents when subscribed
+        self.kv_events_gpu_only = config.kv_events_gpu_only  # see BackendConfig
         # prompt tokens the requests here still have to prefill, as the policy predicted them
         # (added when sent, taken off at the first byte back): the cost policy's queue
         self.queued_tokens = 0.0
@@ -131,6 +133,7 @@ class BackendPool:
                 backend.configured_capacity_tokens = bc.cache_capacity_tokens
                 if backend.capacity_tokens != before:
                     resized.append(backend)
+            backend.kv_events_gpu_only = bc.kv_events_gpu_only
             new[bc.name] = backend
         added = [n for n in new if n not in old or old[n] is not new[n]]
         removed = [n for n in old if n not in new or old[n] is not new[n]]

@@ -76,6 +76,9 @@ class BackendConfig:
     cache_capacity_tokens: int | None = None
     kv_events: str | None = None  # the engine's KV-event PUB endpoint (tcp://host:port, ipc://)
     kv_events_replay: str | None = None  # its replay (ROUTER) endpoint
+    # its events report its GPU cache alone, while a CPU tier (LMCache, which publishes no
+    # events) holds what the GPU evicted: the estimate, sized to both, stands beside the view
+    kv_events_gpu_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,9 @@ def _engine(where: str, raw: Any) -> BackendConfig:
             )
     if endpoints["kv_events_replay"] and not endpoints["kv_events"]:
         raise RouterConfigError(f"{where}.kv_events_replay: needs kv_events")
+    gpu_only = raw.get("kv_events_gpu_only", False)
+    if not isinstance(gpu_only, bool):
+        raise RouterConfigError(f"{where}.kv_events_gpu_only: expected true or false")
     return BackendConfig(
         name=raw["name"],
         url=url,
@@ -278,6 +284,7 @@ def _engine(where: str, raw: Any) -> BackendConfig:
         cache_capacity_tokens=capacity,
         kv_events=endpoints["kv_events"],
         kv_events_replay=endpoints["kv_events_replay"],
+        kv_events_gpu_only=gpu_only,
     )
 
 

@@ -486,7 +486,7 @@ class KvAwarePolicy(Policy):
                     float(tokens),
                     tokens > request.shared_tokens,
                 )
-                if view.usable(backend.capacity_tokens):
+                if view.usable(backend.capacity_tokens) and not backend.kv_events_gpu_only:
                     return reported
         estimated = (0.0, 0.0, False)
         if hashes:
@@ -592,8 +592,13 @@ class CostPolicy(KvAwarePolicy):
             if view is not None and view.block_size and view.usable(backend.capacity_tokens):
                 size = view.block_size
                 gpu, anywhere = view.match(request.block_keys(size))
+                prompt_tokens = float(len(request.token_ids))
+                if backend.kv_events_gpu_only:  # the rest may be in a CPU tier it does not report
+                    fraction, _, own = self.held(backend, request, hashes, prompt_chars)
+                    held = max(fraction * prompt_tokens, float(gpu * size))
+                    return prompt_tokens, float(gpu * size), held - gpu * size, own
                 return (
-                    float(len(request.token_ids)),
+                    prompt_tokens,
                     float(gpu * size),
                     float((anywhere - gpu) * size),
                     anywhere * size > request.shared_tokens,
