@@ -71,11 +71,15 @@ class HostOutcome:
 @dataclass
 class UpResult:
     outcomes: dict[str, HostOutcome] = field(default_factory=dict)
-    router_url: str = ""  # the first router's (Cluster.router_url)
-    router_urls: list[str] = field(default_factory=list)  # every router's
+    router_urls: list[str] = field(default_factory=list)  # every router's, the first first
     verified: bool = False
     verify_error: str = ""
     interrupted: bool = False  # Ctrl-C: hosts with status INTERRUPTED were left half-done
+
+    @property
+    def router_url(self) -> str:
+        """The first router's (Cluster.router_url)."""
+        return self.router_urls[0] if self.router_urls else ""
 
     @property
     def ok(self) -> bool:
@@ -116,10 +120,7 @@ class Deployment:
         self.options = options
         self.progress = progress
         self.confirm = confirm
-        self.result = UpResult(
-            router_url=cluster.router_url,
-            router_urls=[cluster.router_url_of(h) for h in cluster.router_hosts],
-        )
+        self.result = UpResult(router_urls=cluster.router_urls)
         self.conns: dict[str, Connector] = {}
         self.diffs: dict[str, HostDiff] = {}
         self.facts: dict[str, Facts] = {}  # the hosts that answered, before they are diffed

@@ -283,6 +283,11 @@ class Cluster:
     def router_url_of(self, host: Host) -> str:
         return f"http://{_url_host(host.address)}:{self.router.port}"
 
+    @property
+    def router_urls(self) -> list[str]:
+        """Every router's URL, in :attr:`router_hosts` order."""
+        return [self.router_url_of(h) for h in self.router_hosts]
+
     def kv_event_endpoints(self, engine: Engine) -> KvEventEndpoints | None:
         """Where ``engine`` publishes its KV events and the router reaches them (None unless
         ``router.kv_index: events``)."""

@@ -37,7 +37,7 @@ def render_up_summary(result: UpResult) -> None:
         if outcome.error and "\n" in outcome.error:
             console.print(f"[bold]{outcome.name}[/bold] ({outcome.step}):")
             console.print(outcome.error, markup=False)
-    urls = ", ".join(result.router_urls or [result.router_url])
+    urls = ", ".join(result.router_urls)
     label = "routers" if len(result.router_urls) > 1 else "router"
     if result.verified:
         console.print(f"{label}: {urls} (verified with a completion)")

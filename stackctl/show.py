@@ -118,6 +118,6 @@ def plan_document(cluster: Cluster, plans: list[HostPlan]) -> dict:
         "cluster": cluster.name,
         "profile": cluster.profile,
         "router_url": cluster.router_url,
-        "router_urls": [cluster.router_url_of(h) for h in cluster.router_hosts],
+        "router_urls": cluster.router_urls,
         "hosts": [host(p) for p in plans],
     }

@@ -131,7 +131,7 @@ def cluster_status(
         "cluster": cluster.name,
         "profile": cluster.profile,
         "router_url": cluster.router_url,
-        "router_urls": [cluster.router_url_of(h) for h in cluster.router_hosts],
+        "router_urls": cluster.router_urls,
         "hosts": entries,
         "overall": overall(entries),
     }
