@@ -449,7 +449,9 @@ class KvAwarePolicy(Policy):
         placed = self._placed
         fewest = min(placed.get(b, 0.0) for b in held)
         fair = sum(placed.values()) / len(backends)
-        limit = fewest + self.PLACEMENT_SLACK * fair + 1.0  # one conversation, at least
+        # strict balance while there are few (the first conversations spread evenly, and so
+        # every engine soon has traffic to learn from), affinity once there are many
+        limit = fewest + self.PLACEMENT_SLACK * fair
         norm = mean + 1
         best = None
         best_key = (0.0, 0.0, 0)

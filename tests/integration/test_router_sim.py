@@ -27,6 +27,7 @@ MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 # multiple of 4 users round robin would send each user back to the same engine every round
 # by accident, hiding what a cache-blind policy costs.
 USERS, ROUNDS = 11, 6
+COST_ROUNDS = 12
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,11 @@ async def test_cost_policy_learns_each_engines_prefill_rate_and_keeps_the_hits(s
     sims = sims4
     async with serve_router(config(sims, "cost")) as router:
         h0, q0 = await cache_counters(sims)
-        served = await conversation_trace(router, seed=3)
+        # longer chats than the other traces: every engine must compute MIN_TOKENS, decayed
+        # on the simulators' 20x clock (60 sim-s: 3 s here), before it has a rate (with 6
+        # rounds an engine given two users missed it in about one run of three; more users
+        # at once would overlap prefills and slow the rate measured)
+        served = await conversation_trace(router, seed=3, rounds=COST_ROUNDS)
         h1, q1 = await cache_counters(sims)
         await asyncio.sleep(1.0)  # a few health rounds: the last answers' counters are read
         async with aiohttp.ClientSession() as s:
@@ -152,7 +157,7 @@ async def test_cost_policy_learns_each_engines_prefill_rate_and_keeps_the_hits(s
                     sums[name] = sums.get(name, 0.0) + metrics.value(name)
                 requests = metrics.value("vllm:request_prefill_time_seconds_count")
                 sums["requests"] = sums.get("requests", 0.0) + requests
-    assert view["policy"] == "cost" and sum(served.values()) == USERS * ROUNDS
+    assert view["policy"] == "cost" and sum(served.values()) == USERS * COST_ROUNDS
     rate = (h1 - h0) / (q1 - q0)
     # the physical model's seconds per token for a lone prefill of the mean computed size
     computed = sums[PREFILL_COMPUTED_TOKENS] / sums["requests"]
@@ -161,8 +166,10 @@ async def test_cost_policy_learns_each_engines_prefill_rate_and_keeps_the_hits(s
     learned = [e["timing"]["prefill_s_per_token"] for e in view["engines"]]
     print(f"hit rate {rate:.3f}; learned s/token {learned}; model {expected:.2e}")
     assert rate > 0.55, rate  # as kv_aware (test above)
+    # a lone prefill is the fastest: prefills sharing steps with other requests' measure up to
+    # ~2.4x it (seen once in eight runs); a rate in the router's clock would be 20x off
     for value in learned:
-        assert value is not None and expected / 2 < value < expected * 2, (learned, expected)
+        assert value is not None and expected / 2 < value < expected * 3, (learned, expected)
 
 
 async def test_openai_client_through_the_router_to_the_simulator(sims4):
