@@ -95,29 +95,21 @@ def _taskset(core: int | None) -> list[str]:
     return ["taskset", "-c", str(core)] if core is not None and shutil.which("taskset") else []
 
 
+def _module_process(core, module: str, args: list[str], log=subprocess.DEVNULL):
+    """``python -m module args`` pinned to ``core``, from the checkout's root."""
+    argv = _taskset(core) + [sys.executable, "-m", module, *args]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
 def start_engines(core):
-    procs = []
-    for i, port in enumerate(ENGINE_PORTS):
-        procs.append(
-            subprocess.Popen(
-                _taskset(core)
-                + [
-                    sys.executable,
-                    "-m",
-                    "tests.helpers.fake_engine",
-                    "--port",
-                    str(port),
-                    "--name",
-                    f"e{i}",
-                    "--model",
-                    MODEL,
-                ],
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+    return [
+        _module_process(
+            core,
+            "tests.helpers.fake_engine",
+            ["--port", str(port), "--name", f"e{i}", "--model", MODEL],
         )
-    return procs
+        for i, port in enumerate(ENGINE_PORTS)
+    ]
 
 
 def baseline(target: str) -> str:
@@ -153,38 +145,12 @@ def start_sim_engines(core, directory: str, blocks: int, time_scale: float):
     procs = []
     for i, port in enumerate(SIM_PORTS):
         events = json.dumps(kv_events_config(sim_endpoints(directory, i)), separators=(",", ":"))
+        args = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL]
+        args += ["--hardware", SIM_HARDWARE, "--model-profile", SIM_MODEL_PROFILE]
+        args += ["--time-scale", str(time_scale), "--block-size", str(SIM_BLOCK_SIZE)]
+        args += ["--num-gpu-blocks-override", str(blocks), "--kv-events-config", events]
         with open(os.path.join(directory, f"sim-e{i}.log"), "w") as log:
-            procs.append(
-                subprocess.Popen(
-                    _taskset(core)
-                    + [
-                        sys.executable,
-                        "-m",
-                        "stackctl.sim",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--served-model-name",
-                        MODEL,
-                        "--hardware",
-                        SIM_HARDWARE,
-                        "--model-profile",
-                        SIM_MODEL_PROFILE,
-                        "--time-scale",
-                        str(time_scale),
-                        "--block-size",
-                        str(SIM_BLOCK_SIZE),
-                        "--num-gpu-blocks-override",
-                        str(blocks),
-                        "--kv-events-config",
-                        events,
-                    ],
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            procs.append(_module_process(core, "stackctl.sim", args, log))
     return procs
 
 
