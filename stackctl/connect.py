@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ class Result:
         return self.exited == 0
 
 
+NO_EXIT_STATUS = -1  # what paramiko reports for a channel that closed without an exit status
+
 _verbosity = 0  # `-v`: the transports echo each command to stderr (set_verbosity)
 _trace_lock = threading.Lock()
 _BLOB = re.compile(r"[A-Za-z0-9+/=]{120,}")  # the packed probe in a command line: shown as its size
@@ -86,10 +89,21 @@ def trace(host: Host, what: str) -> None:
             print(f"[{host.name}] {text}", file=sys.stderr, flush=True)
 
 
-def _result(res: invoke.Result, exc: Exception | None = None) -> Result:
-    """Our Result from invoke's (Fabric's is one too); ``exc``: what invoke raised with it."""
-    timed_out = exc.timeout if isinstance(exc, invoke.CommandTimedOut) else None
-    return Result(res.stdout, res.stderr, res.exited if res.exited is not None else -1, timed_out)
+def _result(
+    res: invoke.Result, started: float, timeout: float | None, exc: Exception | None = None
+) -> Result:
+    """Our Result from invoke's (Fabric's is one too); ``exc``: what invoke raised with it.
+
+    A command killed at its timeout without CommandTimedOut is timed out all the same: invoke
+    asks its timer whether it fired before the timer's thread has returned from the kill, so
+    under load a killed command can come back as a plain exit (-9 locally, no status over SSH).
+    """
+    timed_out: float | None = exc.timeout if isinstance(exc, invoke.CommandTimedOut) else None
+    exited = res.exited if res.exited is not None else NO_EXIT_STATUS
+    killed = exited < 0 and timeout is not None and time.monotonic() - started >= timeout
+    if timed_out is None and killed:
+        timed_out = timeout
+    return Result(res.stdout, res.stderr, exited, timed_out)
 
 
 class Connector:
@@ -163,14 +177,15 @@ class LocalConnector(Connector):
             "in_stream": io.StringIO(stdin) if stdin is not None else False,
         }
         trace(self.host, f"$ {command}")
+        started = time.monotonic()
         try:
             res = self._context.run(command, **kwargs)
         except Exception as exc:  # invoke.CommandTimedOut and friends
             res = getattr(exc, "result", None)
             if res is None:
                 raise
-            return self._check(command, _result(res, exc), check)
-        return self._check(command, _result(res), check)
+            return self._check(command, _result(res, started, timeout, exc), check)
+        return self._check(command, _result(res, started, timeout), check)
 
     def put_bytes(self, data, path, mode=0o644):
         trace(self.host, f"put {path} (mode {mode:04o}, {len(data)} bytes)")
@@ -292,17 +307,22 @@ class SSHConnector(Connector):
             "in_stream": io.StringIO(stdin) if stdin is not None else False,
         }
         trace(self.host, f"$ {command}")
+        started = time.monotonic()
         try:
             res = self._conn.run(command, **kwargs)
         except Exception as exc:
             res = getattr(exc, "result", None)
             if res is None:
-                reason = str(exc) or type(exc).__name__
-                raise ConnectError(
-                    f"{self.host.name}: the connection failed while running a command: {reason}."
-                ) from exc
-            return self._check(command, _result(res, exc), check)
-        return self._check(command, _result(res), check)
+                raise self._lost(str(exc) or type(exc).__name__) from exc
+            return self._check(command, _result(res, started, timeout, exc), check)
+        if res.exited == NO_EXIT_STATUS and not self._conn.transport.is_active():
+            raise self._lost("the host closed the connection before the command ended")
+        return self._check(command, _result(res, started, timeout), check)
+
+    def _lost(self, reason: str) -> ConnectError:
+        return ConnectError(
+            f"{self.host.name}: the connection failed while running a command: {reason}."
+        )
 
     def put_bytes(self, data, path, mode=0o644):
         """Upload to a temporary name, set the mode, then rename over the target (atomic)."""

@@ -18,11 +18,13 @@ import subprocess
 import threading
 
 import paramiko
+from paramiko.common import MSG_CHANNEL_REQUEST
 
 
 class _Server(paramiko.ServerInterface):
     def __init__(self, sshd: FakeSSHD, transport: paramiko.Transport):
         self.sshd, self.transport = sshd, transport
+        self.pending: dict[paramiko.Channel, str] = {}
 
     def get_allowed_auths(self, username):
         return "publickey"
@@ -49,8 +51,13 @@ class _Server(paramiko.ServerInterface):
     def check_channel_exec_request(self, channel, command):
         command = command.decode() if isinstance(command, bytes) else command
         self.sshd.commands.append(command)
-        threading.Thread(target=self._execute, args=(channel, command), daemon=True).start()
+        self.pending[channel] = command  # run once the request is answered: see _Transport
         return True
+
+    def start_pending(self, channel: paramiko.Channel) -> None:
+        command = self.pending.pop(channel, None)
+        if command is not None:
+            threading.Thread(target=self._execute, args=(channel, command), daemon=True).start()
 
     def _execute(self, channel, command: str) -> None:
         if self.sshd.drop_on and self.sshd.drop_on in command:
@@ -62,6 +69,23 @@ class _Server(paramiko.ServerInterface):
         channel.sendall_stderr(proc.stderr)
         channel.send_exit_status(proc.returncode)
         channel.close()
+
+
+def _answer_then_start(channel: paramiko.Channel, message: paramiko.Message) -> None:
+    paramiko.Channel._handle_request(channel, message)  # sends the exec request's reply
+    channel.transport.server_object.start_pending(channel)
+
+
+class _Transport(paramiko.Transport):
+    """paramiko's server answers an exec request after check_channel_exec_request returns: a
+    command started there can exit and close its channel before that answer, and the client
+    then reads "Channel closed" (a short command, one run in a few hundred). Commands start
+    here, after the answer is sent."""
+
+    _channel_handler_table = {
+        **paramiko.Transport._channel_handler_table,
+        MSG_CHANNEL_REQUEST: _answer_then_start,
+    }
 
 
 class _Handle(paramiko.SFTPHandle):
@@ -146,7 +170,7 @@ class FakeSSHD:
                 conn, _ = self._sock.accept()
             except (TimeoutError, OSError):
                 continue
-            transport = paramiko.Transport(conn)
+            transport = _Transport(conn)
             transport.add_server_key(self.host_key)
             transport.set_subsystem_handler("sftp", paramiko.SFTPServer, _SFTP)
             self._transports.append(transport)

@@ -9,8 +9,10 @@ import os
 import shlex
 import stat
 import sys
+import time
 from pathlib import Path
 
+import invoke
 import paramiko
 import pytest
 import yaml
@@ -334,6 +336,19 @@ def test_ssh_command_results_and_a_connection_lost_mid_command(tmp_path, ssh_key
             ConnectError, match="closed"
         ):  # closed (as Ctrl-C does): no quiet reconnect
             conn.run("true")
+
+
+def test_a_command_killed_at_its_timeout_reads_as_timed_out_when_invoke_missed_it():
+    """invoke's timer can kill a command yet not have returned when invoke asks whether it
+    fired: the result is then a plain exit -9 (local) or no status (SSH), reported as such."""
+    long_ago = time.monotonic() - 1.0
+    for exited in (-9, None):
+        killed = stackctl.connect._result(invoke.Result(exited=exited), long_ago, timeout=0.3)
+        assert killed.timed_out_s == 0.3
+        assert "timed out after 0.3 s: sleep 5" in str(CommandError("sleep 5", killed))
+    just_now = time.monotonic()  # a command that died by a signal before its timeout: as it is
+    assert stackctl.connect._result(invoke.Result(exited=-9), just_now, 30).timed_out_s is None
+    assert stackctl.connect._result(invoke.Result(exited=-9), long_ago, None).timed_out_s is None
 
 
 def test_ssh_uploads_are_atomic_with_their_mode(tmp_path, ssh_keys):
